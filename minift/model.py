@@ -1,0 +1,424 @@
+"""The BERT encoder and its task heads, in one file, top to bottom.
+
+Class and attribute names follow Hugging Face's ``modeling_bert.py`` so that a checkpoint loads by
+key and the two files can be read side by side. Every op goes through ``ops = get_ops(impl)``: the
+same model runs on plain PyTorch ("torch"), on our hand-derived backward passes ("reference") or on
+the compiled kernels ("fused"); ``model.config.impl`` chooses, and ``set_impl`` changes it.
+
+Shape legend: B batch, T tokens, H hidden size, nh heads, D head dim (H = nh * D),
+I intermediate (feed-forward) size, V vocabulary, C classes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .backends import get_ops
+from .config import IMPLS, BertConfig
+
+
+@dataclass
+class EncoderOutput:
+    last_hidden_state: torch.Tensor        # (B, T, H)
+    pooler_output: torch.Tensor | None     # (B, H); None for heads built without a pooler
+
+
+@dataclass
+class HeadOutput:
+    loss: torch.Tensor | None = None       # scalar, when labels were given
+    logits: torch.Tensor | None = None     # (B, C) or (B, T, C) or (B, T, V)
+    start_logits: torch.Tensor | None = None  # (B, T), question answering only
+    end_logits: torch.Tensor | None = None    # (B, T), question answering only
+
+
+def check_inputs(config: BertConfig, input_ids, attention_mask, token_type_ids):
+    """Clear errors for the mistakes that otherwise surface as an index error deep inside."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids: expected a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids: expected an integer tensor (torch.long), got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected shape (batch, tokens), got {tuple(input_ids.shape)}")
+    T = input_ids.shape[1]
+    if T > config.max_position_embeddings:
+        raise ValueError(f"input_ids: sequence length {T} exceeds max_position_embeddings "
+                         f"({config.max_position_embeddings}); truncate the input (tokenizer max_length)")
+    if input_ids.numel():
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= config.vocab_size:
+            raise ValueError(f"input_ids: token ids must lie in [0, {config.vocab_size}), "
+                             f"got values in [{lo}, {hi}]")
+    for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+        if t is not None and tuple(t.shape) != tuple(input_ids.shape):
+            raise ValueError(f"{name}: expected shape {tuple(input_ids.shape)} like input_ids, "
+                             f"got {tuple(t.shape)}")
+    if token_type_ids is not None and token_type_ids.numel():
+        hi = int(token_type_ids.max())
+        if int(token_type_ids.min()) < 0 or hi >= config.type_vocab_size:
+            raise ValueError(f"token_type_ids: expected values in [0, {config.type_vocab_size}), got max {hi}")
+
+
+# ------------------------------------------------------------------------------------------
+# The encoder
+# ------------------------------------------------------------------------------------------
+
+class BertEmbeddings(nn.Module):
+    """x_t = LayerNorm(word[id_t] + position[t] + token_type[type_t]), then dropout."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, input_ids, token_type_ids):
+        ops = get_ops(self.config.impl)
+        T = input_ids.shape[1]
+        positions = torch.arange(T, device=input_ids.device)                          # (T,)
+        x = ops.embedding(input_ids, self.word_embeddings.weight)                    # (B, T, H)
+        x = x + ops.embedding(positions, self.position_embeddings.weight)            # (B, T, H)
+        x = x + ops.embedding(token_type_ids, self.token_type_embeddings.weight)     # (B, T, H)
+        x = ops.layer_norm(x, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+        return ops.dropout(x, self.config.hidden_dropout_prob, self.training)         # (B, T, H)
+
+
+class BertSelfAttention(nn.Module):
+    """softmax(Q K^T / sqrt(D) + mask) V for each of the nh heads."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x, key_padding_mask):
+        ops = get_ops(self.config.impl)
+        B, T, H = x.shape
+        nh, D = self.config.num_attention_heads, self.config.head_dim
+        q = ops.linear(x, self.query.weight, self.query.bias).view(B, T, nh, D).transpose(1, 2)  # (B, nh, T, D)
+        k = ops.linear(x, self.key.weight, self.key.bias).view(B, T, nh, D).transpose(1, 2)      # (B, nh, T, D)
+        v = ops.linear(x, self.value.weight, self.value.bias).view(B, T, nh, D).transpose(1, 2)  # (B, nh, T, D)
+        p_drop = self.config.attention_probs_dropout_prob if self.training else 0.0
+        y = ops.attention(q, k, v, key_padding_mask, p_drop, 1.0 / math.sqrt(D))                # (B, nh, T, D)
+        return y.transpose(1, 2).reshape(B, T, H)                                              # (B, T, H)
+
+
+class BertSelfOutput(nn.Module):
+    """LayerNorm(x + dropout(dense(attention output))): the post-LN residual."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, y, x):
+        ops = get_ops(self.config.impl)
+        y = ops.dropout(ops.linear(y, self.dense.weight, self.dense.bias),
+                        self.config.hidden_dropout_prob, self.training)              # (B, T, H)
+        return ops.layer_norm(y + x, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, x, key_padding_mask):
+        return self.output(self.self(x, key_padding_mask), x)                        # (B, T, H)
+
+
+class BertIntermediate(nn.Module):
+    """GELU(dense(x)), the first half of the feed-forward block."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x):
+        ops = get_ops(self.config.impl)
+        return ops.gelu(ops.linear(x, self.dense.weight, self.dense.bias))            # (B, T, I)
+
+
+class BertOutput(nn.Module):
+    """LayerNorm(x + dropout(dense(h))), the second half of the feed-forward block."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, h, x):
+        ops = get_ops(self.config.impl)
+        y = ops.dropout(ops.linear(h, self.dense.weight, self.dense.bias),
+                        self.config.hidden_dropout_prob, self.training)              # (B, T, H)
+        return ops.layer_norm(y + x, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, x, key_padding_mask):
+        x = self.attention(x, key_padding_mask)                                      # (B, T, H)
+        return self.output(self.intermediate(x), x)                                  # (B, T, H)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, x, key_padding_mask):
+        for layer in self.layer:
+            x = layer(x, key_padding_mask)                                           # (B, T, H)
+        return x
+
+
+class BertPooler(nn.Module):
+    """tanh(dense(h_[CLS])): the sentence vector that classification heads read."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, h):
+        ops = get_ops(self.config.impl)
+        return ops.tanh(ops.linear(h[:, 0], self.dense.weight, self.dense.bias))      # (B, H)
+
+
+class BertPreTrainedModel(nn.Module):
+    """Weight init, impl switching and the Hugging Face load/save shared by every model below."""
+
+    base_model_prefix = "bert"
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+
+    def init_weights(self):
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+                if m.padding_idx is not None:
+                    with torch.no_grad():
+                        m.weight[m.padding_idx].zero_()
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        return self
+
+    def set_impl(self, impl: str):
+        """Run every op of the model on "torch", "reference" or "fused"."""
+        if impl not in IMPLS:
+            raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+        self.config.impl = impl
+        return self
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, impl: str = "torch", **config_overrides):
+        """Load a Hugging Face-format directory (or the alias "minilm"); see minift.pretrained."""
+        from .pretrained import load_pretrained
+        return load_pretrained(cls, name_or_path, impl=impl, **config_overrides)
+
+    def save_pretrained(self, directory):
+        """Write config.json + model.safetensors that minift and transformers both load."""
+        from .pretrained import save_pretrained
+        save_pretrained(self, directory)
+
+
+class BertModel(BertPreTrainedModel):
+    """The encoder: embeddings, nh-head self-attention layers, and (optionally) the pooler."""
+
+    base_model_prefix = ""
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> EncoderOutput:
+        check_inputs(self.config, input_ids, attention_mask, token_type_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        key_padding_mask = attention_mask.bool()                                     # (B, T), True = keep
+        x = self.embeddings(input_ids, token_type_ids)                               # (B, T, H)
+        h = self.encoder(x, key_padding_mask)                                        # (B, T, H)
+        pooled = self.pooler(h) if self.pooler is not None else None                  # (B, H)
+        return EncoderOutput(last_hidden_state=h, pooler_output=pooled)
+
+
+# ------------------------------------------------------------------------------------------
+# Task heads
+# ------------------------------------------------------------------------------------------
+
+def _classifier_dropout(config: BertConfig) -> float:
+    return config.hidden_dropout_prob if config.classifier_dropout is None else config.classifier_dropout
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """A linear layer on the pooled [CLS] vector.
+
+    The loss follows ``config.problem_type``: softmax cross-entropy for single-label
+    classification (integer labels), binary cross-entropy with logits for multi-label (float
+    0/1 labels of shape (B, C)), mean squared error for regression (num_labels == 1). When it is
+    None it is inferred from the labels as Hugging Face does.
+    """
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def problem_type(self, labels) -> str:
+        if self.config.problem_type is not None:
+            return self.config.problem_type
+        if self.num_labels == 1:
+            return "regression"
+        if labels.dtype in (torch.long, torch.int32, torch.int16, torch.int8, torch.uint8):
+            return "single_label_classification"
+        return "multi_label_classification"
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> HeadOutput:
+        ops = get_ops(self.config.impl)
+        pooled = self.bert(input_ids, attention_mask, token_type_ids).pooler_output   # (B, H)
+        pooled = ops.dropout(pooled, _classifier_dropout(self.config), self.training)
+        logits = ops.linear(pooled, self.classifier.weight, self.classifier.bias)      # (B, C)
+        loss = None
+        if labels is not None:
+            kind = self.problem_type(labels)
+            if kind == "regression":
+                loss = ops.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1))
+            elif kind == "single_label_classification":
+                loss = ops.cross_entropy(logits, labels.view(-1).long())
+            elif kind == "multi_label_classification":
+                if tuple(labels.shape) != tuple(logits.shape):
+                    raise ValueError(f"multi-label labels: expected shape {tuple(logits.shape)}, "
+                                     f"got {tuple(labels.shape)}")
+                loss = ops.bce_with_logits(logits, labels.to(logits.dtype))
+            else:
+                raise ValueError(f"problem_type: unknown {kind!r}")
+        return HeadOutput(loss=loss, logits=logits)
+
+
+class BertForTokenClassification(BertPreTrainedModel):
+    """A linear layer on every token vector; labels of -100 (sub-words, padding) are ignored."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> HeadOutput:
+        ops = get_ops(self.config.impl)
+        h = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state     # (B, T, H)
+        h = ops.dropout(h, _classifier_dropout(self.config), self.training)
+        logits = ops.linear(h, self.classifier.weight, self.classifier.bias)          # (B, T, C)
+        loss = None
+        if labels is not None:
+            loss = ops.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1).long())
+        return HeadOutput(loss=loss, logits=logits)
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, h):
+        ops = get_ops(self.config.impl)
+        h = ops.gelu(ops.linear(h, self.dense.weight, self.dense.bias))               # (B, T, H)
+        return ops.layer_norm(h, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+
+
+class BertLMPredictionHead(nn.Module):
+    """Transform, then project onto the vocabulary with the (tied) word-embedding matrix."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, h, word_embeddings):
+        ops = get_ops(self.transform.config.impl)
+        return ops.linear(self.transform(h), word_embeddings, self.bias)              # (B, T, V)
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+
+class BertForMaskedLM(BertPreTrainedModel):
+    """Masked-language-model head; its decoder shares the word-embedding matrix (weight tying)."""
+
+    # Keys Hugging Face may write for the decoder; they are the tied embedding and bias.
+    tied_keys = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> HeadOutput:
+        ops = get_ops(self.config.impl)
+        h = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state     # (B, T, H)
+        logits = self.cls.predictions(h, self.bert.embeddings.word_embeddings.weight)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = ops.cross_entropy(logits.reshape(-1, self.config.vocab_size), labels.reshape(-1).long())
+        return HeadOutput(loss=loss, logits=logits)
+
+
+class BertForQuestionAnswering(BertPreTrainedModel):
+    """Extractive QA: a start and an end score for every token."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None,
+                start_positions=None, end_positions=None) -> HeadOutput:
+        ops = get_ops(self.config.impl)
+        h = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state     # (B, T, H)
+        logits = ops.linear(h, self.qa_outputs.weight, self.qa_outputs.bias)          # (B, T, 2)
+        start_logits, end_logits = logits[..., 0], logits[..., 1]                     # (B, T) each
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            # Positions outside the sequence (answer truncated away) are ignored, as in HF.
+            T = start_logits.shape[1]
+            start, end = start_positions.clamp(0, T), end_positions.clamp(0, T)
+            start, end = start.masked_fill(start == T, -100), end.masked_fill(end == T, -100)
+            loss = (ops.cross_entropy(start_logits, start) + ops.cross_entropy(end_logits, end)) / 2
+        return HeadOutput(loss=loss, start_logits=start_logits, end_logits=end_logits)

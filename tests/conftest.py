@@ -1,0 +1,49 @@
+import logging
+
+import pytest
+import torch
+
+import minift
+from minift.pretrained import resolve
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    return resolve("minilm")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return minift.Tokenizer.from_pretrained("minilm")
+
+
+@pytest.fixture(scope="session")
+def batch(tokenizer):
+    """A padded batch mixing single sentences, pairs, unicode and very different lengths."""
+    texts = ["The film was a quiet, devastating triumph.", "Dull.",
+             "Ünïcödé café naïve résumé — 東京 isn't hard", "What a mess of a movie, honestly"]
+    pairs = ["Did the reviewer like it?", "no", "Accents and CJK", "a second segment that is long"]
+    return tokenizer(texts, pairs=pairs)
+
+
+def small_config(**kw):
+    """A random small BERT with irregular sizes, for tests that do not need real weights."""
+    base = dict(vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                intermediate_size=80, max_position_embeddings=40, type_vocab_size=2,
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    base.update(kw)
+    return minift.BertConfig(**base)
+
+
+def random_batch(config, B=3, T=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, config.vocab_size, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b in range(1, B):
+        mask[b, T - 2 * b:] = 0      # different amounts of padding
+    ids = ids.masked_fill(mask == 0, 0)
+    types = torch.zeros(B, T, dtype=torch.long)
+    types[:, T // 2:] = 1
+    return ids, mask, types
