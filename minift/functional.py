@@ -1,0 +1,509 @@
+r"""Hand-derived forward and backward passes for every op of BERT and its losses.
+
+Each op comes as a pair, ``<op>_forward(...)`` and ``<op>_backward(d<out>, ...)``, the backward
+right under the forward and naming its results ``d<input>``; then a ``torch.autograd.Function``
+that wires the pair into autograd, and a lower-case function the model calls. The docstring of each
+pair derives the gradient; the line that computes a term carries its formula.
+
+What is saved for backward is the op's *inputs* (and outputs where the formula is in terms of
+them); intermediates such as a layer norm's mean or attention's probabilities are recomputed. This
+costs a little arithmetic and keeps the backward itself differentiable, so ``gradgradcheck`` (the
+gradient of the gradient) checks these too.
+
+``minift.backends`` puts these functions behind ``impl="reference"``; ``tests/test_functional.py``
+checks each against PyTorch's autograd with ``torch.autograd.gradcheck`` in float64.
+
+Shape legend: N rows (any leading dims flattened), B batch, nh heads, T tokens, D head dim,
+C classes, I input features, O output features.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd import Function
+
+# ------------------------------------------------------------------------------------------
+# linear: y = x W^T + b
+# ------------------------------------------------------------------------------------------
+
+
+def linear_forward(x, weight, bias):
+    """y = x W^T + b, with x (..., I), W (O, I), b (O,)."""
+    y = x @ weight.t()                                              # (..., O)
+    return y + bias if bias is not None else y
+
+
+def linear_backward(dy, x, weight, has_bias: bool):
+    r"""y_{no} = \sum_i x_{ni} W_{oi} + b_o gives
+
+    dL/dx_{ni} = \sum_o dy_{no} W_{oi}     ->  dx = dy W
+    dL/dW_{oi} = \sum_n dy_{no} x_{ni}     ->  dW = dy^T x   (n runs over all leading dims)
+    dL/db_o    = \sum_n dy_{no}
+    """
+    dx = dy @ weight                                                # (..., I)
+    dy2 = dy.reshape(-1, dy.shape[-1])                              # (N, O)
+    dweight = dy2.t() @ x.reshape(-1, x.shape[-1])                  # (O, I)  dW = dy^T x
+    dbias = dy2.sum(0) if has_bias else None                        # (O,)
+    return dx, dweight, dbias
+
+
+class Linear(Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return linear_forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        return linear_backward(dy, x, weight, ctx.has_bias)
+
+
+def linear(x, weight, bias=None):
+    return Linear.apply(x, weight, bias)
+
+
+# ------------------------------------------------------------------------------------------
+# embedding lookup: y_t = W[id_t]
+# ------------------------------------------------------------------------------------------
+
+
+def embedding_forward(ids, weight):
+    return weight[ids]                                              # (..., H)
+
+
+def embedding_backward(dy, ids, num_embeddings: int):
+    r"""y_t = W_{id_t}: row r of W receives the sum of dy_t over every t with id_t = r.
+
+    dL/dW_r = \sum_{t: id_t = r} dy_t   (a scatter-add; repeated ids accumulate)
+    """
+    H = dy.shape[-1]
+    dweight = torch.zeros(num_embeddings, H, dtype=dy.dtype, device=dy.device)
+    return dweight.index_add(0, ids.reshape(-1), dy.reshape(-1, H))  # (V, H)
+
+
+class Embedding(Function):
+    @staticmethod
+    def forward(ctx, ids, weight):
+        ctx.save_for_backward(ids)
+        ctx.num_embeddings = weight.shape[0]
+        return embedding_forward(ids, weight)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (ids,) = ctx.saved_tensors
+        return None, embedding_backward(dy, ids, ctx.num_embeddings)
+
+
+def embedding(ids, weight):
+    return Embedding.apply(ids, weight)
+
+
+# ------------------------------------------------------------------------------------------
+# layer norm over the last dimension
+# ------------------------------------------------------------------------------------------
+
+
+def layer_norm_forward(x, weight, bias, eps):
+    r"""y = \hat x \odot w + b,  \hat x = (x - \mu) r,  \mu = mean(x),  r = 1/\sqrt{var(x) + eps}."""
+    mu = x.mean(-1, keepdim=True)                                   # (N, 1)
+    rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)  # (N, 1)
+    xhat = (x - mu) * rstd                                          # (N, H)
+    return xhat * weight + bias
+
+
+def layer_norm_backward(dy, x, weight, eps):
+    r"""With g = dy \odot w (the gradient reaching \hat x) and H features,
+
+    dL/dx = r ( g - mean(g) - \hat x \cdot mean(g \odot \hat x) )
+
+    because \partial \hat x_j / \partial x_i = r (\delta_{ij} - 1/H - \hat x_i \hat x_j / H).
+    dL/dw = \sum_n dy \odot \hat x,   dL/db = \sum_n dy.
+    """
+    mu = x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
+    xhat = (x - mu) * rstd                                          # recomputed, not saved
+    g = dy * weight                                                 # dL/dxhat
+    dx = rstd * (g - g.mean(-1, keepdim=True)
+                 - xhat * (g * xhat).mean(-1, keepdim=True))        # r (g - mean g - xhat mean(g xhat))
+    lead = tuple(range(dy.dim() - 1))
+    dweight = (dy * xhat).sum(lead)                                 # (H,)
+    dbias = dy.sum(lead)                                            # (H,)
+    return dx, dweight, dbias
+
+
+class LayerNorm(Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return layer_norm_forward(x, weight, bias, eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        return *layer_norm_backward(dy, x, weight, ctx.eps), None
+
+
+def layer_norm(x, weight, bias, eps=1e-12):
+    return LayerNorm.apply(x, weight, bias, eps)
+
+
+# ------------------------------------------------------------------------------------------
+# GELU (exact, with erf) and tanh
+# ------------------------------------------------------------------------------------------
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def gelu_forward(x):
+    r"""GELU(x) = x \Phi(x), \Phi the standard normal CDF = (1 + erf(x/\sqrt 2)) / 2."""
+    return x * 0.5 * (1.0 + torch.erf(x * _INV_SQRT2))
+
+
+def gelu_backward(dy, x):
+    r"""d/dx [x \Phi(x)] = \Phi(x) + x \phi(x), with \phi(x) = e^{-x^2/2} / \sqrt{2\pi}."""
+    cdf = 0.5 * (1.0 + torch.erf(x * _INV_SQRT2))                   # Phi(x)
+    pdf = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI                   # phi(x)
+    return dy * (cdf + x * pdf)
+
+
+class GELU(Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return gelu_forward(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return gelu_backward(dy, x)
+
+
+def gelu(x):
+    return GELU.apply(x)
+
+
+def tanh_forward(x):
+    return torch.tanh(x)
+
+
+def tanh_backward(dy, y):
+    r"""d tanh(x)/dx = 1 - tanh(x)^2 = 1 - y^2: the output is all the backward needs."""
+    return dy * (1.0 - y * y)
+
+
+class Tanh(Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = tanh_forward(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return tanh_backward(dy, y)
+
+
+def tanh(x):
+    return Tanh.apply(x)
+
+
+# ------------------------------------------------------------------------------------------
+# softmax over the last dimension
+# ------------------------------------------------------------------------------------------
+
+
+def softmax_forward(x):
+    r"""y_j = e^{x_j - m} / \sum_k e^{x_k - m}, m = max_k x_k (subtracting m changes nothing but overflow)."""
+    e = torch.exp(x - x.amax(-1, keepdim=True))
+    return e / e.sum(-1, keepdim=True)
+
+
+def softmax_backward(dy, y):
+    r"""\partial y_j / \partial x_i = y_j (\delta_{ij} - y_i), so dx_i = y_i (dy_i - \sum_j dy_j y_j)."""
+    return y * (dy - (dy * y).sum(-1, keepdim=True))
+
+
+class Softmax(Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = softmax_forward(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return softmax_backward(dy, y)
+
+
+def softmax(x):
+    return Softmax.apply(x)
+
+
+# ------------------------------------------------------------------------------------------
+# dropout (inverted: scale the kept units by 1/(1-p) at training time, nothing at test time)
+# ------------------------------------------------------------------------------------------
+
+
+def dropout_mask(shape, p, device, generator=None):
+    """keep_i ~ Bernoulli(1 - p), drawn from ``generator`` (torch's default one when None)."""
+    return torch.rand(shape, device=device, generator=generator) >= p
+
+
+def dropout_forward(x, keep, p):
+    return x * keep / (1.0 - p)                                     # E[y] = x
+
+
+def dropout_backward(dy, keep, p):
+    return dy * keep / (1.0 - p)                                    # the same mask, saved
+
+
+class Dropout(Function):
+    @staticmethod
+    def forward(ctx, x, keep, p):
+        ctx.save_for_backward(keep)
+        ctx.p = p
+        return dropout_forward(x, keep, p)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (keep,) = ctx.saved_tensors
+        return dropout_backward(dy, keep, ctx.p), None, None
+
+
+def dropout(x, p, training=True, generator=None):
+    if not training or p == 0.0:
+        return x
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: expected 0 <= p < 1, got {p}")
+    return Dropout.apply(x, dropout_mask(x.shape, p, x.device, generator), p)
+
+
+# ------------------------------------------------------------------------------------------
+# scaled dot-product attention with a key-padding mask and attention dropout
+# ------------------------------------------------------------------------------------------
+
+
+def attention_probs(q, k, key_padding_mask, scale):
+    """P = softmax(q k^T * scale) over the kept keys; a row with no kept key is all zeros."""
+    s = (q @ k.transpose(-2, -1)) * scale                           # (B, nh, T, T)
+    if key_padding_mask is None:
+        return softmax_forward(s)
+    keep = key_padding_mask[:, None, None, :]                       # (B, 1, 1, T)
+    s = s.masked_fill(~keep, float("-inf"))
+    any_kept = keep.any(-1, keepdim=True)                           # (B, 1, 1, 1)
+    s = s.masked_fill(~any_kept, 0.0)                               # avoid -inf - -inf = NaN
+    return softmax_forward(s) * any_kept                            # empty rows -> 0
+
+
+def attention_forward(q, k, v, key_padding_mask, scale, keep, p):
+    r"""O = \tilde P V with \tilde P = P \odot keep / (1-p) (attention dropout), P = softmax(S),
+    S = Q K^T \cdot scale + mask (-\infty at padded keys)."""
+    P = attention_probs(q, k, key_padding_mask, scale)              # (B, nh, T, T)
+    if keep is not None:
+        P = P * keep / (1.0 - p)
+    return P @ v                                                    # (B, nh, T, D)
+
+
+def attention_backward(dO, q, k, v, key_padding_mask, scale, keep, p):
+    r"""Backward through O = \tilde P V, \tilde P = P \odot M, P = softmax(S), S = scale Q K^T:
+
+    dV = \tilde P^T dO
+    d\tilde P = dO V^T,   dP = d\tilde P \odot M            (M = keep / (1-p), or 1)
+    dS_{ij} = P_{ij} (dP_{ij} - D_i),  D_i = \sum_j P_{ij} dP_{ij}   (softmax backward, row by row)
+    dQ = scale \cdot dS K,   dK = scale \cdot dS^T Q
+
+    P is recomputed from Q and K rather than saved: the fused kernel does the same, so that no
+    T x T matrix outlives the forward pass. Masked keys have P_ij = 0, hence dS_ij = 0.
+    """
+    P = attention_probs(q, k, key_padding_mask, scale)              # (B, nh, T, T), recomputed
+    Pt = P if keep is None else P * keep / (1.0 - p)                # dropped-out probabilities
+    dv = Pt.transpose(-2, -1) @ dO                                  # (B, nh, T, D)  dV = P~^T dO
+    dP = dO @ v.transpose(-2, -1)                                   # (B, nh, T, T)  dP~ = dO V^T
+    if keep is not None:
+        dP = dP * keep / (1.0 - p)
+    Di = (P * dP).sum(-1, keepdim=True)                             # (B, nh, T, 1)  D_i = sum_j P_ij dP_ij
+    dS = P * (dP - Di)                                              # dS_ij = P_ij (dP_ij - D_i)
+    dq = (dS @ k) * scale                                           # (B, nh, T, D)
+    dk = (dS.transpose(-2, -1) @ q) * scale                         # (B, nh, T, D)
+    return dq, dk, dv
+
+
+class Attention(Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, scale, keep, p):
+        ctx.save_for_backward(q, k, v, key_padding_mask, keep)
+        ctx.scale, ctx.p = scale, p
+        return attention_forward(q, k, v, key_padding_mask, scale, keep, p)
+
+    @staticmethod
+    def backward(ctx, dO):
+        q, k, v, key_padding_mask, keep = ctx.saved_tensors
+        dq, dk, dv = attention_backward(dO, q, k, v, key_padding_mask, ctx.scale, keep, ctx.p)
+        return dq, dk, dv, None, None, None, None
+
+
+def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, generator=None):
+    """softmax(q k^T * scale + mask) v for q, k, v (B, nh, T, D); mask (B, T) bool, True = keep."""
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"attention: expected q, k, v of shape (B, nh, T, D), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.bool()
+    keep = None
+    if dropout_p > 0.0:
+        B, nh, T, _ = q.shape
+        keep = dropout_mask((B, nh, T, k.shape[2]), dropout_p, q.device, generator)
+    return Attention.apply(q, k, v, key_padding_mask, scale, keep, dropout_p)
+
+
+# ------------------------------------------------------------------------------------------
+# softmax cross-entropy with ignore_index and label smoothing
+# ------------------------------------------------------------------------------------------
+
+
+def _ce_weights(target, C, ignore_index, reduction, dtype):
+    """Per-row weight w_n: 1 (sum/none) or 1/N_valid (mean), 0 for ignored rows."""
+    valid = target != ignore_index                                  # (N,)
+    w = valid.to(dtype)
+    if reduction == "mean":
+        w = w / valid.sum().clamp(min=1)     # all rows ignored: loss 0 (torch's own gives NaN)
+    return valid, w
+
+
+def cross_entropy_forward(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+    r"""Softmax cross-entropy of logits (N, C) against class indices (N,).
+
+    \log p_c = z_c - \log\sum_k e^{z_k}   (log-sum-exp taken after subtracting the max: stable at |z|=1e4)
+    l_n = -\sum_c q_c \log p_c,   q = (1-\epsilon) onehot(y_n) + \epsilon / C   (label smoothing \epsilon)
+    Rows with y_n = ignore_index contribute 0; "mean" divides by the number of other rows.
+    """
+    N, C = logits.shape
+    valid, w = _ce_weights(target, C, ignore_index, reduction, logits.dtype)
+    logp = logits - torch.logsumexp(logits, -1, keepdim=True)       # (N, C)
+    safe_t = target.masked_fill(~valid, 0)
+    nll = -logp.gather(1, safe_t[:, None]).squeeze(1)               # (N,)  -log p_y
+    smooth = -logp.mean(-1)                                         # (N,)  -(1/C) sum_c log p_c
+    per_row = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    per_row = per_row * valid
+    if reduction == "none":
+        return per_row
+    return (per_row * w).sum() if reduction == "mean" else per_row.sum()
+
+
+def cross_entropy_backward(dloss, logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+    r"""dl_n/dz_c = p_c - q_c  (softmax minus the smoothed one-hot target), times the row weight.
+
+    From l = -\sum_c q_c (z_c - \log\sum_k e^{z_k}) and \sum_c q_c = 1:
+    dl/dz_c = -q_c + p_c.  For "mean" each row is scaled by 1/N_valid; ignored rows get 0.
+    """
+    N, C = logits.shape
+    valid, w = _ce_weights(target, C, ignore_index, reduction, logits.dtype)
+    p = torch.softmax(logits, -1)                                   # (N, C)
+    q = torch.full_like(p, label_smoothing / C)
+    q.scatter_add_(1, target.masked_fill(~valid, 0)[:, None],
+                   torch.full((N, 1), 1.0 - label_smoothing, dtype=p.dtype, device=p.device))
+    scale = dloss * valid if reduction == "none" else dloss * w     # (N,)
+    return (p - q) * scale[:, None]                                 # dz = (p - q) * w_n * dloss
+
+
+class CrossEntropy(Function):
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index, label_smoothing, reduction):
+        ctx.save_for_backward(logits, target)
+        ctx.args = (ignore_index, label_smoothing, reduction)
+        return cross_entropy_forward(logits, target, *ctx.args)
+
+    @staticmethod
+    def backward(ctx, dloss):
+        logits, target = ctx.saved_tensors
+        return cross_entropy_backward(dloss, logits, target, *ctx.args), None, None, None, None
+
+
+def check_cross_entropy_args(logits, target, label_smoothing, reduction):
+    if logits.dim() != 2:
+        raise ValueError(f"cross_entropy: expected logits of shape (N, C), got {tuple(logits.shape)}")
+    if target.dim() != 1 or target.shape[0] != logits.shape[0]:
+        raise ValueError(f"cross_entropy: expected target of shape ({logits.shape[0]},), got {tuple(target.shape)}")
+    if target.dtype.is_floating_point:
+        raise TypeError(f"cross_entropy: expected integer class indices, got {target.dtype}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must lie in [0, 1], got {label_smoothing}")
+
+
+def cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+    check_cross_entropy_args(logits, target, label_smoothing, reduction)
+    return CrossEntropy.apply(logits, target, ignore_index, label_smoothing, reduction)
+
+
+# ------------------------------------------------------------------------------------------
+# binary cross-entropy with logits, and mean squared error
+# ------------------------------------------------------------------------------------------
+
+
+def bce_with_logits_forward(z, y):
+    r"""l = -[y \log \sigma(z) + (1-y) \log(1-\sigma(z))], written stably as
+    l = \max(z, 0) - z y + \log(1 + e^{-|z|})   (finite for |z| = 1e4). Mean over all elements."""
+    return (z.clamp(min=0) - z * y + torch.log1p(torch.exp(-z.abs()))).mean()
+
+
+def bce_with_logits_backward(dloss, z, y):
+    r"""dl/dz = \sigma(z) - y: the \sigma'(z) = \sigma(1-\sigma) of the chain rule cancels the
+    denominators of -(y/\sigma - (1-y)/(1-\sigma)). Divided by the element count for the mean."""
+    return dloss * (torch.sigmoid(z) - y) / z.numel()
+
+
+class BCEWithLogits(Function):
+    @staticmethod
+    def forward(ctx, z, y):
+        ctx.save_for_backward(z, y)
+        return bce_with_logits_forward(z, y)
+
+    @staticmethod
+    def backward(ctx, dloss):
+        z, y = ctx.saved_tensors
+        dz = bce_with_logits_backward(dloss, z, y)
+        dy = -dloss * z / z.numel() if ctx.needs_input_grad[1] else None  # dl/dy = -z
+        return dz, dy
+
+
+def bce_with_logits(z, y):
+    if z.shape != y.shape:
+        raise ValueError(f"bce_with_logits: expected target of shape {tuple(z.shape)}, got {tuple(y.shape)}")
+    return BCEWithLogits.apply(z, y)
+
+
+def mse_loss_forward(pred, y):
+    return ((pred - y) ** 2).mean()                                 # (1/N) sum (p - y)^2
+
+
+def mse_loss_backward(dloss, pred, y):
+    return dloss * 2.0 * (pred - y) / pred.numel()                  # dl/dp = 2 (p - y) / N
+
+
+class MSELoss(Function):
+    @staticmethod
+    def forward(ctx, pred, y):
+        ctx.save_for_backward(pred, y)
+        return mse_loss_forward(pred, y)
+
+    @staticmethod
+    def backward(ctx, dloss):
+        pred, y = ctx.saved_tensors
+        dpred = mse_loss_backward(dloss, pred, y)
+        return dpred, (-dpred if ctx.needs_input_grad[1] else None)
+
+
+def mse_loss(pred, y):
+    if pred.shape != y.shape:
+        raise ValueError(f"mse_loss: expected target of shape {tuple(pred.shape)}, got {tuple(y.shape)}")
+    return MSELoss.apply(pred, y)
