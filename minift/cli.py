@@ -22,12 +22,23 @@ def cmd_doctor(args) -> int:
     return 0
 
 
+def cmd_gradcheck(args) -> int:
+    from . import gradcheck
+    results = gradcheck.run_all(gradcheck.extra_checks())
+    print(gradcheck.format_table(results))
+    failed = [r.op for r in results if not r.passed]
+    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minift", description="minift: BERT fine-tuning, every step visible.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("doctor", help="report the build mode, versions and the GPU")
     p.set_defaults(run=cmd_doctor)
+    p = sub.add_parser("gradcheck", help="check every hand-derived gradient against autograd (float64)")
+    p.set_defaults(run=cmd_gradcheck)
     return parser
 
 
