@@ -30,7 +30,7 @@ def test_correct_loss_learns_and_wrong_sign_does_not(reviews):
     good, hist = textbook.train(x, y, p0, textbook.bce, lr=2.0, steps=300)
     assert hist[-1] < hist[0] - 0.02
     assert textbook.accuracy(x, y, good) > max(y.mean().item(), 1 - y.mean().item()) + 0.02
-    bad, bad_hist = textbook.train(x, y, p0, textbook.wrong_sign_bce, steps=30)
+    bad, bad_hist = textbook.train(x, y, p0, textbook.wrong_sign_bce, steps=10)
     assert all(torch.isfinite(torch.tensor(bad_hist)))
     # The "loss" keeps falling, because it rewards predicting 1 for every y = 0 example ...
     assert bad_hist[-1] < bad_hist[0]
