@@ -1,10 +1,28 @@
-// The Python module minift._C. Importing it registers the operators of the `minift` library
-// (TORCH_LIBRARY blocks in the other files); the ops are then reached as torch.ops.minift.<name>.
+// The Python module minift._C and the schemas of the `minift` operator library.
+// Importing minift._C runs the TORCH_LIBRARY blocks: the ops are then torch.ops.minift.<name>,
+// with CPU kernels (attention.cpp, cross_entropy.cpp) and, when built, CUDA ones (cuda/).
 #include <Python.h>
+#include <torch/library.h>
 
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
+}
+
+TORCH_LIBRARY(minift, m) {
+  // q (B, H, Tq, D), k and v (B, H, Tk, D), mask (B, Tk) bool, True = keep.
+  // Returns O (B, H, Tq, D) and the row log-sum-exp L (B, H, Tq) in float32 (float64 for float64).
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float dropout_p, float scale, "
+        "int seed, int offset) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? key_padding_mask, float dropout_p, float scale, int seed, int offset) -> (Tensor, Tensor, Tensor)");
+  // The dropout keep-mask (B, H, Tq, Tk) the attention kernels draw for (seed, offset), on like's device.
+  m.def("dropout_mask(Tensor like, int B, int H, int Tq, int Tk, float p, int seed, int offset) -> Tensor");
+  // logits (N, C), target (N,) int64. Returns the per-row loss (N,) and log-sum-exp (N,), float32/64.
+  m.def("xent_fwd(Tensor logits, Tensor target, int ignore_index, float label_smoothing) -> (Tensor, Tensor)");
+  // grad_rows (N,): dL/dloss_n. Returns dlogits (N, C) = (softmax - smoothed one-hot) * grad_rows.
+  m.def("xent_bwd(Tensor grad_rows, Tensor logits, Tensor target, Tensor lse, int ignore_index, "
+        "float label_smoothing) -> Tensor");
 }

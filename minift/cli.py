@@ -9,16 +9,39 @@ import argparse
 import sys
 
 
+def _tool_version(cmd: list[str]) -> str:
+    import subprocess
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+        return out[-1] if "nvcc" in cmd[0] and out else (out[0] if out else "not found")
+    except (OSError, subprocess.TimeoutExpired):
+        return "not found"
+
+
 def cmd_doctor(args) -> int:
     import platform
+    import shutil
 
     import torch
 
     import minift
+    from . import ops
+    status = ops.extension_status()
     print(f"minift {minift.__version__}, Python {platform.python_version()}, torch {torch.__version__}")
-    print(f"CUDA available: {torch.cuda.is_available()} (torch built with CUDA {torch.version.cuda})")
-    if torch.cuda.is_available():
-        print(f"GPU: {torch.cuda.get_device_name(0)}")
+    mode = status["mode"] or "fallback (plain PyTorch ops)"
+    print(f"compiled kernels: {mode}")
+    print(f"  why: {status['reason']}")
+    print(f"  CUDA kernels: {'built' if status['cuda'] else 'not built'}")
+    cxx = shutil.which("c++") or shutil.which("g++")
+    print(f"C++ compiler: {_tool_version([cxx, '--version']) if cxx else 'not found'}")
+    nvcc = shutil.which("nvcc")
+    print(f"nvcc: {_tool_version([nvcc, '--version']) if nvcc else 'not found'}")
+    print(f"ninja: {_tool_version(['ninja', '--version']) if shutil.which('ninja') else 'not found'}")
+    print(f"torch built with CUDA: {torch.version.cuda}; CUDA available: {torch.cuda.is_available()}")
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        print(f"GPU {i}: {p.name}, {p.total_memory / 2 ** 30:.0f} GiB, compute capability {p.major}.{p.minor}")
+    print(f"CPU threads used by torch: {torch.get_num_threads()}")
     return 0
 
 
@@ -31,12 +54,114 @@ def cmd_gradcheck(args) -> int:
     return 1 if failed else 0
 
 
+def _setup_distributed():
+    """Under torchrun (WORLD_SIZE > 1): one process per device, gloo on CPU, nccl on GPU."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _build_model(model_path, dataset, impl, **overrides):
+    import minift
+    cls = minift.BertForTokenClassification if dataset.task == "token" else minift.BertForSequenceClassification
+    return cls.from_pretrained(model_path, impl=impl, id2label=dict(enumerate(dataset.labels)), **overrides)
+
+
+def cmd_finetune(args) -> int:
+    import logging
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    import minift
+    from . import data, metrics, peft
+    from .trainer import NonFiniteLoss, TrainConfig, Trainer, is_main
+
+    device = _setup_distributed() if args.device is None else torch.device(args.device)
+    torch.manual_seed(args.seed)
+    if args.train:
+        dataset = data.from_files(args.train, args.dev, args.test, token_task=args.token_task)
+    else:
+        dataset = data.load_task(args.task)
+    say = print if is_main() else (lambda *a, **k: None)
+    say(f"task {dataset.name}: {dataset.sizes()}, {len(dataset.labels)} labels")
+    logging.getLogger("minift").setLevel(logging.INFO)
+    model = _build_model(args.model, dataset, args.impl)
+    say(model.load_report.summary())
+    tokenizer = minift.Tokenizer.from_pretrained(args.model)
+    say(peft.apply(model, freeze=args.freeze, train_top_layers=args.train_top_layers, lora_rank=args.lora))
+    cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      max_length=args.max_length, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+                      clip=args.clip, seed=args.seed, patience=args.patience, precision=args.precision,
+                      max_train_examples=args.max_train_examples, progress=not args.no_progress)
+    trainer = Trainer(model, tokenizer, dataset, cfg, args.out, device=device, log=say)
+    if args.resume:
+        trainer.resume(None if args.resume == "last" else args.resume)
+    say(f"training on {device} ({trainer.world} process(es)), impl={model.config.impl}, "
+        f"{trainer.steps_per_epoch} steps per epoch, writing to {args.out}")
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+    except NonFiniteLoss as e:
+        print(f"minift finetune: error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if is_main():
+        print(f"\ntest report ({dataset.name}, best epoch by dev accuracy):")
+        print(metrics.format_report(result["test_report"]))
+        print(f"\ndev accuracy {result['dev_accuracy']:.4f}  test accuracy {result['test_accuracy']:.4f}  "
+              f"wall time {time.time() - t0:.0f} s")
+        print(f"wrote {args.out}/best (Hugging Face format), metrics.json, train_log.jsonl, training.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minift", description="minift: BERT fine-tuning, every step visible.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("doctor", help="report the build mode, versions and the GPU")
     p.set_defaults(run=cmd_doctor)
+    p = sub.add_parser("finetune", help="fine-tune a pretrained model (default: MiniLM on Rotten Tomatoes)")
+    p.add_argument("--task", default="sentiment", help="sentiment (default), topic, pos")
+    p.add_argument("--train", help="your training file: CSV/JSONL (text,label[,text_pair]) or CoNLL with --token-task")
+    p.add_argument("--dev", help="your dev file (default: a hash-chosen 10%% of --train)")
+    p.add_argument("--test", help="your test file")
+    p.add_argument("--token-task", action="store_true", help="the files are CoNLL token tagging data")
+    p.add_argument("--model", default="minilm", help="a Hugging Face-format directory or 'minilm'")
+    p.add_argument("--out", default="runs/finetune", help="output directory")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patience", type=int, default=0, help="early stopping patience in epochs (0: off)")
+    p.add_argument("--impl", default="torch", choices=["torch", "reference", "fused"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if there is one)")
+    p.add_argument("--freeze", choices=["encoder"], help="train the classifier only (a linear probe)")
+    p.add_argument("--train-top-layers", type=int, default=None, help="train only the top K encoder layers")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank on query/value (0: off)")
+    p.add_argument("--resume", nargs="?", const="last", help="resume from OUT/last (or a given checkpoint)")
+    p.add_argument("--max-train-examples", type=int, default=0, help="use only the first N training examples")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=cmd_finetune)
     p = sub.add_parser("gradcheck", help="check every hand-derived gradient against autograd (float64)")
     p.set_defaults(run=cmd_gradcheck)
     return parser

@@ -60,8 +60,7 @@ def package_dir(package: str) -> Path:
 def _split(examples: list[Example], name: str, task: str, labels: list[str]) -> Dataset:
     parts = {"train": [], "dev": [], "test": []}
     for ex in examples:
-        key = ex.text if isinstance(ex.text, str) else " ".join(ex.text)
-        parts[split_of(key)].append(ex)
+        parts[split_of(_key(ex))].append(ex)
     return Dataset(name, task, parts["train"], parts["dev"], parts["test"], labels)
 
 
@@ -91,6 +90,38 @@ def bbc_news() -> Dataset:
             text = " ".join(file.read_text(encoding="utf-8", errors="replace").split())
             examples.append(Example(text, label))
     return _split(examples, "bbc_news", "classification", labels)
+
+
+TASKS = {"sentiment": rotten_tomatoes, "topic": bbc_news}
+
+
+def load_task(name: str) -> Dataset:
+    if name == "pos":
+        from .ewt import ud_english_ewt
+        return ud_english_ewt()
+    if name not in TASKS:
+        raise ValueError(f"--task: expected one of {sorted(TASKS) + ['pos']}, got {name!r}")
+    return TASKS[name]()
+
+
+def from_files(train, dev, test, token_task: bool) -> Dataset:
+    """A Dataset from the user's files; labels are those of the training file."""
+    read = read_conll if token_task else read_classification_file
+    parts = {"train": read(train), "dev": read(dev) if dev else None, "test": read(test) if test else None}
+    if parts["dev"] is None:  # no dev file: hold out the training examples whose hash says "dev"
+        tr = [e for e in parts["train"] if split_of(_key(e)) != "dev"]
+        parts["dev"] = [e for e in parts["train"] if split_of(_key(e)) == "dev"] or parts["train"][:1]
+        parts["train"] = tr
+    labels = label_list(parts["train"])
+    for name, path in (("dev", dev), ("test", test)):
+        if parts[name]:
+            check_labels(parts[name], labels, str(path) if path else f"{train} (held-out dev part)")
+    return Dataset(Path(train).stem, "token" if token_task else "classification",
+                   parts["train"], parts["dev"], parts["test"] or [], labels)
+
+
+def _key(ex: Example) -> str:
+    return ex.text if isinstance(ex.text, str) else " ".join(ex.text)
 
 
 # ------------------------------------------------------------------------------------------

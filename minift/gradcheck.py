@@ -108,6 +108,36 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def kernel_cases() -> list[Result]:
+    """The compiled CPU kernels, float64: gradcheck, and equality with the hand-derived ops."""
+    from . import ops
+    if not ops.extension_available():
+        return [Result("compiled kernels", "-", "-", float("nan"), False)]
+    results = []
+    B, H, T = 2, 2, 7
+    mask = torch.tensor([[False] * T, [True] * 5 + [False] * (T - 5)])
+    for D in (32, 48):
+        q, k, v = (_rand(B, H, T, D, seed=s) for s in range(3))
+        fn = lambda q, k, v: ops.fused_attention(q, k, v, mask)
+        ok = gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True, raise_exception=False)
+        err = _max_grad_error(fn, lambda q, k, v: RF.attention(q, k, v, mask), (q, k, v))
+        results.append(Result("fused_attention (C++)", "float64", f"q,k,v({B},{H},{T},{D})", err, ok and err <= 1e-10))
+    q, k, v = (_rand(B, H, T, 32, seed=s) for s in range(3))
+    fn = lambda q, k, v: ops.attention_with_lse(q, k, v, mask, dropout_p=0.3, seed=11)[0]
+    keep = ops.dropout_mask(B, H, T, T, 0.3, seed=11)
+    ref = lambda q, k, v: RF.Attention.apply(q, k, v, mask, 32 ** -0.5, keep, 0.3)
+    ok = gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True, raise_exception=False)
+    err = _max_grad_error(fn, ref, (q, k, v))
+    results.append(Result("fused_attention p=0.3", "float64", f"q,k,v({B},{H},{T},32)", err, ok and err <= 1e-10))
+    t = torch.tensor([0, 3, -100, 2, 1, 4])
+    z = _rand(6, 5, seed=0, scale=2.0)
+    fn = lambda z: ops.softmax_cross_entropy(z, t, label_smoothing=0.1)
+    ok = gradcheck(fn, (z,), eps=1e-6, atol=1e-7, rtol=1e-5, raise_exception=False)
+    err = _max_grad_error(fn, lambda z: F.cross_entropy(z, t, label_smoothing=0.1), (z,))
+    results.append(Result("softmax_cross_entropy (C++)", "float64", "z(6,5) 1 ignored", err, ok and err <= 1e-10))
+    return results
+
+
 def extra_checks() -> list[Callable[[], list[Result]]]:
-    """Further groups of checks (the compiled kernels add theirs here when they are built)."""
-    return []
+    """Further groups of checks: the compiled kernels."""
+    return [kernel_cases]

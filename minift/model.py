@@ -61,6 +61,15 @@ def check_inputs(config: BertConfig, input_ids, attention_mask, token_type_ids):
             raise ValueError(f"token_type_ids: expected values in [0, {config.type_vocab_size}), got max {hi}")
 
 
+def dense(ops, layer: nn.Linear, x):
+    """layer(x) through the chosen ops, plus the low-rank update B A x when the layer carries a
+    LoRA adapter (see minift.peft): y = x W^T + b + s (x A^T) B^T."""
+    y = ops.linear(x, layer.weight, layer.bias)
+    if getattr(layer, "lora_A", None) is not None:
+        y = y + ops.linear(ops.linear(x, layer.lora_A, None), layer.lora_B, None) * layer.lora_scale
+    return y
+
+
 # ------------------------------------------------------------------------------------------
 # The encoder
 # ------------------------------------------------------------------------------------------
@@ -101,9 +110,9 @@ class BertSelfAttention(nn.Module):
         ops = get_ops(self.config.impl)
         B, T, H = x.shape
         nh, D = self.config.num_attention_heads, self.config.head_dim
-        q = ops.linear(x, self.query.weight, self.query.bias).view(B, T, nh, D).transpose(1, 2)  # (B, nh, T, D)
-        k = ops.linear(x, self.key.weight, self.key.bias).view(B, T, nh, D).transpose(1, 2)      # (B, nh, T, D)
-        v = ops.linear(x, self.value.weight, self.value.bias).view(B, T, nh, D).transpose(1, 2)  # (B, nh, T, D)
+        q = dense(ops, self.query, x).view(B, T, nh, D).transpose(1, 2)  # (B, nh, T, D)
+        k = dense(ops, self.key, x).view(B, T, nh, D).transpose(1, 2)      # (B, nh, T, D)
+        v = dense(ops, self.value, x).view(B, T, nh, D).transpose(1, 2)  # (B, nh, T, D)
         p_drop = self.config.attention_probs_dropout_prob if self.training else 0.0
         y = ops.attention(q, k, v, key_padding_mask, p_drop, 1.0 / math.sqrt(D))                # (B, nh, T, D)
         return y.transpose(1, 2).reshape(B, T, H)                                              # (B, T, H)
@@ -120,7 +129,7 @@ class BertSelfOutput(nn.Module):
 
     def forward(self, y, x):
         ops = get_ops(self.config.impl)
-        y = ops.dropout(ops.linear(y, self.dense.weight, self.dense.bias),
+        y = ops.dropout(dense(ops, self.dense, y),
                         self.config.hidden_dropout_prob, self.training)              # (B, T, H)
         return ops.layer_norm(y + x, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
 
@@ -145,7 +154,7 @@ class BertIntermediate(nn.Module):
 
     def forward(self, x):
         ops = get_ops(self.config.impl)
-        return ops.gelu(ops.linear(x, self.dense.weight, self.dense.bias))            # (B, T, I)
+        return ops.gelu(dense(ops, self.dense, x))            # (B, T, I)
 
 
 class BertOutput(nn.Module):
@@ -159,7 +168,7 @@ class BertOutput(nn.Module):
 
     def forward(self, h, x):
         ops = get_ops(self.config.impl)
-        y = ops.dropout(ops.linear(h, self.dense.weight, self.dense.bias),
+        y = ops.dropout(dense(ops, self.dense, h),
                         self.config.hidden_dropout_prob, self.training)              # (B, T, H)
         return ops.layer_norm(y + x, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
 
@@ -197,7 +206,7 @@ class BertPooler(nn.Module):
 
     def forward(self, h):
         ops = get_ops(self.config.impl)
-        return ops.tanh(ops.linear(h[:, 0], self.dense.weight, self.dense.bias))      # (B, H)
+        return ops.tanh(dense(ops, self.dense, h[:, 0]))      # (B, H)
 
 
 class BertPreTrainedModel(nn.Module):
@@ -306,7 +315,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
         ops = get_ops(self.config.impl)
         pooled = self.bert(input_ids, attention_mask, token_type_ids).pooler_output   # (B, H)
         pooled = ops.dropout(pooled, _classifier_dropout(self.config), self.training)
-        logits = ops.linear(pooled, self.classifier.weight, self.classifier.bias)      # (B, C)
+        logits = dense(ops, self.classifier, pooled)      # (B, C)
         loss = None
         if labels is not None:
             kind = self.problem_type(labels)
@@ -338,7 +347,7 @@ class BertForTokenClassification(BertPreTrainedModel):
         ops = get_ops(self.config.impl)
         h = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state     # (B, T, H)
         h = ops.dropout(h, _classifier_dropout(self.config), self.training)
-        logits = ops.linear(h, self.classifier.weight, self.classifier.bias)          # (B, T, C)
+        logits = dense(ops, self.classifier, h)          # (B, T, C)
         loss = None
         if labels is not None:
             loss = ops.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1).long())
@@ -354,7 +363,7 @@ class BertPredictionHeadTransform(nn.Module):
 
     def forward(self, h):
         ops = get_ops(self.config.impl)
-        h = ops.gelu(ops.linear(h, self.dense.weight, self.dense.bias))               # (B, T, H)
+        h = ops.gelu(dense(ops, self.dense, h))               # (B, T, H)
         return ops.layer_norm(h, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
 
 
@@ -412,7 +421,7 @@ class BertForQuestionAnswering(BertPreTrainedModel):
                 start_positions=None, end_positions=None) -> HeadOutput:
         ops = get_ops(self.config.impl)
         h = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state     # (B, T, H)
-        logits = ops.linear(h, self.qa_outputs.weight, self.qa_outputs.bias)          # (B, T, 2)
+        logits = dense(ops, self.qa_outputs, h)          # (B, T, 2)
         start_logits, end_logits = logits[..., 0], logits[..., 1]                     # (B, T) each
         loss = None
         if start_positions is not None and end_positions is not None:

@@ -132,7 +132,8 @@ def save_pretrained(model, directory) -> None:
     from safetensors.torch import save_file
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    from .peft import merged_state_dict
+    state = {k: v.detach().contiguous().cpu() for k, v in merged_state_dict(model).items()}
     architectures = [type(model).__name__]
     model.config.save(directory, architectures)
     tmp = directory / "model.safetensors.tmp"

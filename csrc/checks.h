@@ -1,0 +1,87 @@
+// Argument checks shared by the CPU and CUDA glue: each says what was expected and what came.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+namespace minift {
+
+// MINIFT_POISON_OUTPUTS=1: outputs are filled with NaN before a kernel writes them, so that an
+// element a kernel forgets shows up in the tests.
+inline at::Tensor maybe_poison(at::Tensor t) {
+  const char* flag = std::getenv("MINIFT_POISON_OUTPUTS");
+  if (flag != nullptr && std::strcmp(flag, "1") == 0) t.fill_(NAN);
+  return t;
+}
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, name,
+              ": expected float32, float64, float16 or bfloat16, got ", st);
+}
+
+inline void check_same_layout(const at::Tensor& a, const at::Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK(a.device() == ref.device(), name, ": expected a tensor on ", ref.device(), " like ", ref_name,
+              ", got ", a.device());
+  TORCH_CHECK(a.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), " like ",
+              ref_name, ", got ", a.scalar_type());
+  TORCH_CHECK(a.sizes() == ref.sizes(), name, ": expected shape ", ref.sizes(), " like ", ref_name, ", got ",
+              a.sizes());
+  TORCH_CHECK(a.is_contiguous(), name, ": expected a contiguous tensor (call .contiguous()), got strides ",
+              a.strides());
+}
+
+inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const std::optional<at::Tensor>& mask, double dropout_p, at::DeviceType device) {
+  TORCH_CHECK(q.device().type() == device, "attention: expected q on ", device, ", got ", q.device());
+  TORCH_CHECK(q.dim() == 4, "attention: expected q of shape (B, H, T, D), got ", q.dim(), " dims ", q.sizes());
+  check_floating(q, "attention q");
+  TORCH_CHECK(q.numel() > 0, "attention: expected non-empty q, got shape ", q.sizes());
+  TORCH_CHECK(q.is_contiguous(), "attention: expected a contiguous q (call .contiguous()), got strides ",
+              q.strides());
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+              "attention: expected k of shape (", q.size(0), ", ", q.size(1), ", Tk, ", q.size(3), "), got ",
+              k.sizes());
+  TORCH_CHECK(k.size(2) > 0, "attention: expected at least one key, got shape ", k.sizes());
+  check_same_layout(v, k, "attention v", "k");
+  TORCH_CHECK(k.device() == q.device(), "attention k: expected a tensor on ", q.device(), " like q, got ",
+              k.device());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "attention k: expected dtype ", q.scalar_type(),
+              " like q, got ", k.scalar_type());
+  TORCH_CHECK(k.is_contiguous(), "attention k: expected a contiguous tensor (call .contiguous())");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention: expected 0 <= dropout_p < 1, got ", dropout_p);
+  if (mask.has_value()) {
+    const auto& m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool, "attention: expected a bool key_padding_mask, got ", m.scalar_type());
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == q.size(0) && m.size(1) == k.size(2),
+                "attention: expected key_padding_mask of shape (", q.size(0), ", ", k.size(2), "), got ", m.sizes());
+    TORCH_CHECK(m.device() == q.device(), "attention: expected key_padding_mask on ", q.device(), ", got ",
+                m.device());
+    TORCH_CHECK(m.is_contiguous(), "attention: expected a contiguous key_padding_mask");
+  }
+}
+
+inline void check_xent_inputs(const at::Tensor& logits, const at::Tensor& target, double label_smoothing,
+                              at::DeviceType device) {
+  TORCH_CHECK(logits.device().type() == device, "softmax_cross_entropy: expected logits on ", device, ", got ",
+              logits.device());
+  TORCH_CHECK(logits.dim() == 2, "softmax_cross_entropy: expected logits of shape (N, C), got ", logits.sizes());
+  check_floating(logits, "softmax_cross_entropy logits");
+  TORCH_CHECK(logits.size(0) > 0 && logits.size(1) > 0, "softmax_cross_entropy: expected non-empty logits, got ",
+              logits.sizes());
+  TORCH_CHECK(logits.is_contiguous(), "softmax_cross_entropy: expected contiguous logits, got strides ",
+              logits.strides());
+  TORCH_CHECK(target.scalar_type() == at::kLong, "softmax_cross_entropy: expected int64 targets, got ",
+              target.scalar_type());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "softmax_cross_entropy: expected target of shape (",
+              logits.size(0), "), got ", target.sizes());
+  TORCH_CHECK(target.device() == logits.device(), "softmax_cross_entropy: expected target on ", logits.device(),
+              ", got ", target.device());
+  TORCH_CHECK(target.is_contiguous(), "softmax_cross_entropy: expected a contiguous target");
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+              "softmax_cross_entropy: expected 0 <= label_smoothing <= 1, got ", label_smoothing);
+}
+
+}  // namespace minift

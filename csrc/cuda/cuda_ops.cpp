@@ -1,0 +1,126 @@
+// Torch glue for the CUDA kernels: argument checks, dtype choice, the current stream, and the
+// registration of the kernels for the CUDA dispatch key. Compiled only in CUDA builds.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "kernels.h"
+
+namespace minift {
+
+static cuda::DType cuda_dtype(const at::Tensor& t, const char* op) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cuda::DType::F32;
+    case at::kHalf: return cuda::DType::F16;
+    case at::kBFloat16: return cuda::DType::BF16;
+    default: TORCH_CHECK(false, op, " on CUDA: expected float32, float16 or bfloat16, got ", t.scalar_type(),
+                         " (float64 runs on the CPU)");
+  }
+}
+
+static void check_cuda(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
+}
+
+static cuda::AttnShape shape_of(const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK(q.size(3) <= 256, "attention on CUDA: expected head dim D <= 256, got ", q.size(3));
+  return cuda::AttnShape{(int)q.size(0), (int)q.size(1), (int)q.size(2), (int)k.size(2), (int)q.size(3)};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& mask, double dropout_p,
+                                                      double scale, int64_t seed, int64_t offset) {
+  check_attention_inputs(q, k, v, mask, dropout_p, at::kCUDA);
+  auto dt = cuda_dtype(q, "attention");
+  c10::cuda::CUDAGuard guard(q.device());
+  auto out = maybe_poison(at::empty_like(q));
+  auto lse = maybe_poison(at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat)));
+  check_cuda(cuda::attention_fwd(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                 mask.has_value() ? mask->data_ptr<bool>() : nullptr, out.data_ptr(),
+                                 lse.data_ptr<float>(), shape_of(q, k), (float)scale, (float)dropout_p,
+                                 (uint64_t)seed, (uint64_t)offset, at::cuda::getCurrentCUDAStream()),
+             "attention forward");
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& mask, double dropout_p, double scale, int64_t seed,
+    int64_t offset) {
+  check_attention_inputs(q, k, v, mask, dropout_p, at::kCUDA);
+  check_same_layout(dout, q, "dout", "q");
+  check_same_layout(out, q, "out", "q");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 3,
+              "attention backward: expected a contiguous float32 lse (B, H, Tq), got ", lse.scalar_type(), " ",
+              lse.sizes());
+  auto dt = cuda_dtype(q, "attention");
+  c10::cuda::CUDAGuard guard(q.device());
+  auto dq = maybe_poison(at::empty_like(q)), dk = maybe_poison(at::empty_like(k)),
+       dv = maybe_poison(at::empty_like(v));
+  auto dk_acc = at::empty(k.sizes(), k.options().dtype(at::kFloat));
+  auto dv_acc = at::empty(v.sizes(), v.options().dtype(at::kFloat));
+  check_cuda(cuda::attention_bwd(dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                 lse.data_ptr<float>(), mask.has_value() ? mask->data_ptr<bool>() : nullptr,
+                                 dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dk_acc.data_ptr<float>(),
+                                 dv_acc.data_ptr<float>(), shape_of(q, k), (float)scale, (float)dropout_p,
+                                 (uint64_t)seed, (uint64_t)offset, at::cuda::getCurrentCUDAStream()),
+             "attention backward");
+  return {dq, dk, dv};
+}
+
+at::Tensor dropout_mask_cuda(const at::Tensor& like, int64_t B, int64_t H, int64_t Tq, int64_t Tk, double p,
+                             int64_t seed, int64_t offset) {
+  TORCH_CHECK(p >= 0 && p < 1, "dropout_mask: expected 0 <= p < 1, got ", p);
+  c10::cuda::CUDAGuard guard(like.device());
+  auto keep = at::empty({B, H, Tq, Tk}, like.options().dtype(at::kBool));
+  check_cuda(cuda::dropout_mask(keep.data_ptr<bool>(), keep.numel(), (float)p, (uint64_t)seed, (uint64_t)offset,
+                                at::cuda::getCurrentCUDAStream()),
+             "dropout_mask");
+  return keep;
+}
+
+std::tuple<at::Tensor, at::Tensor> xent_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                 int64_t ignore_index, double label_smoothing) {
+  check_xent_inputs(logits, target, label_smoothing, at::kCUDA);
+  auto dt = cuda_dtype(logits, "softmax_cross_entropy");
+  const int64_t N = logits.size(0), C = logits.size(1);
+  auto bad = (target != ignore_index) & ((target < 0) | (target >= C));
+  TORCH_CHECK(!bad.any().item<bool>(), "softmax_cross_entropy: expected targets in [0, ", C, ") or ignore_index ",
+              ignore_index);
+  c10::cuda::CUDAGuard guard(logits.device());
+  auto loss = maybe_poison(at::empty({N}, logits.options().dtype(at::kFloat)));
+  auto lse = maybe_poison(at::empty({N}, logits.options().dtype(at::kFloat)));
+  check_cuda(cuda::xent_fwd(dt, logits.data_ptr(), target.data_ptr<int64_t>(), loss.data_ptr<float>(),
+                            lse.data_ptr<float>(), N, C, ignore_index, (float)label_smoothing,
+                            at::cuda::getCurrentCUDAStream()),
+             "softmax_cross_entropy forward");
+  return {loss, lse};
+}
+
+at::Tensor xent_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
+                         const at::Tensor& lse, int64_t ignore_index, double label_smoothing) {
+  check_xent_inputs(logits, target, label_smoothing, at::kCUDA);
+  auto dt = cuda_dtype(logits, "softmax_cross_entropy");
+  const int64_t N = logits.size(0), C = logits.size(1);
+  TORCH_CHECK(grad_rows.scalar_type() == at::kFloat && grad_rows.numel() == N && grad_rows.is_contiguous(),
+              "softmax_cross_entropy backward: expected float32 grad_rows of shape (", N, ")");
+  c10::cuda::CUDAGuard guard(logits.device());
+  auto dz = maybe_poison(at::empty_like(logits));
+  check_cuda(cuda::xent_bwd(dt, grad_rows.data_ptr<float>(), logits.data_ptr(), target.data_ptr<int64_t>(),
+                            lse.data_ptr<float>(), dz.data_ptr(), N, C, ignore_index, (float)label_smoothing,
+                            at::cuda::getCurrentCUDAStream()),
+             "softmax_cross_entropy backward");
+  return dz;
+}
+
+TORCH_LIBRARY_IMPL(minift, CUDA, m) {
+  m.impl("attention_fwd", &attention_fwd_cuda);
+  m.impl("attention_bwd", &attention_bwd_cuda);
+  m.impl("dropout_mask", &dropout_mask_cuda);
+  m.impl("xent_fwd", &xent_fwd_cuda);
+  m.impl("xent_bwd", &xent_bwd_cuda);
+}
+
+}  // namespace minift

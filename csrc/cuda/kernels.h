@@ -1,0 +1,31 @@
+// The launchers of kernels.cu: raw pointers, sizes and a stream, no torch types.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace minift {
+namespace cuda {
+
+enum class DType { F32, F16, BF16 };
+
+struct AttnShape {
+  int B, H, Tq, Tk, D;
+};
+
+// q (B,H,Tq,D), k/v (B,H,Tk,D), mask (B,Tk) or null -> out (B,H,Tq,D), lse (B,H,Tq) float.
+cudaError_t attention_fwd(DType dt, const void* q, const void* k, const void* v, const bool* mask, void* out,
+                          float* lse, AttnShape s, float scale, float p, uint64_t seed, uint64_t offset,
+                          cudaStream_t stream);
+// dk_acc/dv_acc: float scratch of B*H*Tk*D elements each.
+cudaError_t attention_bwd(DType dt, const void* dout, const void* q, const void* k, const void* v, const void* out,
+                          const float* lse, const bool* mask, void* dq, void* dk, void* dv, float* dk_acc,
+                          float* dv_acc, AttnShape s, float scale, float p, uint64_t seed, uint64_t offset,
+                          cudaStream_t stream);
+cudaError_t dropout_mask(bool* keep, int64_t n, float p, uint64_t seed, uint64_t offset, cudaStream_t stream);
+cudaError_t xent_fwd(DType dt, const void* z, const int64_t* target, float* loss, float* lse, int64_t N, int64_t C,
+                     int64_t ignore_index, float eps, cudaStream_t stream);
+cudaError_t xent_bwd(DType dt, const float* g, const void* z, const int64_t* target, const float* lse, void* dz,
+                     int64_t N, int64_t C, int64_t ignore_index, float eps, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace minift

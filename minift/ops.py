@@ -1,0 +1,204 @@
+"""The compiled kernels of minift._C as PyTorch custom ops, and what happens when they are missing.
+
+The C++ side (csrc/) defines the ``minift`` operator library: ``attention_fwd``/``attention_bwd``,
+``xent_fwd``/``xent_bwd`` and ``dropout_mask``, with CPU kernels always and CUDA kernels when built
+with CUDA. This module loads them, in this order:
+
+1. ahead of time: ``minift._C``, compiled by ``pip install --no-build-isolation -e .``;
+2. just in time: ``torch.utils.cpp_extension.load`` compiles csrc/ with ninja on first use
+   (into the torch extensions cache, so only once);
+3. neither: ``fused_attention`` and ``softmax_cross_entropy`` run plain PyTorch ops instead, and
+   one warning says why. ``minift doctor`` reports which of the three is active.
+
+It registers for each forward op a fake (meta) implementation, so torch.compile and
+``torch.library.opcheck`` can trace it, and its backward with ``torch.library.register_autograd``.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+_state = {"mode": None, "reason": "", "registered": False}
+
+
+def _source_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _jit_build() -> None:
+    from torch.utils.cpp_extension import CUDA_HOME, load
+    src = _source_dir()
+    sources = sorted(glob.glob(str(src / "*.cpp")))
+    flags, cuda_flags = ["-O3", "-fopenmp"], []
+    if torch.cuda.is_available() and CUDA_HOME is not None:
+        sources += sorted(glob.glob(str(src / "cuda" / "*.cu"))) + sorted(glob.glob(str(src / "cuda" / "*.cpp")))
+        flags.append("-DMINIFT_WITH_CUDA")
+        cuda_flags = ["-O3", "--use_fast_math", "-DMINIFT_WITH_CUDA"]
+    load(name="minift_jit", sources=sources, extra_cflags=flags, extra_cuda_cflags=cuda_flags,
+         extra_ldflags=["-fopenmp"], extra_include_paths=[str(src)], is_python_module=False, verbose=False)
+
+
+def _load() -> tuple[str | None, str]:
+    if os.environ.get("MINIFT_NO_EXTENSION") == "1":
+        return None, "disabled by MINIFT_NO_EXTENSION=1"
+    try:
+        from . import _C  # noqa: F401  (importing registers the ops)
+        return "ahead-of-time", "minift._C was compiled at install time"
+    except ImportError as e:
+        aot_error = str(e).splitlines()[0]
+    if not (_source_dir() / "module.cpp").is_file():
+        return None, f"minift._C is not built ({aot_error}) and the sources csrc/ are not beside the package"
+    try:
+        _jit_build()
+        return "just-in-time", f"minift._C is not built ({aot_error}); compiled csrc/ with ninja on first use"
+    except Exception as e:  # a missing compiler or ninja, a compile error: report and fall back
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None, f"minift._C is not built ({aot_error}) and the just-in-time build failed: {first}"
+
+
+def extension_status() -> dict:
+    """{"mode": "ahead-of-time" | "just-in-time" | None, "reason": str, "cuda": bool}."""
+    if _state["mode"] is None and not _state["reason"]:
+        _state["mode"], _state["reason"] = _load()
+        if _state["mode"] is None:
+            warnings.warn(f"minift: the compiled kernels are not available ({_state['reason']}); "
+                          "impl='fused' runs plain PyTorch ops instead", RuntimeWarning, stacklevel=3)
+        else:
+            _register()
+    cuda = False
+    if _state["mode"] is not None:
+        cuda = torch._C._dispatch_has_kernel_for_dispatch_key("minift::attention_fwd", "CUDA")
+    return {"mode": _state["mode"], "reason": _state["reason"], "cuda": cuda}
+
+
+def extension_available() -> bool:
+    return extension_status()["mode"] is not None
+
+
+# ------------------------------------------------------------------------------------------
+# Fake implementations and autograd
+# ------------------------------------------------------------------------------------------
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _register() -> None:
+    if _state["registered"]:
+        return
+    _state["registered"] = True
+
+    @torch.library.register_fake("minift::attention_fwd")
+    def _(q, k, v, key_padding_mask, dropout_p, scale, seed, offset):
+        return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_acc_dtype(q))
+
+    @torch.library.register_fake("minift::attention_bwd")
+    def _(dout, q, k, v, out, lse, key_padding_mask, dropout_p, scale, seed, offset):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    @torch.library.register_fake("minift::xent_fwd")
+    def _(logits, target, ignore_index, label_smoothing):
+        n = logits.shape[0]
+        return logits.new_empty((n,), dtype=_acc_dtype(logits)), logits.new_empty((n,), dtype=_acc_dtype(logits))
+
+    @torch.library.register_fake("minift::xent_bwd")
+    def _(grad_rows, logits, target, lse, ignore_index, label_smoothing):
+        return torch.empty_like(logits)
+
+    @torch.library.register_fake("minift::dropout_mask")
+    def _(like, B, H, Tq, Tk, p, seed, offset):
+        return like.new_empty((B, H, Tq, Tk), dtype=torch.bool)
+
+    def attn_setup(ctx, inputs, output):
+        q, k, v, mask, dropout_p, scale, seed, offset = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.args = (dropout_p, scale, seed, offset)
+
+    def attn_backward(ctx, dout, dlse):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        dq, dk, dv = torch.ops.minift.attention_bwd(dout.contiguous(), q, k, v, out, lse, mask, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
+
+    torch.library.register_autograd("minift::attention_fwd", attn_backward, setup_context=attn_setup)
+
+    def xent_setup(ctx, inputs, output):
+        logits, target, ignore_index, label_smoothing = inputs
+        ctx.save_for_backward(logits, target, output[1])
+        ctx.args = (ignore_index, label_smoothing)
+
+    def xent_backward(ctx, dloss_rows, dlse):
+        logits, target, lse = ctx.saved_tensors
+        g = dloss_rows.to(lse.dtype).contiguous()
+        return torch.ops.minift.xent_bwd(g, logits, target, lse, *ctx.args), None, None, None
+
+    torch.library.register_autograd("minift::xent_fwd", xent_backward, setup_context=xent_setup)
+
+
+# ------------------------------------------------------------------------------------------
+# The public ops
+# ------------------------------------------------------------------------------------------
+
+def _seed(dropout_p: float, generator) -> int:
+    """A fresh Philox seed from torch's generator, so torch.manual_seed makes dropout reproducible."""
+    if dropout_p <= 0.0:
+        return 0
+    return int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())
+
+
+def fused_attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, scale=None, generator=None):
+    """softmax(q k^T * scale + mask) v without materialising the T x T matrix.
+
+    q (B, H, Tq, D), k and v (B, H, Tk, D) in float32/float64/float16/bfloat16 (made contiguous
+    here); key_padding_mask (B, Tk) bool with True = keep; a row with no kept key gives 0. Attention
+    dropout draws its mask from Philox bits seeded from torch's generator, and the backward pass
+    regenerates the same mask. Returns (B, H, Tq, D).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not extension_available():
+        from .backends import naive_attention
+        return naive_attention(q, k, v, key_padding_mask, dropout_p, scale)
+    mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
+    out, _ = torch.ops.minift.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), mask,
+                                            float(dropout_p), scale, _seed(dropout_p, generator), 0)
+    return out
+
+
+def attention_with_lse(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, seed=0, offset=0):
+    """The raw forward op: (O, row log-sum-exp), with an explicit Philox seed and offset."""
+    extension_status()
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
+    return torch.ops.minift.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), mask,
+                                          float(dropout_p), scale, int(seed), int(offset))
+
+
+def dropout_mask(B, H, Tq, Tk, p, seed, offset=0, device="cpu"):
+    """The keep-mask (B, H, Tq, Tk) that attention dropout uses for (seed, offset)."""
+    extension_status()
+    like = torch.empty(0, device=device)
+    return torch.ops.minift.dropout_mask(like, B, H, Tq, Tk, float(p), int(seed), int(offset))
+
+
+def softmax_cross_entropy(logits, target, ignore_index: int = -100, label_smoothing: float = 0.0,
+                          reduction: str = "mean"):
+    """Cross-entropy of logits (N, C) against int64 targets (N,), fused: loss and gradient in one
+    pass over the logits each. "mean" averages over non-ignored rows (0 when every row is ignored,
+    where F.cross_entropy gives NaN); the loss is float32 (float64 for float64 logits)."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"softmax_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not extension_available():
+        return F.cross_entropy(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                               reduction=reduction)
+    rows, _ = torch.ops.minift.xent_fwd(logits.contiguous(), target.contiguous(), int(ignore_index),
+                                        float(label_smoothing))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (target != ignore_index).sum().clamp(min=1)

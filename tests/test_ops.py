@@ -1,0 +1,262 @@
+"""The compiled kernels (minift._C) against the hand-derived reference and PyTorch, on the CPU
+(and on CUDA when there is a GPU: the same tests, parametrised by device)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minift
+from minift import functional as RF
+from minift import ops
+
+pytestmark = pytest.mark.skipif(not ops.extension_available(), reason="minift._C is not built")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and ops.extension_status()["cuda"] else [])
+
+
+def rnd(*shape, seed=0, dtype=torch.float64, device="cpu", scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def padding_mask(B, T, seed=0, device="cpu"):
+    """Irregular lengths, batch row 0 fully masked (every query row of it sees no key)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths[0] = 0
+    return (torch.arange(T)[None, :] < lengths[:, None]).to(device)
+
+
+SHAPES = [(2, 3, 13, 32), (3, 2, 17, 64), (2, 2, 9, 128), (2, 3, 11, 48), (1, 1, 1, 8)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,H,T,D", SHAPES)
+def test_attention_fp32_equals_reference(device, B, H, T, D):
+    q, k, v = (rnd(B, H, T, D, seed=s, dtype=torch.float32, device=device).requires_grad_() for s in range(3))
+    mask = padding_mask(B, T, device=device) if B > 1 else None
+    out = ops.fused_attention(q, k, v, mask)
+    ref_in = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref = RF.attention(*ref_in, None if mask is None else mask.cpu())
+    assert (out.detach().double().cpu() - ref).abs().max() <= 1e-6
+    if mask is not None:
+        assert (out[0] == 0).all(), "fully masked rows give 0"
+    dout = rnd(B, H, T, D, seed=7, dtype=torch.float32, device=device)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.double().cpu())
+    for g, r in zip(grads, ref_grads):
+        assert torch.isfinite(g).all()
+        assert (g.double().cpu() - r).abs().max() <= 1e-5 * max(1.0, r.abs().max().item())
+
+
+@pytest.mark.parametrize("D", [32, 48, 64, 128])
+def test_attention_gradcheck_float64(D):
+    B, H, T = 2, 2, 7
+    q, k, v = (rnd(B, H, T, D, seed=s).requires_grad_() for s in range(3))
+    mask = padding_mask(B, T)
+    assert torch.autograd.gradcheck(lambda q, k, v: ops.fused_attention(q, k, v, mask), (q, k, v),
+                                    eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+def test_attention_gradcheck_with_dropout_fixed_seed():
+    B, H, T, D = 2, 2, 6, 32
+    q, k, v = (rnd(B, H, T, D, seed=s).requires_grad_() for s in range(3))
+    mask = padding_mask(B, T)
+    fn = lambda q, k, v: ops.attention_with_lse(q, k, v, mask, dropout_p=0.3, seed=1234, offset=5)[0]
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+def test_dropout_matches_its_mask_and_reference():
+    B, H, T, D, p = 3, 2, 10, 32, 0.25
+    q, k, v = (rnd(B, H, T, D, seed=s).requires_grad_() for s in range(3))
+    mask = padding_mask(B, T)
+    keep = ops.dropout_mask(B, H, T, T, p, seed=99, offset=3)
+    frac = keep.float().mean().item()
+    assert abs(frac - (1 - p)) < 0.05
+    out = ops.attention_with_lse(q, k, v, mask, dropout_p=p, seed=99, offset=3)[0]
+    ref = RF.attention_forward(q, k, v, mask, D ** -0.5, keep, p)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    dO = rnd(B, H, T, D, seed=5)
+    ours = torch.autograd.grad(out, (q, k, v), dO)
+    theirs = RF.attention_backward(dO, q, k, v, mask, D ** -0.5, keep, p)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    other = ops.dropout_mask(B, H, T, T, p, seed=99, offset=4)
+    assert not torch.equal(keep, other), "another offset gives other bits"
+
+
+def test_philox_known_answer():
+    """The Random123 known-answer vector for Philox4x32-10 (counter = key = 0): the first four
+    elements of stream (seed 0, offset 0) are its four words; keep <=> bits >= p * 2^32."""
+    words = [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    for p in (0.2, 0.5, 0.8):
+        expected = torch.tensor([w >= int(p * 2 ** 32) for w in words])
+        assert torch.equal(ops.dropout_mask(1, 1, 1, 4, p, seed=0, offset=0).flatten(), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_low_precision_cpu_within_2x_torch(dtype):
+    B, H, T, D = 2, 3, 19, 64
+    q, k, v = (rnd(B, H, T, D, seed=s) for s in range(3))
+    mask = padding_mask(B, T)
+    ref = RF.attention(q, k, v, mask)
+    ours = ops.fused_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask).double()
+    torch_own = RF.attention(q.to(dtype), k.to(dtype), v.to(dtype), mask).double()
+    err, base = (ours - ref).abs().max().item(), (torch_own - ref).abs().max().item()
+    assert err <= 2 * base, (err, base)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_fp32_equals_reference(device, reduction, smoothing):
+    N, C = 37, 29
+    z = rnd(N, C, dtype=torch.float32, device=device, scale=3.0).requires_grad_()
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(0, C, (N,), generator=g)
+    t[::5] = -100
+    t = t.to(device)
+    ours = ops.softmax_cross_entropy(z, t, label_smoothing=smoothing, reduction=reduction)
+    zr = z.detach().double().cpu().requires_grad_()
+    ref = RF.cross_entropy(zr, t.cpu(), label_smoothing=smoothing, reduction=reduction)
+    assert (ours.double().cpu() - ref).abs().max() <= 1e-6 * max(1.0, ref.abs().max().item())
+    up = torch.rand(ours.shape, generator=g, dtype=torch.float64)
+    (dz,) = torch.autograd.grad(ours, z, up.to(device=device, dtype=ours.dtype))
+    (dzr,) = torch.autograd.grad(ref, zr, up)
+    assert (dz.double().cpu() - dzr).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_gradcheck_float64(reduction):
+    z = rnd(6, 5, scale=2.0).requires_grad_()
+    t = torch.tensor([0, 4, -100, 2, 1, 3])
+    assert torch.autograd.gradcheck(
+        lambda z: ops.softmax_cross_entropy(z, t, label_smoothing=0.1, reduction=reduction), (z,))
+
+
+def test_cross_entropy_all_ignored_and_huge_logits():
+    z = rnd(4, 7).requires_grad_()
+    loss = ops.softmax_cross_entropy(z, torch.full((4,), -100))
+    assert loss.item() == 0.0
+    assert (torch.autograd.grad(loss, z)[0] == 0).all()
+    big = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 5e3]], requires_grad=True)
+    t = torch.tensor([1, 1])
+    loss = ops.softmax_cross_entropy(big, t, label_smoothing=0.1)
+    ref = F.cross_entropy(big.double(), t, label_smoothing=0.1)
+    assert torch.isfinite(loss) and abs(loss.item() - ref.item()) <= 1e-3 * ref.item()
+    assert torch.isfinite(torch.autograd.grad(loss, big)[0]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cross_entropy_low_precision_within_2x_torch(dtype):
+    z = rnd(64, 300, scale=4.0)
+    t = torch.randint(0, 300, (64,), generator=torch.Generator().manual_seed(3))
+    ref = F.cross_entropy(z, t, reduction="none")
+    ours = ops.softmax_cross_entropy(z.to(dtype), t, reduction="none").double()
+    theirs = F.cross_entropy(z.to(dtype), t, reduction="none").double()
+    assert (ours - ref).abs().max() <= 2 * (theirs - ref).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_output_element_is_written(device, monkeypatch):
+    """MINIFT_POISON_OUTPUTS=1 makes the ops fill their outputs with NaN before the kernel runs:
+    an element a kernel forgets to write then shows as NaN. Masked keys hold 1e30 and NaN values
+    that must never be read."""
+    monkeypatch.setenv("MINIFT_POISON_OUTPUTS", "1")
+    B, H, T, D = 3, 2, 9, 48
+    q, k, v = (rnd(B, H, T, D, seed=s, dtype=torch.float32, device=device).requires_grad_() for s in range(3))
+    mask = padding_mask(B, T, device=device)
+    with torch.no_grad():
+        k.masked_fill_(~mask[:, None, :, None], 1e30)
+        v.masked_fill_(~mask[:, None, :, None], float("nan"))
+    out = ops.fused_attention(q, k, v, mask)
+    assert torch.isfinite(out).all()
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+    z = rnd(7, 11, dtype=torch.float32, device=device).requires_grad_()
+    t = torch.tensor([1, -100, 3, 0, 10, -100, 2], device=device)
+    rows = ops.softmax_cross_entropy(z, t, reduction="none")
+    (dz,) = torch.autograd.grad(rows.sum(), z)
+    assert torch.isfinite(rows).all() and torch.isfinite(dz).all()
+
+
+def test_opcheck():
+    B, H, T, D = 2, 2, 5, 32
+    q, k, v = (rnd(B, H, T, D, seed=s, dtype=torch.float32).requires_grad_() for s in range(3))
+    mask = padding_mask(B, T)
+    torch.library.opcheck(torch.ops.minift.attention_fwd.default, (q, k, v, mask, 0.0, 0.2, 0, 0))
+    torch.library.opcheck(torch.ops.minift.attention_fwd.default, (q, k, v, None, 0.1, 0.2, 7, 1))
+    z = rnd(6, 4, dtype=torch.float32).requires_grad_()
+    t = torch.tensor([0, 1, -100, 3, 2, 1])
+    torch.library.opcheck(torch.ops.minift.xent_fwd.default, (z, t, -100, 0.1))
+
+
+BAD_ATTENTION = [
+    ("dtype", lambda q, k, v, m: (q.long(), k, v, m), "expected float32, float64, float16 or bfloat16"),
+    ("rank", lambda q, k, v, m: (q[0], k, v, m), "expected q of shape \\(B, H, T, D\\)"),
+    ("non-contiguous", lambda q, k, v, m: (q.transpose(2, 3), k, v, m), "contiguous"),
+    ("mismatched k", lambda q, k, v, m: (q, k[:, :1], v, m), "expected k of shape"),
+    ("mismatched v", lambda q, k, v, m: (q, k, v[..., :4], m), "attention v: expected shape"),
+    ("mask dtype", lambda q, k, v, m: (q, k, v, m.long()), "bool key_padding_mask"),
+    ("mask shape", lambda q, k, v, m: (q, k, v, m[:, :3]), "key_padding_mask of shape"),
+    ("empty", lambda q, k, v, m: (q[:0], k[:0], v[:0], m[:0]), "non-empty"),
+]
+
+
+@pytest.mark.parametrize("name,make,msg", BAD_ATTENTION, ids=[b[0] for b in BAD_ATTENTION])
+def test_attention_bad_input(name, make, msg):
+    q, k, v = (rnd(2, 2, 5, 8, seed=s, dtype=torch.float32) for s in range(3))
+    m = torch.ones(2, 5, dtype=torch.bool)
+    q, k, v, m = make(q, k, v, m)
+    with pytest.raises(RuntimeError, match=msg):
+        torch.ops.minift.attention_fwd(q, k, v, m, 0.0, 1.0, 0, 0)
+
+
+def test_attention_wrong_device_mix():
+    q, k, v = (rnd(2, 2, 5, 8, seed=s, dtype=torch.float32) for s in range(3))
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.minift.attention_fwd(q, k.double(), v.double(), None, 0.0, 1.0, 0, 0)
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="on cpu|device"):
+            torch.ops.minift.attention_fwd(q, k.cuda(), v.cuda(), None, 0.0, 1.0, 0, 0)
+
+
+BAD_XENT = [
+    ("rank", lambda z, t: (z[None], t), "logits of shape \\(N, C\\)"),
+    ("target dtype", lambda z, t: (z, t.float()), "int64 targets"),
+    ("target shape", lambda z, t: (z, t[:2]), "target of shape"),
+    ("out of range", lambda z, t: (z, t.clone().fill_(9)), "targets in \\[0, 5\\)"),
+    ("non-contiguous", lambda z, t: (z.t(), t), "contiguous"),
+    ("empty", lambda z, t: (z[:0], t[:0]), "non-empty"),
+]
+
+
+@pytest.mark.parametrize("name,make,msg", BAD_XENT, ids=[b[0] for b in BAD_XENT])
+def test_cross_entropy_bad_input(name, make, msg):
+    z = rnd(5, 5, dtype=torch.float32)
+    t = torch.tensor([0, 1, 2, 3, 4])
+    z, t = make(z, t)
+    with pytest.raises(RuntimeError, match=msg):
+        torch.ops.minift.xent_fwd(z, t, -100, 0.0)
+
+
+def test_fused_model_equals_torch_on_minilm(batch):
+    torch.manual_seed(0)
+    model = minift.BertForSequenceClassification.from_pretrained("minilm", num_labels=3).eval()
+    labels = torch.tensor([2, 0, 1, 0])
+    args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    outs, grads = {}, {}
+    for impl in ("torch", "fused"):
+        model.zero_grad()
+        out = model.set_impl(impl)(*args, labels=labels)
+        out.loss.backward()
+        outs[impl] = out
+        grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    real = batch["attention_mask"].bool()
+    assert (outs["fused"].logits - outs["torch"].logits).abs().max() <= 1e-5
+    assert abs(outs["fused"].loss.item() - outs["torch"].loss.item()) <= 1e-5
+    scale = max(g.abs().max() for g in grads["torch"].values())
+    for n in grads["torch"]:
+        assert (grads["fused"][n] - grads["torch"][n]).abs().max() <= 1e-5 * scale, n
+    h_t = model.set_impl("torch").bert(*args).last_hidden_state
+    h_f = model.set_impl("fused").bert(*args).last_hidden_state
+    assert (h_f - h_t).abs()[real].max() <= 1e-5
