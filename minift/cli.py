@@ -88,7 +88,9 @@ def cmd_finetune(args) -> int:
     from . import data, metrics, peft
     from .trainer import NonFiniteLoss, TrainConfig, Trainer, is_main
 
-    device = _setup_distributed() if args.device is None else torch.device(args.device)
+    device = _setup_distributed()
+    if args.device is not None:
+        device = torch.device(args.device)
     torch.manual_seed(args.seed)
     if args.train:
         dataset = data.from_files(args.train, args.dev, args.test, token_task=args.token_task)

@@ -1,0 +1,178 @@
+"""The trainer: resume equals an uninterrupted run, atomic checkpoints, NaN stops, DDP equals one process."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import minift
+from minift import data
+from minift.trainer import NonFiniteLoss, TrainConfig, Trainer, resolve_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A small random BERT with the real vocabulary, saved in Hugging Face format, dropout off."""
+    d = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    cfg = minift.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    minift.BertModel(cfg).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def small_dataset():
+    ds = data.rotten_tomatoes()
+    return data.Dataset("rt_small", "classification", ds.train[:96], ds.dev[:40], ds.test[:40], ds.labels)
+
+
+def make_trainer(model_dir, dataset, out, seed=0, **cfg):
+    torch.manual_seed(seed)
+    model = minift.BertForSequenceClassification.from_pretrained(
+        model_dir, id2label=dict(enumerate(dataset.labels)))
+    tok = minift.Tokenizer.from_pretrained(model_dir)
+    config = TrainConfig(**{"lr": 1e-3, "epochs": 3, "batch_size": 16, "progress": False, "seed": 3, **cfg})
+    return Trainer(model, tok, dataset, config, out, log=lambda *a: None)
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_equals_uninterrupted(tiny_model_dir, small_dataset, tmp_path):
+    full = make_trainer(tiny_model_dir, small_dataset, tmp_path / "full")
+    m_full = full.fit()
+
+    killed = make_trainer(tiny_model_dir, small_dataset, tmp_path / "killed")
+    original_step = killed.train_step
+
+    def dies_in_epoch_2(indices):
+        if killed.epoch == 1 and killed.schedule.last_step == killed.steps_per_epoch + 2:
+            raise KeyboardInterrupt("killed")
+        return original_step(indices)
+    killed.train_step = dies_in_epoch_2
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+
+    resumed = make_trainer(tiny_model_dir, small_dataset, tmp_path / "killed", seed=12345)  # other RNG state
+    resumed.resume()
+    assert resumed.epoch == 1
+    m_res = resumed.fit()
+    for k, v in weights(full.model).items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert m_full["test_accuracy"] == m_res["test_accuracy"]
+    assert m_full["dev_accuracy"] == m_res["dev_accuracy"]
+    assert [e["dev_accuracy"] for e in m_full["history"]] == [e["dev_accuracy"] for e in m_res["history"]]
+
+
+def test_checkpoint_write_is_atomic(tiny_model_dir, small_dataset, tmp_path, monkeypatch):
+    tr = make_trainer(tiny_model_dir, small_dataset, tmp_path, epochs=1)
+    tr.fit()
+    before = (tmp_path / "last" / "model.safetensors").read_bytes()
+    # A crash while the new checkpoint is being written: the old one stays in place.
+    import safetensors.torch as st
+    monkeypatch.setattr(st, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    tr.epoch = 5
+    with pytest.raises(OSError):
+        tr.save_last()
+    monkeypatch.undo()
+    assert (tmp_path / "last" / "model.safetensors").read_bytes() == before
+    assert torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=False)["epoch"] == 1
+    # A crash between the two renames (old moved aside, new not yet in place): resume finds the old.
+    real_replace = os.replace
+    calls = []
+
+    def second_rename_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("killed between renames")
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", second_rename_fails)
+    with pytest.raises(OSError):
+        tr.save_last()
+    monkeypatch.undo()
+    assert not (tmp_path / "last").exists()
+    found = resolve_checkpoint(tmp_path / "last")
+    assert found.name == "last.old"
+    fresh = make_trainer(tiny_model_dir, small_dataset, tmp_path, epochs=1)
+    fresh.resume()
+    assert fresh.epoch == 1
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, small_dataset, tmp_path):
+    tr = make_trainer(tiny_model_dir, small_dataset, tmp_path, epochs=3)
+    original = tr._loss_sum
+
+    def nan_in_epoch_2(batch):
+        loss = original(batch)
+        return loss * float("nan") if tr.epoch == 1 else loss
+    tr._loss_sum = nan_in_epoch_2
+    with pytest.raises(NonFiniteLoss, match="epoch 2.*Checkpoints written so far are kept"):
+        tr.fit()
+    state = torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=False)
+    assert state["epoch"] == 1
+    reloaded = minift.BertForSequenceClassification.from_pretrained(tmp_path / "best")
+    assert all(torch.isfinite(p).all() for p in reloaded.parameters())
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_model_dir, small_dataset, tmp_path):
+    a = make_trainer(tiny_model_dir, small_dataset, tmp_path / "a", epochs=1)
+    b = make_trainer(tiny_model_dir, small_dataset, tmp_path / "b", epochs=1, grad_accum=4)
+    a.fit()
+    b.fit()
+    for k, v in a.model.state_dict().items():
+        assert (v - b.model.state_dict()[k]).abs().max() <= 1e-5, k
+
+
+def test_outputs_written(tiny_model_dir, small_dataset, tmp_path):
+    tr = make_trainer(tiny_model_dir, small_dataset, tmp_path, epochs=2)
+    m = tr.fit()
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"dev_accuracy", "test_accuracy", "test_report"} <= set(saved)
+    assert saved["test_accuracy"] == m["test_accuracy"]
+    assert (tmp_path / "training.png").stat().st_size > 5000
+    lines = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert any("dev_accuracy" in x for x in lines)
+
+
+def test_torchrun_two_processes_equal_one(tiny_model_dir, tmp_path):
+    train_csv = tmp_path / "train.csv"
+    ds = data.rotten_tomatoes()
+    with open(train_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for ex in ds.train[:64]:
+            w.writerow([ex.text, ex.label])
+    dev_csv = tmp_path / "dev.csv"
+    with open(dev_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for ex in ds.dev[:16]:
+            w.writerow([ex.text, ex.label])
+    common = ["finetune", "--model", str(tiny_model_dir), "--train", str(train_csv), "--dev", str(dev_csv),
+              "--test", str(dev_csv), "--epochs", "2", "--batch-size", "16", "--lr", "1e-3",
+              "--no-progress", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "minift.cli", *common, "--out", str(tmp_path / "one")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "minift.cli", *common, "--out", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "(2 process(es))" in two.stdout
+    from safetensors.torch import load_file
+    a, b = load_file(str(tmp_path / "one" / "last" / "model.safetensors")), \
+        load_file(str(tmp_path / "two" / "last" / "model.safetensors"))
+    assert set(a) == set(b)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    moved = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert (a["bert.pooler.dense.weight"] - moved["pooler.dense.weight"]).abs().max() > 1e-4
