@@ -130,6 +130,82 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def _load_finetuned(model_dir, impl="torch"):
+    """A model saved by `minift finetune` (or any HF BERT classifier): its head from config.json."""
+    import json
+    from pathlib import Path
+
+    import minift
+    cfg = json.loads((Path(model_dir) / "config.json").read_text()) if (Path(model_dir) / "config.json").is_file() else {}
+    arch = (cfg.get("architectures") or ["BertForSequenceClassification"])[0]
+    if arch not in ("BertForSequenceClassification", "BertForTokenClassification"):
+        raise ValueError(f"{model_dir}: expected a sequence or token classification model, got {arch}")
+    if not cfg.get("id2label"):
+        raise ValueError(f"{model_dir}: config.json has no id2label; expected a fine-tuned classifier")
+    model = getattr(minift, arch).from_pretrained(model_dir, impl=impl)
+    return model, minift.Tokenizer.from_pretrained(model_dir), arch == "BertForTokenClassification"
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    import torch
+
+    from . import data, metrics
+    from .trainer import predict_labels
+    model, tok, token_task = _load_finetuned(args.model, args.impl)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if args.test:
+        read = data.read_conll if token_task else data.read_classification_file
+        examples, name = read(args.test), args.test
+    else:
+        examples, name = getattr(data.load_task(args.task), args.split), f"{args.task} ({args.split})"
+    data.check_labels(examples, labels, str(name))
+    encode = data.encode_tokens if token_task else data.encode_classification
+    enc = encode(tok, examples, labels, args.max_length)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    pred, gold = predict_labels(model, enc, tok.pad_token_id, 128, device, token_task)
+    report = metrics.classification_report(pred, gold, labels)
+    print(f"{name}: {len(examples)} examples" + (f", {enc.num_truncated} truncated" if enc.num_truncated else ""))
+    print(metrics.format_report(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"accuracy": report["accuracy"], "report": report}, f, indent=2)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import torch
+
+    from . import data
+    from .trainer import predict_labels
+    model, tok, token_task = _load_finetuned(args.model, args.impl)
+    if args.texts:
+        texts = args.texts
+    elif args.file:
+        with open(args.file, encoding="utf-8") as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+    else:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise ValueError("no input: give texts as arguments, --file FILE, or lines on standard input")
+    names = model.config.id2label
+    if token_task:
+        examples = [data.Example(t.split(), ["?"] * len(t.split())) for t in texts]
+        enc = data.encode_tokens(tok, examples, ["?"], 512)
+    else:
+        examples = [data.Example(t, "?") for t in texts]
+        enc = data.encode_classification(tok, examples, ["?"], 512)
+    pred, _, prob = predict_labels(model, enc, tok.pad_token_id, 64, torch.device("cpu"), token_task, return_probs=True)
+    for ex, p, pr in zip(examples, pred, prob):
+        if token_task:
+            print(" ".join(f"{w}/{names[t]}" for w, t in zip(ex.text, p)))
+        else:
+            print(f"{names[p]}\t{pr:.4f}\t{ex.text}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minift", description="minift: BERT fine-tuning, every step visible.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -164,6 +240,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train-examples", type=int, default=0, help="use only the first N training examples")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_finetune)
+    p = sub.add_parser("evaluate", help="evaluate a fine-tuned model on a task's split or a test file")
+    p.add_argument("--model", required=True, help="a directory written by minift finetune (OUT/best)")
+    p.add_argument("--task", default="sentiment")
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    p.add_argument("--test", help="a CSV/JSONL (or CoNLL for token models) file instead of a task")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--impl", default="torch", choices=["torch", "reference", "fused"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.set_defaults(run=cmd_evaluate)
+    p = sub.add_parser("predict", help="label texts with a fine-tuned model (arguments, --file or stdin)")
+    p.add_argument("--model", required=True)
+    p.add_argument("texts", nargs="*", help="texts to label (token models: words separated by spaces)")
+    p.add_argument("--file", help="one text per line")
+    p.add_argument("--impl", default="torch", choices=["torch", "reference", "fused"])
+    p.set_defaults(run=cmd_predict)
     p = sub.add_parser("gradcheck", help="check every hand-derived gradient against autograd (float64)")
     p.set_defaults(run=cmd_gradcheck)
     return parser

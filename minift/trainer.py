@@ -222,26 +222,10 @@ class Trainer:
         return total.item()
 
     # --- evaluation ---------------------------------------------------------------------------
-    @torch.no_grad()
     def predict(self, encoded: D.Encoded) -> tuple[list, list]:
-        """Predicted and gold labels: per example, or per scored token (first sub-word of a word)."""
-        self.model.eval()
-        order = sorted(range(len(encoded.input_ids)), key=lambda i: len(encoded.input_ids[i]))
-        pred, gold = [], []
-        for start in range(0, len(order), self.cfg.eval_batch_size):
-            idx = order[start:start + self.cfg.eval_batch_size]
-            batch = {n: t.to(self.device) for n, t in D.collate(encoded, idx, self.tokenizer.pad_token_id).items()}
-            with self._autocast():
-                logits = self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits
-            p = logits.argmax(-1).cpu()
-            if self.token_task:
-                keep = batch["labels"].cpu() != -100
-                pred += p[keep].tolist()
-                gold += batch["labels"].cpu()[keep].tolist()
-            else:
-                pred += p.tolist()
-                gold += batch["labels"].cpu().tolist()
-        return pred, gold
+        with self._autocast():
+            return predict_labels(self.model, encoded, self.tokenizer.pad_token_id, self.cfg.eval_batch_size,
+                                  self.device, self.token_task)
 
     def evaluate(self, encoded: D.Encoded) -> dict:
         pred, gold = self.predict(encoded)
@@ -364,6 +348,33 @@ class Trainer:
             (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
             plot_history(self.history, self.out / "training.png")
         return metrics
+
+
+@torch.no_grad()
+def predict_labels(model, encoded: D.Encoded, pad_id: int, batch_size: int, device, token_task: bool,
+                   return_probs: bool = False):
+    """Predicted and gold labels, per example or per scored token (first sub-word of each word),
+    in the order of ``encoded``; with ``return_probs`` also the softmax probability of each prediction."""
+    model.eval()
+    n = len(encoded.input_ids)
+    order = sorted(range(n), key=lambda i: len(encoded.input_ids[i]))   # similar lengths batch together
+    pred, gold, prob = [None] * n, [None] * n, [None] * n
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        batch = {k: t.to(device) for k, t in D.collate(encoded, idx, pad_id).items()}
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits.float()
+        probs = torch.softmax(logits, -1)
+        best, p = probs.argmax(-1).cpu(), probs.max(-1).values.cpu()
+        labels = batch["labels"].cpu()
+        for r, i in enumerate(idx):
+            if token_task:
+                keep = labels[r] != -100
+                pred[i], gold[i], prob[i] = best[r][keep].tolist(), labels[r][keep].tolist(), p[r][keep].tolist()
+            else:
+                pred[i], gold[i], prob[i] = best[r].item(), labels[r].item(), p[r].item()
+    if token_task and not return_probs:
+        pred, gold = [x for s in pred for x in s], [x for s in gold for x in s]
+    return (pred, gold, prob) if return_probs else (pred, gold)
 
 
 class _nullcontext:

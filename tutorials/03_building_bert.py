@@ -1,0 +1,112 @@
+# %% [markdown]
+# # Tutorial 3: building BERT, from embeddings to pooler
+#
+# `minift/model.py` is the whole encoder in one file. Here we run it one block at a time on a real
+# sentence, with the real all-MiniLM-L6-v2 weights, and write each block again in a few lines of
+# plain PyTorch to see that nothing is hidden. At the end, the whole model is checked against
+# Hugging Face transformers.
+
+# %%
+import math
+
+import torch
+import torch.nn.functional as F
+
+import minift
+
+model = minift.BertModel.from_pretrained("minilm").eval()
+tok = minift.Tokenizer.from_pretrained("minilm")
+cfg = model.config
+print(f"layers {cfg.num_hidden_layers}, hidden H={cfg.hidden_size}, heads {cfg.num_attention_heads} "
+      f"(D={cfg.head_dim}), feed-forward {cfg.intermediate_size}, vocabulary {cfg.vocab_size}")
+batch = tok(["A quiet, devastating triumph."], pairs=["Did the critic like it?"])
+ids, types, mask = batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
+B, T = ids.shape
+
+# %% [markdown]
+# ## 1. Embeddings
+# x_t = LayerNorm(word[id_t] + position[t] + segment[type_t]). Segment 0 is sentence A, 1 is B.
+
+# %%
+E = model.embeddings
+x = E.word_embeddings.weight[ids] + E.position_embeddings.weight[:T] + E.token_type_embeddings.weight[types]
+x = F.layer_norm(x, (cfg.hidden_size,), E.LayerNorm.weight, E.LayerNorm.bias, cfg.layer_norm_eps)
+with torch.no_grad():
+    assert torch.allclose(x, E(ids, types), atol=1e-6)
+print("embeddings:", tuple(x.shape))
+
+# %% [markdown]
+# ## 2. One encoder layer
+# Multi-head self-attention, then a residual connection and LayerNorm (post-LN, as in the original
+# BERT), then a feed-forward network GELU(x W1) W2 with its own residual and LayerNorm.
+
+# %%
+def layer_by_hand(layer, x, keep):
+    a = layer.attention.self
+    nh, D = cfg.num_attention_heads, cfg.head_dim
+    split = lambda t: t.view(B, T, nh, D).transpose(1, 2)                # (B, nh, T, D)
+    q, k, v = split(a.query(x)), split(a.key(x)), split(a.value(x))
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(D)
+    s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+    y = (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(B, T, nh * D)  # heads concatenated
+    o = layer.attention.output
+    x = F.layer_norm(x + o.dense(y), (cfg.hidden_size,), o.LayerNorm.weight, o.LayerNorm.bias, cfg.layer_norm_eps)
+    h = F.gelu(layer.intermediate.dense(x))                               # exact erf GELU
+    o = layer.output
+    return F.layer_norm(x + o.dense(h), (cfg.hidden_size,), o.LayerNorm.weight, o.LayerNorm.bias, cfg.layer_norm_eps)
+
+
+keep = mask.bool()
+with torch.no_grad():
+    h = x
+    for layer in model.encoder.layer:
+        mine = layer_by_hand(layer, h, keep)
+        h = layer(h, keep)
+        assert torch.allclose(mine, h, atol=1e-5)
+print(f"{cfg.num_hidden_layers} layers by hand = minift's layers")
+
+# %% [markdown]
+# ## 3. The pooler
+# Classification heads read one vector per sentence: tanh(dense(h_[CLS])).
+
+# %%
+with torch.no_grad():
+    pooled = torch.tanh(model.pooler.dense(h[:, 0]))
+    out = model(ids, mask, types)
+assert torch.allclose(pooled, out.pooler_output, atol=1e-6)
+assert torch.allclose(h, out.last_hidden_state, atol=1e-6)
+print("pooler_output:", tuple(out.pooler_output.shape))
+
+# %% [markdown]
+# ## 4. The same numbers as Hugging Face transformers
+# The checkpoint's keys (`encoder.layer.0.attention.self.query.weight`, ...) are our attribute
+# names, so loading is a dictionary copy with strict checks. The check: transformers' BertModel on
+# the same directory gives the same hidden states to float32 rounding.
+
+# %%
+try:
+    import transformers
+except ImportError:
+    transformers = None
+    print("transformers is not installed (bash scripts/setup.sh --test installs it); skipping the comparison")
+if transformers is not None:
+    from minift.pretrained import resolve
+    hf = transformers.BertModel.from_pretrained(str(resolve("minilm"))).eval()
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    err_h = (theirs.last_hidden_state - out.last_hidden_state).abs().max().item()
+    err_p = (theirs.pooler_output - out.pooler_output).abs().max().item()
+    print(f"max difference to transformers: hidden states {err_h:.1e}, pooler {err_p:.1e}")
+    assert err_h < 1e-5 and err_p < 1e-5
+
+# %% [markdown]
+# ## 5. Counting parameters
+# Where do MiniLM's 22.7 million parameters live? Mostly in the word embeddings.
+
+# %%
+emb = sum(p.numel() for p in model.embeddings.parameters())
+enc = sum(p.numel() for p in model.encoder.parameters())
+total = sum(p.numel() for p in model.parameters())
+per_layer = 4 * (384 * 384 + 384) + 2 * 384 * 1536 + 1536 + 384 + 2 * 2 * 384
+assert enc == cfg.num_hidden_layers * per_layer
+print(f"embeddings {emb:,} ({100 * emb / total:.0f}%), encoder {enc:,}, total {total:,}")
