@@ -32,7 +32,7 @@ setup(
     version="0.1.0",
     description="A from-scratch, educational BERT encoder and fine-tuning library",
     packages=find_packages(include=["minift", "minift.*"]),
-    package_data={"minift": ["../csrc/*.cpp", "../csrc/*.h", "../csrc/cuda/*"]},
+    package_data={"minift.assignments": ["*/*.py", "*/*.cpp"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tokenizers>=0.15", "safetensors", "tqdm", "matplotlib"],
     extras_require={"test": ["pytest", "transformers"], "build": ["ninja", "pybind11"]},

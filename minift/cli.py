@@ -206,6 +206,33 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_assignment(args) -> int:
+    import json
+
+    from . import assignments as A
+    if args.action == "list":
+        for p in A.PARTS.values():
+            print(f"{p.name:24s} {p.points:3d} points  {p.description}")
+        return 0
+    if args.action == "export":
+        folders = A.export(args.dir, args.part, solution=args.solution)
+        kind = "instructor copy (with solutions)" if args.solution else "student copy"
+        print(f"wrote the {kind} of {len(folders)} part(s) to {args.dir}:")
+        for f in folders:
+            print(f"  {f}")
+        print(f"grade it with: minift assignment grade {args.dir}")
+        return 0
+    result = A.grade(args.dir, args.part)
+    print(f"{'part':24s} {'tests':>7s} {'points':>12s}")
+    for p in result["parts"]:
+        print(f"{p['part']:24s} {p['passed']:>3d}/{p['total']:<3d} {p['points']:>6.2f} / {p['max_points']:<3d}")
+    print(f"{'total':24s} {'':7s} {result['total']:>6.2f} / {result['max_total']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minift", description="minift: BERT fine-tuning, every step visible.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -220,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-task", action="store_true", help="the files are CoNLL token tagging data")
     p.add_argument("--model", default="minilm", help="a Hugging Face-format directory or 'minilm'")
     p.add_argument("--out", default="runs/finetune", help="output directory")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--grad-accum", type=int, default=1)
@@ -256,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="one text per line")
     p.add_argument("--impl", default="torch", choices=["torch", "reference", "fused"])
     p.set_defaults(run=cmd_predict)
+    p = sub.add_parser("assignment", help="course assignments: list, export a student copy, grade it")
+    p.add_argument("action", choices=["list", "export", "grade"])
+    p.add_argument("dir", nargs="?", default="assignment", help="the assignment folder")
+    p.add_argument("--part", action="append", help="a part name (repeatable; default: all parts)")
+    p.add_argument("--solution", action="store_true", help="export the instructor copy, solutions included")
+    p.add_argument("--json", help="grade: also write the scores to this JSON file")
+    p.set_defaults(run=cmd_assignment)
     p = sub.add_parser("gradcheck", help="check every hand-derived gradient against autograd (float64)")
     p.set_defaults(run=cmd_gradcheck)
     return parser

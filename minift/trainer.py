@@ -143,6 +143,7 @@ class Trainer:
             int(config.warmup_ratio * total), total))
         self.epoch = 0                      # epochs completed
         self.best_metric = -math.inf
+        self.best_dev = None                # dev results of the best epoch
         self.bad_epochs = 0
         self.history = History()
         self.autocast_dtype = self._autocast_dtype()
@@ -254,7 +255,7 @@ class Trainer:
     def save_last(self):
         state = {"epoch": self.epoch, "optimizer": self.optimizer.state_dict(),
                  "schedule": self.schedule.state_dict(), "best_metric": self.best_metric,
-                 "bad_epochs": self.bad_epochs, "history": asdict(self.history),
+                 "bad_epochs": self.bad_epochs, "history": asdict(self.history), "best_dev": self.best_dev,
                  "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                  "config": asdict(self.cfg)}
@@ -274,6 +275,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.epoch, self.best_metric, self.bad_epochs = state["epoch"], state["best_metric"], state["bad_epochs"]
+        self.best_dev = state.get("best_dev")
         self.history = History(**state["history"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
@@ -319,6 +321,7 @@ class Trainer:
                     log_file.flush()
                 if improved:
                     self.best_metric, self.bad_epochs = dev["accuracy"], 0
+                    self.best_dev = dev
                     if is_main():
                         self.save_best()
                 else:
@@ -337,7 +340,8 @@ class Trainer:
         """Test the best checkpoint; write metrics.json and the plot."""
         if (self.out / "best" / "model.safetensors").is_file():
             self.load_best()
-        dev, test = self.evaluate(self.dev_set), self.evaluate(self.test_set)
+        dev = self.best_dev or self.evaluate(self.dev_set)   # known unless resumed after the best epoch
+        test = self.evaluate(self.test_set)
         metrics = {"task": self.dataset.name, "dev_accuracy": dev["accuracy"], "test_accuracy": test["accuracy"],
                    "dev_macro_f1": dev["macro_f1"], "test_macro_f1": test["macro_f1"],
                    "test_report": test["report"], "epochs_run": self.epoch, "train_seconds": seconds,

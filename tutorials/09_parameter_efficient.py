@@ -1,0 +1,98 @@
+# %% [markdown]
+# # Tutorial 9: parameter-efficient fine-tuning: linear probe, top layers, LoRA
+#
+# Full fine-tuning updates all 22.7 million MiniLM weights. Three cheaper schemes:
+#
+# - **linear probe**: freeze the encoder, train only the classifier (769 weights here);
+# - **top layers**: train the last K encoder layers and the head;
+# - **LoRA** (Hu et al., 2021): freeze every weight matrix W and learn a low-rank update,
+#   W x + (alpha / r) B A x with A (r x in), B (out x r), r small. B starts at zero, so training
+#   starts from exactly the pretrained model, and B A can be folded into W afterwards.
+#
+# We check LoRA's two promises, then train the three schemes on the same small sentiment set.
+# By default 1,000 snippets, one epoch each (under three minutes on two CPU cores).
+
+# %%
+import os
+import tempfile
+
+import torch
+
+import minift
+from minift import data, peft
+from minift.trainer import TrainConfig, Trainer
+
+FAST = os.environ.get("MINIFT_TUTORIAL_FAST") == "1"
+N_TRAIN, N_EVAL = (400, 200) if FAST else (1000, 500)
+full = data.rotten_tomatoes()
+ds = data.Dataset("rt", "classification", full.train[:N_TRAIN], full.dev[:N_EVAL], full.test[:N_EVAL], full.labels)
+tok = minift.Tokenizer.from_pretrained("minilm")
+batch = tok(["An odd, touching film.", "Nothing works."])
+
+
+def fresh_model():
+    torch.manual_seed(0)
+    return minift.BertForSequenceClassification.from_pretrained("minilm", id2label=dict(enumerate(ds.labels)))
+
+
+# %% [markdown]
+# ## LoRA starts from the pretrained function exactly
+
+# %%
+base, lora = fresh_model().eval(), fresh_model().eval()
+print(peft.apply(lora, lora_rank=8))
+with torch.no_grad():
+    a = base(batch["input_ids"], batch["attention_mask"]).logits
+    b = lora(batch["input_ids"], batch["attention_mask"]).logits
+assert torch.equal(a, b), "B = 0 at the start: the adapter adds exactly nothing"
+trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+assert all("lora_" in n or n.startswith("classifier") for n in trainable)
+print(f"trainable tensors: {len(trainable)} (LoRA A and B of 6 layers x query/value, and the classifier)")
+
+# %% [markdown]
+# ## ... and folds into a plain BERT afterwards
+# Give B some values, then compare the adapter model with a plain model whose W is W + s B A.
+
+# %%
+with torch.no_grad():
+    for m in lora.modules():
+        if getattr(m, "lora_B", None) is not None:
+            m.lora_B.normal_(std=0.02)
+merged = fresh_model().eval()
+merged.load_state_dict(peft.merged_state_dict(lora))
+with torch.no_grad():
+    c = lora(batch["input_ids"], batch["attention_mask"]).logits
+    d = merged(batch["input_ids"], batch["attention_mask"]).logits
+print(f"adapter model vs merged plain model: {(c - d).abs().max():.1e}")
+assert (c - d).abs().max() < 1e-5 and not torch.equal(a, c)
+
+# %% [markdown]
+# ## Train the three schemes (and full fine-tuning) on the same data
+
+# %%
+results = {}
+for name, kw, lr in [("linear probe", dict(freeze="encoder"), 5e-3), ("top 2 layers", dict(train_top_layers=2), 3e-4),
+                     ("LoRA r=8", dict(lora_rank=8), 1e-3), ("full", {}, 2e-4)]:
+    model = fresh_model()
+    summary = peft.apply(model, **kw)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    out = tempfile.mkdtemp(prefix="minift-tutorial9-")
+    cfg = TrainConfig(lr=lr, epochs=2 if FAST else 1, batch_size=16, progress=False)
+    res = Trainer(model, tok, ds, cfg, out).fit()
+    unchanged = all(torch.equal(p, frozen_before[n]) for n, p in model.named_parameters() if n in frozen_before)
+    assert unchanged, f"{name}: a frozen weight moved"
+    results[name] = (summary.split(": ")[1], res["dev_accuracy"], res["train_seconds"])
+
+majority = max(sum(e.label == lab for e in ds.dev) for lab in ds.labels) / len(ds.dev)
+print(f"\n{'scheme':14s} {'trainable':38s} {'dev acc':>7s} {'seconds':>7s}   (majority class {majority:.3f})")
+for name, (summary, acc, sec) in results.items():
+    print(f"{name:14s} {summary:38s} {acc:7.3f} {sec:7.0f}")
+assert results["full"][1] > majority + 0.05
+assert results["LoRA r=8"][1] > majority, "LoRA learns the task"
+
+# %% [markdown]
+# ## Discussion
+# The frozen schemes are cheaper per step (no gradients for most weights) and store a tiny
+# checkpoint per task. On a few hundred examples, full fine-tuning and LoRA learn the task; the
+# linear probe is limited by what the pooled vector of a frozen MiniLM already separates.
+# `minift finetune --freeze encoder | --train-top-layers K | --lora R` runs each on a full task.
