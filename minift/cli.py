@@ -233,6 +233,22 @@ def cmd_assignment(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from . import bench
+    rows, header = bench.run(quick=args.quick)
+    table = bench.format_rows(rows)
+    print(header)
+    print(table)
+    if args.results:
+        path = Path(args.results)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"\n### `minift bench{' --quick' if args.quick else ''}`: {header}\n\n{table}\n")
+        print(f"appended to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minift", description="minift: BERT fine-tuning, every step visible.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -290,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solution", action="store_true", help="export the instructor copy, solutions included")
     p.add_argument("--json", help="grade: also write the scores to this JSON file")
     p.set_defaults(run=cmd_assignment)
+    p = sub.add_parser("bench", help="time minift's kernels and training step against PyTorch / transformers")
+    p.add_argument("--quick", action="store_true", help="small sizes only (a smoke run)")
+    p.add_argument("--results", help="append the table to this markdown file (e.g. benchmarks/RESULTS.md)")
+    p.set_defaults(run=cmd_bench)
     p = sub.add_parser("gradcheck", help="check every hand-derived gradient against autograd (float64)")
     p.set_defaults(run=cmd_gradcheck)
     return parser

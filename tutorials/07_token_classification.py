@@ -24,7 +24,7 @@ from minift.ewt import ud_english_ewt
 from minift.trainer import TrainConfig, Trainer
 
 FAST = os.environ.get("MINIFT_TUTORIAL_FAST") == "1"
-N_TRAIN, N_EVAL = (500, 200) if FAST else (2000, 1000)
+N_TRAIN, N_EVAL = (800, 100) if FAST else (2000, 1000)
 
 full = ud_english_ewt()
 print("UD English-EWT:", full.sizes(), "tags:", " ".join(full.labels))
@@ -67,7 +67,7 @@ print(f"most-frequent-tag baseline: {baseline:.3f} word accuracy on {len(gold)} 
 torch.manual_seed(0)
 model = minift.BertForTokenClassification.from_pretrained("minilm", id2label=dict(enumerate(ds.labels)))
 out_dir = tempfile.mkdtemp(prefix="minift-tutorial7-")
-trainer = Trainer(model, tokenizer, ds, TrainConfig(lr=2e-4, epochs=1, batch_size=32, progress=False), out_dir)
+trainer = Trainer(model, tokenizer, ds, TrainConfig(lr=3e-4, epochs=1, batch_size=16, progress=False), out_dir)
 result = trainer.fit()
 print(f"word accuracy: dev {result['dev_accuracy']:.3f}, test {result['test_accuracy']:.3f}")
 assert result["test_accuracy"] > baseline, "the fine-tuned tagger beats the lookup table"

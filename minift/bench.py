@@ -1,0 +1,193 @@
+"""Side-by-side timings: minift's kernels and training step against PyTorch's and transformers'.
+
+Everything in one process, on the same random inputs, with warm-up and the median of many repeats;
+CUDA events on the GPU, perf_counter on the CPU. ``minift bench`` runs it and appends the table,
+with the device, versions and date, to benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .backends import naive_attention
+
+
+@dataclass
+class Row:
+    case: str
+    impl: str
+    ms: float
+    extra: str = ""
+
+
+def timeit(fn, device, warmup=3, repeats=20) -> float:
+    """Median milliseconds of fn()."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+    else:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mb(fn, device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def bench_attention(device, shapes, dtypes, repeats) -> list[Row]:
+    rows = []
+    for (B, T, H, D) in shapes:
+        for dtype in dtypes:
+            for masked in (False, True):
+                g = torch.Generator(device="cpu").manual_seed(0)
+                q, k, v = (torch.randn(B, H, T, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+                dO = torch.randn(B, H, T, D, generator=g).to(device, dtype)
+                mask = None
+                if masked:
+                    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
+                    mask = (torch.arange(T)[None] < lengths[:, None]).to(device)
+                sdpa_mask = None if mask is None else mask[:, None, None, :]
+                impls = {
+                    "naive": lambda: torch.autograd.backward(naive_attention(q, k, v, mask), dO),
+                    "sdpa": lambda: torch.autograd.backward(
+                        F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask), dO),
+                    "minift": lambda: torch.autograd.backward(ops.fused_attention(q, k, v, mask), dO),
+                }
+                flops = 3.5 * 4 * B * H * T * T * D
+                name = f"attention B={B} T={T} H={H} D={D} {str(dtype).replace('torch.', '')}{' mask' if masked else ''}"
+                for impl, fn in impls.items():
+                    ms = timeit(fn, device, repeats=repeats)
+                    mem = peak_mb(fn, device)
+                    rows.append(Row(name, impl, ms, f"{flops / ms / 1e9:.1f} TFLOP/s" +
+                                    ("" if mem != mem else f", peak {mem:.0f} MiB")))
+    return rows
+
+
+def bench_xent(device, sizes, dtypes, repeats) -> list[Row]:
+    rows = []
+    for N, V in sizes:
+        for dtype in dtypes:
+            g = torch.Generator().manual_seed(0)
+            z = torch.randn(N, V, generator=g).to(device, dtype).requires_grad_()
+            t = torch.randint(0, V, (N,), generator=g).to(device)
+            nbytes = 2 * z.numel() * z.element_size()               # logits read once + gradient written once
+            name = f"xent N={N} V={V} {str(dtype).replace('torch.', '')}"
+            for impl, fn in {"F.cross_entropy": lambda: F.cross_entropy(z, t).backward(),
+                             "minift": lambda: ops.softmax_cross_entropy(z, t).backward()}.items():
+                ms = timeit(fn, device, repeats=repeats)
+                rows.append(Row(name, impl, ms, f"{nbytes / ms / 1e6:.0f} GB/s"))
+            if device.type == "cuda":
+                buf = torch.empty_like(z)
+                ms = timeit(lambda: buf.copy_(z), device, repeats=repeats)
+                rows.append(Row(name, "device copy", ms, f"{nbytes / ms / 1e6:.0f} GB/s"))
+    return rows
+
+
+def bench_model(device, shapes, precisions, repeats) -> list[Row]:
+    """One training step (forward, backward, AdamW) of BertForSequenceClassification."""
+    rows = []
+    try:
+        import transformers
+    except ImportError:
+        return [Row("model step", "transformers", float("nan"), "transformers not installed")]
+    import minift
+    from . import optim
+    for name, cfg_kw in shapes:
+        for precision in precisions:
+            B, T = 32, 128
+            hf_cfg = transformers.BertConfig(**cfg_kw, num_labels=2, hidden_dropout_prob=0.0,
+                                             attention_probs_dropout_prob=0.0)
+            torch.manual_seed(0)
+            hf = transformers.BertForSequenceClassification(hf_cfg, attn_implementation="sdpa").to(device)
+            ours = minift.BertForSequenceClassification(minift.BertConfig(
+                **cfg_kw, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).to(device)
+            missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)
+            assert not missing, f"transformers' weights do not cover minift's model: {missing}"
+            g = torch.Generator().manual_seed(0)
+            ids = torch.randint(1000, 20000, (B, T), generator=g).to(device)
+            lengths = torch.randint(T // 3, T + 1, (B,), generator=g)
+            mask = (torch.arange(T)[None] < lengths[:, None]).long().to(device)
+            labels = torch.randint(0, 2, (B,), generator=g).to(device)
+            amp = precision == "bf16"
+            for impl, model in [("transformers", hf), ("minift torch", ours), ("minift fused", ours)]:
+                if model is ours:
+                    ours.set_impl(impl.split()[1])
+                    opt = optim.AdamW(ours.parameters(), lr=1e-5)
+                else:
+                    opt = torch.optim.AdamW(hf.parameters(), lr=1e-5)
+
+                def step(model=model, opt=opt):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                ms = timeit(step, device, warmup=2, repeats=repeats)
+                rows.append(Row(f"train step {name} B={B} T={T} {precision}", impl, ms))
+    return rows
+
+
+SHAPES = {
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+}
+
+
+def run(quick: bool = False) -> tuple[list[Row], str]:
+    cuda = torch.cuda.is_available() and ops.extension_status()["cuda"]
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        attn_shapes = [(32, 128, 12, 64), (8, 512, 12, 64), (2, 2048, 12, 64), (32, 128, 12, 32)]
+        dtypes, repeats = [torch.float32, torch.float16, torch.bfloat16], 30
+        xent_sizes, xent_dtypes = [(4096, 30522), (16384, 30522), (4096, 2), (16384, 2)], [torch.float32, torch.bfloat16]
+        model_shapes, precisions = [("bert-base", SHAPES["bert-base"]), ("minilm", SHAPES["minilm"])], ["fp32", "bf16"]
+    else:
+        attn_shapes = [(8, 128, 12, 32)] if quick else [(8, 128, 12, 32), (2, 512, 12, 64)]
+        dtypes, repeats = [torch.float32], 3 if quick else 7
+        xent_sizes, xent_dtypes = ([(256, 30522)] if quick else [(512, 30522), (4096, 2)]), [torch.float32]
+        model_shapes, precisions = [("minilm", SHAPES["minilm"])], ["fp32"]
+    rows = bench_attention(device, attn_shapes, dtypes, repeats)
+    rows += bench_xent(device, xent_sizes, xent_dtypes, repeats)
+    if not quick:
+        rows += bench_model(device, model_shapes, precisions, 5 if device.type == "cpu" else repeats)
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "CPU"
+    header = (f"{datetime.date.today().isoformat()}, device {device.type} ({gpu}), torch {torch.__version__}, "
+              f"CUDA {torch.version.cuda}, {torch.get_num_threads()} CPU threads")
+    return rows, header
+
+
+def format_rows(rows: list[Row]) -> str:
+    """A markdown table; each case's times also as a ratio to its first implementation."""
+    lines = ["| case | impl | ms | vs first | notes |", "|---|---|---|---|---|"]
+    first: dict[str, float] = {}
+    for r in rows:
+        first.setdefault(r.case, r.ms)
+        ratio = first[r.case] / r.ms if r.ms == r.ms and r.ms > 0 else float("nan")
+        lines.append(f"| {r.case} | {r.impl} | {r.ms:.3f} | {ratio:.2f}x | {r.extra} |")
+    return "\n".join(lines)
