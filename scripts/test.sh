@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
-exec "${PYTHON:-python3}" -m pytest -q "$@" tests
+# Two test processes, one thread each: two cores, no oversubscription.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec "${PYTHON:-python3}" -m pytest -q -n 2 "$@" tests
