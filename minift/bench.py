@@ -122,9 +122,9 @@ def bench_model(device, shapes, precisions, repeats) -> list[Row]:
         for precision in precisions:
             B, T = 32, 128
             hf_cfg = transformers.BertConfig(**cfg_kw, num_labels=2, hidden_dropout_prob=0.0,
-                                             attention_probs_dropout_prob=0.0)
+                                             attention_probs_dropout_prob=0.0, attn_implementation="sdpa")
             torch.manual_seed(0)
-            hf = transformers.BertForSequenceClassification(hf_cfg, attn_implementation="sdpa").to(device)
+            hf = transformers.BertForSequenceClassification(hf_cfg).to(device)
             ours = minift.BertForSequenceClassification(minift.BertConfig(
                 **cfg_kw, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).to(device)
             missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)
