@@ -13,8 +13,6 @@ not weaken it. The classes below subclass ``torch.optim.Optimizer`` only for its
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 

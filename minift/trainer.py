@@ -19,6 +19,7 @@ runs reproducible and safe:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -198,7 +199,7 @@ class Trainer:
                 continue
             batch = {n: t.to(self.device) for n, t in D.collate(self.train_set, part, self.tokenizer.pad_token_id).items()}
             sync_now = k == len(micro) - 1 or self.ddp is None
-            ctx = self.ddp.no_sync() if (self.ddp is not None and not sync_now) else _nullcontext()
+            ctx = self.ddp.no_sync() if (self.ddp is not None and not sync_now) else contextlib.nullcontext()
             with ctx:
                 loss = self._loss_sum(batch) / scored * self.world      # DDP averages over ranks
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -379,14 +380,6 @@ def predict_labels(model, encoded: D.Encoded, pad_id: int, batch_size: int, devi
     if token_task and not return_probs:
         pred, gold = [x for s in pred for x in s], [x for s in gold for x in s]
     return (pred, gold, prob) if return_probs else (pred, gold)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _progress(items, desc, enabled):

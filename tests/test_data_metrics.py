@@ -1,5 +1,4 @@
 """Readers of user data (errors name file, line and problem), the split, and the metrics."""
-import json
 import random
 
 import pytest

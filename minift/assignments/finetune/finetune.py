@@ -4,8 +4,6 @@ The grader fine-tunes MiniLM on 640 Rotten Tomatoes snippets with your loop and 
 accuracy on 300 held-out snippets: at least 0.70 earns the points (the untrained model is at
 chance, about 0.5-0.57).
 """
-import torch
-
 from minift import optim
 
 
