@@ -80,6 +80,13 @@ def extension_available() -> bool:
     return extension_status()["mode"] is not None
 
 
+def _require_extension(what: str) -> None:
+    """The raw ops have no fallback: say why they cannot run."""
+    status = extension_status()
+    if status["mode"] is None:
+        raise RuntimeError(f"{what} needs the compiled kernels, which are not available: {status['reason']}")
+
+
 # ------------------------------------------------------------------------------------------
 # Fake implementations and autograd
 # ------------------------------------------------------------------------------------------
@@ -171,7 +178,7 @@ def fused_attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, scal
 
 def attention_with_lse(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, seed=0, offset=0):
     """The raw forward op: (O, row log-sum-exp), with an explicit Philox seed and offset."""
-    extension_status()
+    _require_extension("attention_with_lse")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
     return torch.ops.minift.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), mask,
@@ -180,7 +187,7 @@ def attention_with_lse(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None
 
 def dropout_mask(B, H, Tq, Tk, p, seed, offset=0, device="cpu"):
     """The keep-mask (B, H, Tq, Tk) that attention dropout uses for (seed, offset)."""
-    extension_status()
+    _require_extension("dropout_mask")
     like = torch.empty(0, device=device)
     return torch.ops.minift.dropout_mask(like, B, H, Tq, Tk, float(p), int(seed), int(offset))
 

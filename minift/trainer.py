@@ -171,7 +171,7 @@ class Trainer:
 
     # --- one optimizer step -------------------------------------------------------------------
     def _loss_sum(self, batch):
-        """sum over the micro-batch of the per-example (or per-token) loss, and the logits."""
+        """The sum over the micro-batch of the per-example (or per-scored-token) loss."""
         model = self.ddp or self.model
         with self._autocast():
             out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
