@@ -1,10 +1,12 @@
 """Builds minift and its compiled extension minift._C.
 
 CPU kernels (csrc/*.cpp) are always compiled; CUDA kernels (csrc/cuda/*.cu) are added when the
-installed torch has CUDA and nvcc is found. DEBUG=1 builds with -O0 -g; MINIFT_NO_CUDA=1 skips CUDA.
+installed torch has CUDA and nvcc is found. DEBUG=1 builds with -O0 -g; MINIFT_NO_CUDA=1 skips CUDA;
+MINIFT_PORTABLE=1 leaves out the AVX2 flags (minift/_build.py).
 Install with:  pip install --no-build-isolation -e .
 """
 import glob
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
@@ -18,6 +20,10 @@ use_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
 sources = sorted(glob.glob("csrc/*.cpp"))
 cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
 cxx_flags += ["-fopenmp"] if os.name != "nt" else []
+_spec = importlib.util.spec_from_file_location("minift_build", os.path.join("minift", "_build.py"))
+_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_build)
+cxx_flags += _build.cpu_flags()                 # AVX2 for the CPU kernels when this CPU has it
 extra = {"cxx": cxx_flags}
 ext_class = CppExtension
 define_macros = []

@@ -39,18 +39,35 @@ MINIFT_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t 
   return r;
 }
 
+// The four 32-bit words of block `block` of the stream (seed, offset): counter (block, offset), key seed.
+MINIFT_HD Philox4 philox_block(uint64_t seed, uint64_t offset, uint64_t block) {
+  return philox4x32_10((uint32_t)block, (uint32_t)(block >> 32), (uint32_t)offset, (uint32_t)(offset >> 32),
+                       (uint32_t)seed, (uint32_t)(seed >> 32));
+}
+
 // 32 random bits for element n of the stream (seed, offset): element n is lane n % 4 of the block
 // counter (n / 4, offset). keep(n) <=> bits >= threshold, threshold = p * 2^32.
 MINIFT_HD uint32_t philox_bits(uint64_t seed, uint64_t offset, uint64_t n) {
-  uint64_t block = n >> 2;
-  Philox4 r = philox4x32_10((uint32_t)block, (uint32_t)(block >> 32), (uint32_t)offset,
-                            (uint32_t)(offset >> 32), (uint32_t)seed, (uint32_t)(seed >> 32));
-  return r.x[n & 3];
+  return philox_block(seed, offset, n >> 2).x[n & 3];
 }
 
 MINIFT_HD uint32_t dropout_threshold(float p) {
   double t = (double)p * 4294967296.0;
   return t >= 4294967295.0 ? 0xFFFFFFFFu : (uint32_t)t;
+}
+
+// mult[j] = keep(n0 + j) ? keep_scale : 0 for j < count: the dropout multipliers of a run of
+// elements, one Philox call per four of them (the bits are the same as philox_bits gives).
+template <typename T>
+inline void dropout_multipliers(T* mult, uint64_t seed, uint64_t offset, uint64_t n0, int64_t count,
+                                uint32_t threshold, T keep_scale) {
+  int64_t j = 0;
+  while (j < count) {
+    const uint64_t n = n0 + (uint64_t)j;
+    const Philox4 r = philox_block(seed, offset, n >> 2);
+    for (unsigned lane = (unsigned)(n & 3); lane < 4 && j < count; ++lane, ++j)
+      mult[j] = r.x[lane] >= threshold ? keep_scale : T(0);
+  }
 }
 
 }  // namespace minift

@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-task", action="store_true", help="the files are CoNLL token tagging data")
     p.add_argument("--model", default="minilm", help="a Hugging Face-format directory or 'minilm'")
     p.add_argument("--out", default="runs/finetune", help="output directory")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=float, default=1,
+                   help="passes over the training data; a fraction trains part of the last one (1.5)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--grad-accum", type=int, default=1)

@@ -32,9 +32,11 @@ def _source_dir() -> Path:
 
 def _jit_build() -> None:
     from torch.utils.cpp_extension import CUDA_HOME, load
+
+    from ._build import cpu_flags
     src = _source_dir()
     sources = sorted(glob.glob(str(src / "*.cpp")))
-    flags, cuda_flags = ["-O3", "-fopenmp"], []
+    flags, cuda_flags = ["-O3", "-fopenmp", *cpu_flags()], []
     if torch.cuda.is_available() and CUDA_HOME is not None:
         sources += sorted(glob.glob(str(src / "cuda" / "*.cu"))) + sorted(glob.glob(str(src / "cuda" / "*.cpp")))
         flags.append("-DMINIFT_WITH_CUDA")

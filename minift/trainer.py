@@ -40,7 +40,7 @@ from .backends import get_ops
 @dataclass
 class TrainConfig:
     lr: float = 1e-4                     # peak learning rate eta
-    epochs: int = 3
+    epochs: float = 3                    # 1.5: one epoch, then the first half of the next
     batch_size: int = 32                 # global batch (all ranks, all accumulation steps)
     grad_accum: int = 1                  # micro-batches per optimizer step
     max_length: int = 128                # longer inputs are truncated (and counted)
@@ -139,7 +139,10 @@ class Trainer:
         lengths = [len(x) for x in self.train_set.input_ids]
         self.lengths = lengths
         self.steps_per_epoch = math.ceil(len(lengths) / config.batch_size)
-        total = self.steps_per_epoch * config.epochs
+        if not (config.epochs > 0 and math.isfinite(config.epochs)):
+            raise ValueError(f"epochs: expected a positive number, got {config.epochs}")
+        total = self.total_steps = max(1, round(self.steps_per_epoch * config.epochs))
+        self.num_epochs = math.ceil(total / self.steps_per_epoch)      # the last one may be partial
         self.schedule = optim.LRSchedule(self.optimizer, optim.linear_warmup_decay(
             int(config.warmup_ratio * total), total))
         self.epoch = 0                      # epochs completed
@@ -291,10 +294,11 @@ class Trainer:
         log_file = open(self.out / "train_log.jsonl", "a", encoding="utf-8") if is_main() else None
         t_start = time.time()
         try:
-            while self.epoch < cfg.epochs:
+            while self.epoch < self.num_epochs:
                 e = self.epoch
                 batches = length_batches(self.lengths, cfg.batch_size, cfg.seed, e)
-                bar = _progress(batches, f"epoch {e + 1}/{cfg.epochs}", cfg.progress and is_main())
+                batches = batches[:self.total_steps - e * self.steps_per_epoch]   # a partial last epoch
+                bar = _progress(batches, f"epoch {e + 1}/{self.num_epochs}", cfg.progress and is_main())
                 t0, n_seen, losses = time.time(), 0, []
                 for indices in bar:
                     loss = self.train_step(indices)
