@@ -12,10 +12,12 @@
 //   dQ = scale dS K,   dK += scale dS^T Q
 // Masked keys are left out before any product (KeptKeys below), as if the sequence were shorter.
 //
-// How it is fast: the four products per block (Q K^T, P V; dO V^T and the three gradient
-// products) are matrix multiplies, done by at::mm_out into a scratch block of (64 x Tk) scores
-// that each thread reuses; only the softmax between them is written here, with SIMD row helpers
-// (cpu_vec.h). The scratch is the only memory besides the inputs and outputs: nothing T x T.
+// How it is fast: the products per block (Q K^T and P V forward; Q K^T, dO V^T and the three
+// gradient products backward) are BLAS matrix multiplies (cpu_gemm.h) into a scratch block of
+// (64 x Tk) scores that each thread reuses; only the softmax between them is written here, with
+// SIMD row helpers (cpu_vec.h). No ATen call inside the loops: at BERT's short sentences a block is
+// so small that dispatch would cost more than the arithmetic. The scratch is the only memory
+// besides the inputs and outputs: nothing T x T.
 // float32 and float64 compute in their own type; float16 and bfloat16 inputs are widened to
 // float32 first and the results rounded back.
 #include <ATen/ATen.h>
@@ -23,15 +25,22 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
+#include "cpu_gemm.h"
 #include "cpu_vec.h"
 #include "philox.h"
 
 namespace minift {
 
 constexpr int64_t kQueryBlock = 64;
+
+struct AttnDims {
+  int64_t B, H, Tq, Tk, D;
+};
 
 struct DropoutSpec {
   double p;
@@ -41,21 +50,25 @@ struct DropoutSpec {
 // The keys each batch row attends to. Masked keys are left out of the products altogether, so they
 // cost nothing and whatever their K and V hold (padding garbage, even NaN) cannot reach the output.
 struct KeptKeys {
-  std::vector<at::Tensor> index;      // per batch row: int64 positions of the kept keys
-  std::vector<bool> all;              // per batch row: every key is kept (no gather needed)
+  std::vector<std::vector<int64_t>> index;   // per batch row: positions of the kept keys
+  std::vector<bool> all;                     // per batch row: every key is kept (no gather needed)
 
   KeptKeys(const bool* mask, int64_t B, int64_t Tk) : index(B), all(B, true) {
     if (!mask) return;
     for (int64_t b = 0; b < B; ++b) {
-      std::vector<int64_t> kept;
       for (int64_t j = 0; j < Tk; ++j)
-        if (mask[b * Tk + j]) kept.push_back(j);
-      all[b] = (int64_t)kept.size() == Tk;
-      index[b] = at::tensor(kept, at::kLong);
+        if (mask[b * Tk + j]) index[b].push_back(j);
+      all[b] = (int64_t)index[b].size() == Tk;
     }
   }
-  at::Tensor gather(const at::Tensor& t, int64_t b) const { return all[b] ? t : t.index_select(0, index[b]); }
-  int64_t count(int64_t b, int64_t Tk) const { return all[b] ? Tk : index[b].numel(); }
+  int64_t count(int64_t b, int64_t Tk) const { return all[b] ? Tk : (int64_t)index[b].size(); }
+  // The rows of x (Tk x D) at the kept keys: x itself, or a copy packed into buf.
+  template <typename T>
+  const T* gather(const T* x, int64_t b, int64_t D, std::vector<T>& buf) const {
+    if (all[b]) return x;
+    for (size_t r = 0; r < index[b].size(); ++r) std::copy_n(x + index[b][r] * D, D, buf.data() + r * D);
+    return buf.data();
+  }
 };
 
 // The dropout multipliers keep_ij / (1 - p) of query row i at the kept key positions: drawn for
@@ -68,8 +81,7 @@ static void row_multipliers(T* mult, std::vector<T>& full, const KeptKeys& keys,
     return;
   }
   dropout_multipliers(full.data(), drop.seed, drop.offset, row * (uint64_t)Tk, Tk, threshold, keep_scale);
-  const int64_t* idx = keys.index[b].data_ptr<int64_t>();
-  for (int64_t j = 0, n = keys.index[b].numel(); j < n; ++j) mult[j] = full[idx[j]];
+  for (size_t j = 0; j < keys.index[b].size(); ++j) mult[j] = full[keys.index[b][j]];
 }
 
 template <typename T>
@@ -78,100 +90,91 @@ static void scale_row(T* row, int64_t n, T a) {
 }
 
 template <typename T>
-static void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask,
-                                 at::Tensor& out, at::Tensor& lse, double scale_d, DropoutSpec drop) {
-  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Tk = k.size(2), D = q.size(3);
+static void attention_fwd_kernel(const T* q, const T* k, const T* v, const bool* mask, T* out, T* lse, AttnDims d,
+                                 double scale_d, DropoutSpec drop) {
+  const int64_t Tq = d.Tq, Tk = d.Tk, D = d.D;
   const T scale = (T)scale_d, neg_inf = -std::numeric_limits<T>::infinity();
   const uint32_t threshold = dropout_threshold((float)drop.p);
   const T keep_scale = drop.p > 0 ? (T)(1.0 / (1.0 - drop.p)) : (T)1;
-  auto q3 = q.view({B * H, Tq, D}), k3 = k.view({B * H, Tk, D}), v3 = v.view({B * H, Tk, D});
-  auto out3 = out.view({B * H, Tq, D});
-  T* lse_p = lse.data_ptr<T>();
-  const KeptKeys keys(mask, B, Tk);
+  const KeptKeys keys(mask, d.B, Tk);
   const int64_t block = std::min(Tq, kQueryBlock);
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    auto scores = at::empty({block * Tk}, q.options());               // this thread's scratch
-    std::vector<T> mult(Tk), full(Tk);
+  at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scores(block * Tk), mult(Tk), full(Tk), kbuf(Tk * D), vbuf(Tk * D);   // this thread's scratch
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, nk = keys.count(b, Tk);
+      const int64_t b = bh / d.H, nk = keys.count(b, Tk);
+      const T* qb = q + bh * Tq * D;
+      T* ob = out + bh * Tq * D;
       if (nk == 0) {                                                    // no kept key: o_i = 0
-        out3[bh].zero_();
-        std::fill(lse_p + bh * Tq, lse_p + (bh + 1) * Tq, neg_inf);
+        std::fill(ob, ob + Tq * D, T(0));
+        std::fill(lse + bh * Tq, lse + (bh + 1) * Tq, neg_inf);
         continue;
       }
-      auto kb = keys.gather(k3[bh], b), vb = keys.gather(v3[bh], b);
+      const T* kb = keys.gather(k + bh * Tk * D, b, D, kbuf);
+      const T* vb = keys.gather(v + bh * Tk * D, b, D, vbuf);
       for (int64_t i0 = 0; i0 < Tq; i0 += block) {
         const int64_t n = std::min(block, Tq - i0);
-        auto s = scores.narrow(0, 0, n * nk).view({n, nk});             // contiguous (n, nk)
-        at::mm_out(s, q3[bh].narrow(0, i0, n), kb.t());                 // q_i . k_j
-        T* sp = s.data_ptr<T>();
+        T* s = scores.data();                                           // (n, nk)
+        gemm<T>(false, true, n, nk, D, scale, qb + i0 * D, D, kb, D, T(0), s, nk);  // s_ij = scale q_i . k_j
         for (int64_t r = 0; r < n; ++r) {
-          T* row = sp + r * nk;
+          T* row = s + r * nk;
           const int64_t i = bh * Tq + i0 + r;
-          scale_row(row, nk, scale);                                    // s_ij = scale q_i . k_j
           const T m = row_max(row, nk);
           const T l = row_exp_sum(row, row, nk, T(1), m);              // row_j = exp(s_ij - m_i)
-          lse_p[i] = m + std::log(l);                                    // lse_i
+          lse[i] = m + std::log(l);                                      // lse_i
           scale_row(row, nk, T(1) / l);                                  // P_ij
           if (drop.p > 0) {                                              // P~_ij = P_ij keep_ij / (1-p)
             row_multipliers(mult.data(), full, keys, b, (uint64_t)i, Tk, drop, threshold, keep_scale);
             for (int64_t j = 0; j < nk; ++j) row[j] *= mult[j];
           }
         }
-        auto o = out3[bh].narrow(0, i0, n);
-        at::mm_out(o, s, vb);                                            // o_i = sum_j P~_ij v_j
+        gemm<T>(false, false, n, D, nk, T(1), s, nk, vb, D, T(0), ob + i0 * D, D);   // o_i = sum_j P~_ij v_j
       }
     }
   });
 }
 
 template <typename T>
-static void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const bool* mask,
-                                 at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, double scale_d, DropoutSpec drop) {
-  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Tk = k.size(2), D = q.size(3);
-  const T scale = (T)scale_d, neg_inf = -std::numeric_limits<T>::infinity();
+static void attention_bwd_kernel(const T* dout, const T* q, const T* k, const T* v, const T* out, const T* lse,
+                                 const bool* mask, T* dq, T* dk, T* dv, AttnDims d, double scale_d,
+                                 DropoutSpec drop) {
+  const int64_t Tq = d.Tq, Tk = d.Tk, D = d.D;
+  const T scale = (T)scale_d;
   const uint32_t threshold = dropout_threshold((float)drop.p);
   const T keep_scale = drop.p > 0 ? (T)(1.0 / (1.0 - drop.p)) : (T)1;
-  auto q3 = q.view({B * H, Tq, D}), k3 = k.view({B * H, Tk, D}), v3 = v.view({B * H, Tk, D});
-  auto do3 = dout.view({B * H, Tq, D}), o3 = out.view({B * H, Tq, D});
-  auto dq3 = dq.view({B * H, Tq, D}), dk3 = dk.view({B * H, Tk, D}), dv3 = dv.view({B * H, Tk, D});
-  const T* lse_p = lse.data_ptr<T>();
-  const KeptKeys keys(mask, B, Tk);
+  const KeptKeys keys(mask, d.B, Tk);
   const int64_t block = std::min(Tq, kQueryBlock);
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    auto p_buf = at::empty({block * Tk}, q.options()), dp_buf = at::empty({block * Tk}, q.options());
-    std::vector<T> mult(Tk, T(1)), full(Tk);
+  at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> p_buf(block * Tk), dp_buf(block * Tk), mult(Tk, T(1)), full(Tk);
+    std::vector<T> kbuf(Tk * D), vbuf(Tk * D), dk_acc(Tk * D), dv_acc(Tk * D);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, nk = keys.count(b, Tk);
+      const int64_t b = bh / d.H, nk = keys.count(b, Tk);
+      const T *qb = q + bh * Tq * D, *dob = dout + bh * Tq * D, *ob = out + bh * Tq * D;
+      T *dqb = dq + bh * Tq * D, *dkb = dk + bh * Tk * D, *dvb = dv + bh * Tk * D;
       if (nk == 0) {                                                    // no kept key: no gradient
-        dq3[bh].zero_();
-        dk3[bh].zero_();
-        dv3[bh].zero_();
+        std::fill(dqb, dqb + Tq * D, T(0));
+        std::fill(dkb, dkb + Tk * D, T(0));
+        std::fill(dvb, dvb + Tk * D, T(0));
         continue;
       }
-      auto kb = keys.gather(k3[bh], b), vb = keys.gather(v3[bh], b);
-      // dK and dV of the kept keys: the outputs themselves when nothing is masked
-      auto dkb = keys.all[b] ? dk3[bh] : at::empty({nk, D}, q.options());
-      auto dvb = keys.all[b] ? dv3[bh] : at::empty({nk, D}, q.options());
-      dkb.zero_();
-      dvb.zero_();
+      const T* kb = keys.gather(k + bh * Tk * D, b, D, kbuf);
+      const T* vb = keys.gather(v + bh * Tk * D, b, D, vbuf);
+      // dK and dV of the kept keys: straight into the outputs when nothing is masked
+      T* dk_kept = keys.all[b] ? dkb : dk_acc.data();
+      T* dv_kept = keys.all[b] ? dvb : dv_acc.data();
+      std::fill(dk_kept, dk_kept + nk * D, T(0));
+      std::fill(dv_kept, dv_kept + nk * D, T(0));
       for (int64_t i0 = 0; i0 < Tq; i0 += block) {
         const int64_t n = std::min(block, Tq - i0);
-        auto P = p_buf.narrow(0, 0, n * nk).view({n, nk}), dP = dp_buf.narrow(0, 0, n * nk).view({n, nk});
-        auto qblk = q3[bh].narrow(0, i0, n), doblk = do3[bh].narrow(0, i0, n);
-        at::mm_out(P, qblk, kb.t());                                     // q_i . k_j
-        at::mm_out(dP, doblk, vb.t());                                   // dP~_ij = dO_i . v_j
-        T* pp = P.data_ptr<T>();
-        T* dpp = dP.data_ptr<T>();
-        const T* dop = doblk.data_ptr<T>();
-        const T* op = o3[bh].narrow(0, i0, n).data_ptr<T>();
+        T* P = p_buf.data();                                            // (n, nk)
+        T* dP = dp_buf.data();                                          // (n, nk)
+        gemm<T>(false, true, n, nk, D, scale, qb + i0 * D, D, kb, D, T(0), P, nk);    // s_ij
+        gemm<T>(false, true, n, nk, D, T(1), dob + i0 * D, D, vb, D, T(0), dP, nk);   // dP~_ij = dO_i . v_j
         for (int64_t r = 0; r < n; ++r) {
-          T* prow = pp + r * nk;
-          T* dprow = dpp + r * nk;
+          T* prow = P + r * nk;
+          T* dprow = dP + r * nk;
           const int64_t i = bh * Tq + i0 + r;
-          row_exp_sum(prow, prow, nk, scale, lse_p[i]);                  // P_ij = exp(s_ij - lse_i), recomputed
-          const T Di = row_dot(dop + r * D, op + r * D, D);              // D_i = dO_i . O_i
+          row_exp_sum(prow, prow, nk, T(1), lse[i]);                     // P_ij = exp(s_ij - lse_i), recomputed
+          const T Di = row_dot(dob + (i0 + r) * D, ob + (i0 + r) * D, D);  // D_i = dO_i . O_i
           if (drop.p > 0)
             row_multipliers(mult.data(), full, keys, b, (uint64_t)i, Tk, drop, threshold, keep_scale);
           for (int64_t j = 0; j < nk; ++j) {
@@ -180,17 +183,24 @@ static void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, co
             prow[j] = pij * mult[j];                                     // P~_ij
           }
         }
-        dvb.addmm_(P.t(), doblk);                                        // dV += P~^T dO
-        auto dqblk = dq3[bh].narrow(0, i0, n);
-        at::mm_out(dqblk, dP, kb);                                       // dQ = scale dS K
-        dkb.addmm_(dP.t(), qblk);                                        // dK += scale dS^T Q
+        gemm<T>(true, false, nk, D, n, T(1), P, nk, dob + i0 * D, D, T(1), dv_kept, D);  // dV += P~^T dO
+        gemm<T>(false, false, n, D, nk, T(1), dP, nk, kb, D, T(0), dqb + i0 * D, D);     // dQ = scale dS K
+        gemm<T>(true, false, nk, D, n, T(1), dP, nk, qb + i0 * D, D, T(1), dk_kept, D);  // dK += scale dS^T Q
       }
       if (!keys.all[b]) {                                                // scatter back; masked keys get 0
-        dk3[bh].zero_().index_copy_(0, keys.index[b], dkb);
-        dv3[bh].zero_().index_copy_(0, keys.index[b], dvb);
+        std::fill(dkb, dkb + Tk * D, T(0));
+        std::fill(dvb, dvb + Tk * D, T(0));
+        for (int64_t r = 0; r < nk; ++r) {
+          std::copy_n(dk_kept + r * D, D, dkb + keys.index[b][r] * D);
+          std::copy_n(dv_kept + r * D, D, dvb + keys.index[b][r] * D);
+        }
       }
     }
   });
+}
+
+static AttnDims attention_dims(const at::Tensor& q, const at::Tensor& k) {
+  return AttnDims{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
 }
 
 static bool is_reduced(const at::Tensor& t) {
@@ -204,14 +214,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                                                      const std::optional<at::Tensor>& mask, double dropout_p,
                                                      double scale, int64_t seed, int64_t offset) {
   check_attention_inputs(q, k, v, mask, dropout_p, at::kCPU);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;   // the ATen calls inside are not differentiated
+  at::AutoDispatchBelowADInplaceOrView below_autograd;   // widening and copies here are not differentiated
   auto qw = widen(q), kw = widen(k), vw = widen(v);
   auto out = maybe_poison(at::empty_like(qw));
   auto lse = maybe_poison(at::empty({q.size(0), q.size(1), q.size(2)}, qw.options()));
   const bool* mptr = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
   DropoutSpec drop{dropout_p, (uint64_t)seed, (uint64_t)offset};
   AT_DISPATCH_FLOATING_TYPES(qw.scalar_type(), "attention_fwd_cpu", [&] {
-    attention_fwd_kernel<scalar_t>(qw, kw, vw, mptr, out, lse, scale, drop);
+    attention_fwd_kernel<scalar_t>(qw.data_ptr<scalar_t>(), kw.data_ptr<scalar_t>(), vw.data_ptr<scalar_t>(), mptr,
+                                   out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), attention_dims(q, k), scale,
+                                   drop);
   });
   return {is_reduced(q) ? out.to(q.scalar_type()) : out, lse};
 }
@@ -235,7 +247,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const bool* mptr = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
   DropoutSpec drop{dropout_p, (uint64_t)seed, (uint64_t)offset};
   AT_DISPATCH_FLOATING_TYPES(qw.scalar_type(), "attention_bwd_cpu", [&] {
-    attention_bwd_kernel<scalar_t>(dow, qw, kw, vw, ow, lse, mptr, dq, dk, dv, scale, drop);
+    attention_bwd_kernel<scalar_t>(dow.data_ptr<scalar_t>(), qw.data_ptr<scalar_t>(), kw.data_ptr<scalar_t>(),
+                                   vw.data_ptr<scalar_t>(), ow.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), mptr,
+                                   dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
+                                   attention_dims(q, k), scale, drop);
   });
   if (is_reduced(q)) return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
   return {dq, dk, dv};
@@ -255,7 +270,51 @@ at::Tensor dropout_mask_cpu(const at::Tensor& like, int64_t B, int64_t H, int64_
   return keep;
 }
 
+// Inverted dropout of any tensor with the same Philox stream: element n of x is kept when the bits
+// of element n of (seed, offset) are >= p 2^32; y = x / (1 - p) there, 0 elsewhere. Returns (y, keep).
+std::tuple<at::Tensor, at::Tensor> dropout_fwd_cpu(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+  TORCH_CHECK(p >= 0 && p < 1, "dropout: expected 0 <= p < 1, got ", p);
+  check_floating(x, "dropout x");
+  TORCH_CHECK(x.is_contiguous(), "dropout: expected a contiguous x (call .contiguous()), got strides ", x.strides());
+  auto y = maybe_poison(at::empty_like(x));
+  auto keep = at::empty_like(x, x.options().dtype(at::kBool));
+  bool* kp = keep.data_ptr<bool>();
+  const uint32_t threshold = dropout_threshold((float)p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_fwd_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const acc_t scale = acc_t(1) / (acc_t(1) - (acc_t)p);
+    at::parallel_for(0, x.numel(), 16384, [&](int64_t begin, int64_t end) {
+      int64_t n = begin;
+      while (n < end) {                                            // one Philox call per four elements
+        const Philox4 r = philox_block((uint64_t)seed, (uint64_t)offset, (uint64_t)n >> 2);
+        for (unsigned lane = (unsigned)(n & 3); lane < 4 && n < end; ++lane, ++n) {
+          kp[n] = r.x[lane] >= threshold;
+          yp[n] = kp[n] ? (scalar_t)((acc_t)xp[n] * scale) : (scalar_t)0;
+        }
+      }
+    });
+  });
+  return {y, keep};
+}
+
+// How the CPU kernels were built and what they reach, for `minift doctor` and the tests.
+std::string cpu_kernel_info() {
+#if defined(CPU_CAPABILITY_AVX2)
+  std::string simd = "AVX2";
+#else
+  std::string simd = "none (plain loops)";
+#endif
+  return std::string("simd=") + simd + "; matmul=" + (have_blas() ? "BLAS" : "own loop");
+}
+
+TORCH_LIBRARY_FRAGMENT(minift, m) {
+  m.def("cpu_kernel_info() -> str", &cpu_kernel_info);
+}
+
 TORCH_LIBRARY_IMPL(minift, CPU, m) {
+  m.impl("dropout_fwd", &dropout_fwd_cpu);
   m.impl("attention_fwd", &attention_fwd_cpu);
   m.impl("attention_bwd", &attention_bwd_cpu);
   m.impl("dropout_mask", &dropout_mask_cpu);

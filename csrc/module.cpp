@@ -1,6 +1,6 @@
 // The Python module minift._C and the schemas of the `minift` operator library.
 // Importing minift._C runs the TORCH_LIBRARY blocks: the ops are then torch.ops.minift.<name>,
-// with CPU kernels (attention.cpp, cross_entropy.cpp) and, when built, CUDA ones (cuda/).
+// with CPU kernels (attention.cpp, cross_entropy.cpp, optim.cpp) and, when built, CUDA ones (cuda/).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -25,4 +25,9 @@ TORCH_LIBRARY(minift, m) {
   // grad_rows (N,): dL/dloss_n. Returns dlogits (N, C) = (softmax - smoothed one-hot) * grad_rows.
   m.def("xent_bwd(Tensor grad_rows, Tensor logits, Tensor target, Tensor lse, int ignore_index, "
         "float label_smoothing) -> Tensor");
+  // AdamW's update of one parameter in place (CPU): param, exp_avg, exp_avg_sq are written.
+  m.def("adamw_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, float lr, "
+        "float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
+  // Inverted dropout of x (CPU): y = x keep / (1 - p) with Philox bits of (seed, offset), and the keep mask.
+  m.def("dropout_fwd(Tensor x, float p, int seed, int offset) -> (Tensor, Tensor)");
 }

@@ -12,7 +12,8 @@ Each backend is a namespace with the same functions and signatures:
     bce_with_logits(logits, target), mse_loss(pred, target)
 
 "torch" is PyTorch's own (the oracle); "reference" is minift.functional, every backward written by
-hand; "fused" is "torch" with attention and the loss replaced by the compiled kernels of minift.ops.
+hand; "fused" is "torch" with attention, dropout and the loss replaced by the compiled kernels of
+minift.ops.
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def _fused_ops():
     from . import ops
     return SimpleNamespace(**{**vars(torch_ops), "name": "fused",
                               "attention": ops.fused_attention,
+                              "dropout": ops.fused_dropout,
                               "cross_entropy": ops.softmax_cross_entropy})
 
 

@@ -80,11 +80,12 @@ def bench_attention(device, shapes, dtypes, repeats) -> list[Row]:
                     "minift": lambda: torch.autograd.backward(ops.fused_attention(q, k, v, mask), dO),
                 }
                 flops = 3.5 * 4 * B * H * T * T * D
+                unit, per = ("TFLOP/s", 1e9) if device.type == "cuda" else ("GFLOP/s", 1e6)
                 name = f"attention B={B} T={T} H={H} D={D} {str(dtype).replace('torch.', '')}{' mask' if masked else ''}"
                 for impl, fn in impls.items():
                     ms = timeit(fn, device, repeats=repeats)
                     mem = peak_mb(fn, device)
-                    rows.append(Row(name, impl, ms, f"{flops / ms / 1e9:.1f} TFLOP/s" +
+                    rows.append(Row(name, impl, ms, f"{flops / ms / per:.1f} {unit}" +
                                     ("" if mem != mem else f", peak {mem:.0f} MiB")))
     return rows
 
@@ -110,7 +111,8 @@ def bench_xent(device, sizes, dtypes, repeats) -> list[Row]:
 
 
 def bench_model(device, shapes, precisions, repeats) -> list[Row]:
-    """One training step (forward, backward, AdamW) of BertForSequenceClassification."""
+    """One training step (forward, backward, AdamW) of BertForSequenceClassification, and one
+    inference forward (eval mode, no gradient) of the same batch."""
     rows = []
     try:
         import transformers
@@ -150,6 +152,19 @@ def bench_model(device, shapes, precisions, repeats) -> list[Row]:
                     opt.zero_grad(set_to_none=True)
                 ms = timeit(step, device, warmup=2, repeats=repeats)
                 rows.append(Row(f"train step {name} B={B} T={T} {precision}", impl, ms))
+            for impl, model in [("transformers", hf), ("minift torch", ours), ("minift fused", ours)]:
+                if model is ours:
+                    ours.set_impl(impl.split()[1])
+
+                @torch.no_grad()
+                def forward(model=model):
+                    model.eval()
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        model(input_ids=ids, attention_mask=mask)
+                ms = timeit(forward, device, warmup=2, repeats=repeats)
+                rows.append(Row(f"forward {name} B={B} T={T} {precision}", impl, ms))
+            hf.train()
+            ours.train()
     return rows
 
 
@@ -168,7 +183,7 @@ def run(quick: bool = False) -> tuple[list[Row], str]:
         xent_sizes, xent_dtypes = [(4096, 30522), (16384, 30522), (4096, 2), (16384, 2)], [torch.float32, torch.bfloat16]
         model_shapes, precisions = [("bert-base", SHAPES["bert-base"]), ("minilm", SHAPES["minilm"])], ["fp32", "bf16"]
     else:
-        attn_shapes = [(8, 128, 12, 32)] if quick else [(8, 128, 12, 32), (2, 512, 12, 64)]
+        attn_shapes = [(8, 128, 12, 32)] if quick else [(32, 32, 12, 32), (8, 128, 12, 32), (2, 512, 12, 64)]
         dtypes, repeats = [torch.float32], 3 if quick else 7
         xent_sizes, xent_dtypes = ([(256, 30522)] if quick else [(512, 30522), (4096, 2)]), [torch.float32]
         model_shapes, precisions = [("minilm", SHAPES["minilm"])], ["fp32"]

@@ -31,6 +31,8 @@ def cmd_doctor(args) -> int:
     mode = status["mode"] or "fallback (plain PyTorch ops)"
     print(f"compiled kernels: {mode}")
     print(f"  why: {status['reason']}")
+    if status["mode"] is not None:
+        print(f"  CPU kernels: {torch.ops.minift.cpu_kernel_info()}")
     print(f"  CUDA kernels: {'built' if status['cuda'] else 'not built'}")
     cxx = shutil.which("c++") or shutil.which("g++")
     print(f"C++ compiler: {_tool_version([cxx, '--version']) if cxx else 'not found'}")
@@ -71,6 +73,13 @@ def _setup_distributed():
     return torch.device("cpu")
 
 
+def _resolve_impl(impl: str) -> str:
+    if impl != "auto":
+        return impl
+    from .ops import extension_available
+    return "fused" if extension_available() else "torch"
+
+
 def _build_model(model_path, dataset, impl, **overrides):
     import minift
     cls = minift.BertForTokenClassification if dataset.task == "token" else minift.BertForSequenceClassification
@@ -99,7 +108,7 @@ def cmd_finetune(args) -> int:
     say = print if is_main() else (lambda *a, **k: None)
     say(f"task {dataset.name}: {dataset.sizes()}, {len(dataset.labels)} labels")
     logging.getLogger("minift").setLevel(logging.INFO)
-    model = _build_model(args.model, dataset, args.impl)
+    model = _build_model(args.model, dataset, _resolve_impl(args.impl))
     say(model.load_report.summary())
     tokenizer = minift.Tokenizer.from_pretrained(args.model)
     say(peft.apply(model, freeze=args.freeze, train_top_layers=args.train_top_layers, lora_rank=args.lora))
@@ -153,7 +162,7 @@ def cmd_evaluate(args) -> int:
 
     from . import data, metrics
     from .trainer import predict_labels
-    model, tok, token_task = _load_finetuned(args.model, args.impl)
+    model, tok, token_task = _load_finetuned(args.model, _resolve_impl(args.impl))
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if args.test:
         read = data.read_conll if token_task else data.read_classification_file
@@ -180,7 +189,7 @@ def cmd_predict(args) -> int:
 
     from . import data
     from .trainer import predict_labels
-    model, tok, token_task = _load_finetuned(args.model, args.impl)
+    model, tok, token_task = _load_finetuned(args.model, _resolve_impl(args.impl))
     if args.texts:
         texts = args.texts
     elif args.file:
@@ -263,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-task", action="store_true", help="the files are CoNLL token tagging data")
     p.add_argument("--model", default="minilm", help="a Hugging Face-format directory or 'minilm'")
     p.add_argument("--out", default="runs/finetune", help="output directory")
-    p.add_argument("--epochs", type=float, default=1,
+    p.add_argument("--epochs", type=float, default=1.5,
                    help="passes over the training data; a fraction trains part of the last one (1.5)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=32)
@@ -274,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--patience", type=int, default=0, help="early stopping patience in epochs (0: off)")
-    p.add_argument("--impl", default="torch", choices=["torch", "reference", "fused"])
+    p.add_argument("--impl", default="auto", choices=["auto", "torch", "reference", "fused"],
+                   help="auto: fused when the compiled kernels are available, else torch")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if there is one)")
     p.add_argument("--freeze", choices=["encoder"], help="train the classifier only (a linear probe)")
@@ -290,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--test", help="a CSV/JSONL (or CoNLL for token models) file instead of a task")
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--impl", default="torch", choices=["torch", "reference", "fused"])
+    p.add_argument("--impl", default="auto", choices=["auto", "torch", "reference", "fused"],
+                   help="auto: fused when the compiled kernels are available, else torch")
     p.add_argument("--device", default=None)
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.set_defaults(run=cmd_evaluate)
@@ -298,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("texts", nargs="*", help="texts to label (token models: words separated by spaces)")
     p.add_argument("--file", help="one text per line")
-    p.add_argument("--impl", default="torch", choices=["torch", "reference", "fused"])
+    p.add_argument("--impl", default="auto", choices=["auto", "torch", "reference", "fused"],
+                   help="auto: fused when the compiled kernels are available, else torch")
     p.set_defaults(run=cmd_predict)
     p = sub.add_parser("assignment", help="course assignments: list, export a student copy, grade it")
     p.add_argument("action", choices=["list", "export", "grade"])

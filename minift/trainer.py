@@ -35,6 +35,7 @@ from . import data as D
 from . import metrics as M
 from . import optim
 from .backends import get_ops
+from .ops import extension_available
 
 
 @dataclass
@@ -135,7 +136,9 @@ class Trainer:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         params = optim.param_groups(self.model, config.weight_decay)
-        self.optimizer = optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        # impl="fused" on the CPU: the compiled one-pass AdamW update too (the same arithmetic)
+        fused = self.model.config.impl == "fused" and self.device.type == "cpu" and extension_available()
+        self.optimizer = optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
         lengths = [len(x) for x in self.train_set.input_ids]
         self.lengths = lengths
         self.steps_per_epoch = math.ceil(len(lengths) / config.batch_size)

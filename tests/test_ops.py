@@ -1,5 +1,7 @@
 """The compiled kernels (minift._C) against the hand-derived reference and PyTorch, on the CPU
 (and on CUDA when there is a GPU: the same tests, parametrised by device)."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,6 +65,29 @@ def test_attention_gradcheck_with_dropout_fixed_seed():
     mask = padding_mask(B, T)
     fn = lambda q, k, v: ops.attention_with_lse(q, k, v, mask, dropout_p=0.3, seed=1234, offset=5)[0]
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_dropout_uses_the_philox_stream(dtype):
+    """y = x keep / (1-p) with keep = element n of the stream (seed, 0); the gradient is masked alike."""
+    p = 0.3
+    x = rnd(5, 7, 9, seed=4, dtype=dtype).requires_grad_()
+    torch.manual_seed(123)
+    y = ops.fused_dropout(x, p)
+    torch.manual_seed(123)
+    seed = ops._seed(p, None)                                   # the seed the call above drew
+    keep = ops.dropout_mask(1, 1, 1, x.numel(), p, seed=seed).reshape(x.shape)
+    zero = torch.zeros((), dtype=dtype)
+    torch.testing.assert_close(y.detach(), torch.where(keep, x.detach() / (1 - p), zero))
+    assert torch.equal(y.detach() != 0, keep)
+    dy = rnd(5, 7, 9, seed=5, dtype=dtype)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    torch.testing.assert_close(dx, torch.where(keep, dy / (1 - p), zero))
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.06
+    big = ops.fused_dropout(torch.ones(200_000), 0.1)
+    assert abs((big != 0).float().mean().item() - 0.9) < 0.003
+    assert ops.fused_dropout(x, p, training=False) is x and ops.fused_dropout(x, 0.0) is x
+    torch.library.opcheck(torch.ops.minift.dropout_fwd.default, (x.detach(), p, 7, 0))
 
 
 def test_dropout_matches_its_mask_and_reference():
@@ -260,3 +285,30 @@ def test_fused_model_equals_torch_on_minilm(batch):
     h_t = model.set_impl("torch").bert(*args).last_hidden_state
     h_f = model.set_impl("fused").bert(*args).last_hidden_state
     assert (h_f - h_t).abs()[real].max() <= 1e-5
+
+
+def test_attention_without_blas_equals_the_blas_path(tmp_path):
+    """MINIFT_NO_BLAS=1 makes the CPU kernel multiply with its own loop (for builds without a BLAS)."""
+    import subprocess
+    import sys
+    script = f"""
+import torch
+from minift import ops
+g = torch.Generator().manual_seed(3)
+q, k, v = (torch.randn(3, 2, 19, 40, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+mask = torch.arange(19)[None] < torch.tensor([19, 7, 0])[:, None]
+out, lse = ops.attention_with_lse(q, k, v, mask, dropout_p=0.2, seed=5)
+grads = torch.autograd.grad(out, (q, k, v), torch.randn(out.shape, generator=g, dtype=torch.float64))
+forced = __import__("os").environ.get("MINIFT_NO_BLAS") == "1"
+assert not forced or "own loop" in torch.ops.minift.cpu_kernel_info()
+torch.save([out.detach(), lse, *grads], r"{tmp_path}/" + ("loop" if forced else "blas") + ".pt")
+"""
+    env = dict(os.environ)
+    for flag in ("0", "1"):
+        env["MINIFT_NO_BLAS"] = flag if flag == "1" else ""
+        subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    blas, loop = torch.load(tmp_path / "blas.pt"), torch.load(tmp_path / "loop.pt")
+    for a, b in zip(blas, loop):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert blas[0].abs().sum() > 0 and (blas[0][2] == 0).all()
+    assert "matmul=" in torch.ops.minift.cpu_kernel_info()

@@ -26,6 +26,11 @@ PAIRS = {
                  lambda ps: torch.optim.AdamW(ps, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)),
     "adamw_no_wd": (lambda ps: optim.AdamW(ps, lr=2e-3, weight_decay=0.0),
                     lambda ps: torch.optim.AdamW(ps, lr=2e-3, weight_decay=0.0)),
+    # the compiled one-pass update (csrc/optim.cpp), same hyperparameters
+    "adamw_fused_wd": (lambda ps: optim.AdamW(ps, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, fused=True),
+                       lambda ps: torch.optim.AdamW(ps, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)),
+    "adamw_fused_no_wd": (lambda ps: optim.AdamW(ps, lr=2e-3, weight_decay=0.0, fused=True),
+                          lambda ps: torch.optim.AdamW(ps, lr=2e-3, weight_decay=0.0)),
     "sgd_wd": (lambda ps: optim.SGD(ps, lr=0.05, weight_decay=0.1),
                lambda ps: torch.optim.SGD(ps, lr=0.05, weight_decay=0.1)),   # equal without momentum
     "sgd_momentum": (lambda ps: optim.SGD(ps, lr=0.02, momentum=0.9),
@@ -82,6 +87,32 @@ def test_optimizer_matches_torch_after_200_steps(trajectories, name):
     travelled = max((pa.float() - ps).abs().max().item() for (n, pa), (_, ps) in
                     zip(a.bert.named_parameters(), start.bert.named_parameters()))
     assert travelled > 1e-3, "the parameters must actually have moved"
+
+
+def test_fused_adamw_equals_the_python_loop(trajectories):
+    """Same stream of gradients: the compiled update and the loop agree to float32 rounding."""
+    fused, _ = trajectories["adamw_fused_wd"]
+    loop, _ = trajectories["adamw_wd"]
+    diff = max((pa - pb).abs().max().item() for pa, pb in zip(fused.parameters(), loop.parameters()))
+    assert diff <= 1e-6, diff
+
+
+def test_fused_adamw_float64_and_bad_input():
+    g = torch.Generator().manual_seed(5)
+    p1 = torch.nn.Parameter(torch.randn(37, 11, generator=g, dtype=torch.float64))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    o1, o2 = optim.AdamW([p1], lr=1e-2, fused=True), torch.optim.AdamW([p2], lr=1e-2)
+    for _ in range(50):
+        grad = torch.randn(37, 11, generator=g, dtype=torch.float64)
+        p1.grad, p2.grad = grad.clone(), grad.clone()
+        o1.step()
+        o2.step()
+    assert (p1 - p2).abs().max().item() <= 1e-12
+    p = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="expected shape"):
+        torch.ops.minift.adamw_step_(p, torch.zeros(5), torch.zeros(4), torch.zeros(4), 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+    with pytest.raises(RuntimeError, match="step >= 1"):
+        torch.ops.minift.adamw_step_(p, torch.zeros(4), torch.zeros(4), torch.zeros(4), 1e-3, 0.9, 0.999, 1e-8, 0.0, 0)
 
 
 def test_coupled_and_decoupled_decay_differ_with_momentum():
