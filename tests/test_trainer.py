@@ -176,3 +176,25 @@ def test_torchrun_two_processes_equal_one(tiny_model_dir, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     moved = load_file(str(tiny_model_dir / "model.safetensors"))
     assert (a["bert.pooler.dense.weight"] - moved["pooler.dense.weight"]).abs().max() > 1e-4
+
+
+def test_fractional_epochs_train_part_of_the_last_one(tiny_model_dir, small_dataset, tmp_path):
+    """epochs=1.5: one full pass, then the first half of the second pass's batches, the schedule
+    reaching zero at the last step; the half epoch is the first half of what epoch 2 would see."""
+    half = make_trainer(tiny_model_dir, small_dataset, tmp_path / "half", epochs=1.5)
+    seen = []
+    original = half.train_step
+    half.train_step = lambda indices: (seen.append(list(indices)), original(indices))[1]
+    metrics = half.fit()
+    per_epoch = half.steps_per_epoch                                 # 96 examples / 16 = 6
+    assert half.total_steps == round(1.5 * per_epoch) == len(seen) == 9
+    assert metrics["epochs_run"] == 2 and len(metrics["history"]) == 2
+    assert half.schedule.get_last_lr()[0] == 0.0
+    two = make_trainer(tiny_model_dir, small_dataset, tmp_path / "two", epochs=2)
+    full_order = []
+    two.train_step = lambda indices: full_order.append(list(indices)) or 0.0
+    two.fit()
+    assert seen == full_order[:9]
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="epochs: expected a positive number"):
+            make_trainer(tiny_model_dir, small_dataset, tmp_path / "bad", epochs=bad)
