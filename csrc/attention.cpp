@@ -119,7 +119,7 @@ static void attention_fwd_kernel(const T* q, const T* k, const T* v, const bool*
           T* row = s + r * nk;
           const int64_t i = bh * Tq + i0 + r;
           const T m = row_max(row, nk);
-          const T l = row_exp_sum(row, row, nk, T(1), m);              // row_j = exp(s_ij - m_i)
+          const T l = row_exp_sum(row, row, nk, m);                    // row_j = exp(s_ij - m_i)
           lse[i] = m + std::log(l);                                      // lse_i
           scale_row(row, nk, T(1) / l);                                  // P_ij
           if (drop.p > 0) {                                              // P~_ij = P_ij keep_ij / (1-p)
@@ -173,7 +173,7 @@ static void attention_bwd_kernel(const T* dout, const T* q, const T* k, const T*
           T* prow = P + r * nk;
           T* dprow = dP + r * nk;
           const int64_t i = bh * Tq + i0 + r;
-          row_exp_sum(prow, prow, nk, T(1), lse[i]);                     // P_ij = exp(s_ij - lse_i), recomputed
+          row_exp_sum(prow, prow, nk, lse[i]);                           // P_ij = exp(s_ij - lse_i), recomputed
           const T Di = row_dot(dob + (i0 + r) * D, ob + (i0 + r) * D, D);  // D_i = dO_i . O_i
           if (drop.p > 0)
             row_multipliers(mult.data(), full, keys, b, (uint64_t)i, Tk, drop, threshold, keep_scale);
@@ -265,7 +265,8 @@ at::Tensor dropout_mask_cpu(const at::Tensor& like, int64_t B, int64_t H, int64_
   bool* kp = keep.data_ptr<bool>();
   const uint32_t threshold = dropout_threshold((float)p);
   at::parallel_for(0, B * H * Tq * Tk, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) kp[n] = philox_bits((uint64_t)seed, (uint64_t)offset, (uint64_t)n) >= threshold;
+    for_each_keep((uint64_t)seed, (uint64_t)offset, (uint64_t)begin, end - begin, threshold,
+                  [&](int64_t j, bool keep) { kp[begin + j] = keep; });
   });
   return keep;
 }
@@ -286,14 +287,11 @@ std::tuple<at::Tensor, at::Tensor> dropout_fwd_cpu(const at::Tensor& x, double p
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const acc_t scale = acc_t(1) / (acc_t(1) - (acc_t)p);
     at::parallel_for(0, x.numel(), 16384, [&](int64_t begin, int64_t end) {
-      int64_t n = begin;
-      while (n < end) {                                            // one Philox call per four elements
-        const Philox4 r = philox_block((uint64_t)seed, (uint64_t)offset, (uint64_t)n >> 2);
-        for (unsigned lane = (unsigned)(n & 3); lane < 4 && n < end; ++lane, ++n) {
-          kp[n] = r.x[lane] >= threshold;
-          yp[n] = kp[n] ? (scalar_t)((acc_t)xp[n] * scale) : (scalar_t)0;
-        }
-      }
+      for_each_keep((uint64_t)seed, (uint64_t)offset, (uint64_t)begin, end - begin, threshold,
+                    [&](int64_t j, bool keep) {
+                      kp[begin + j] = keep;
+                      yp[begin + j] = keep ? (scalar_t)((acc_t)xp[begin + j] * scale) : (scalar_t)0;
+                    });
     });
   });
   return {y, keep};

@@ -41,20 +41,20 @@ inline T row_sum(const T* x, int64_t n) {
   return s;
 }
 
-// y_i = exp(a * x_i - shift), returning sum_i y_i; y may be x. exp(-inf) = 0 covers masked entries.
+// y_i = exp(x_i - shift), returning sum_i y_i; y may be x.
 template <typename T>
-inline T row_exp_sum(const T* x, T* y, int64_t n, T a, T shift) {
-  const Vec<T> va(a), vs(shift);
+inline T row_exp_sum(const T* x, T* y, int64_t n, T shift) {
+  const Vec<T> vs(shift);
   Vec<T> acc(T(0));
   int64_t i = 0;
   for (; i + Vec<T>::size() <= n; i += Vec<T>::size()) {
-    Vec<T> e = (Vec<T>::loadu(x + i) * va - vs).exp();
+    Vec<T> e = (Vec<T>::loadu(x + i) - vs).exp();
     e.store(y + i);
     acc += e;
   }
   T s = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
   for (; i < n; ++i) {
-    y[i] = std::exp(x[i] * a - shift);
+    y[i] = std::exp(x[i] - shift);
     s += y[i];
   }
   return s;

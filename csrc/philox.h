@@ -56,18 +56,24 @@ MINIFT_HD uint32_t dropout_threshold(float p) {
   return t >= 4294967295.0 ? 0xFFFFFFFFu : (uint32_t)t;
 }
 
-// mult[j] = keep(n0 + j) ? keep_scale : 0 for j < count: the dropout multipliers of a run of
-// elements, one Philox call per four of them (the bits are the same as philox_bits gives).
-template <typename T>
-inline void dropout_multipliers(T* mult, uint64_t seed, uint64_t offset, uint64_t n0, int64_t count,
-                                uint32_t threshold, T keep_scale) {
+// keep(n) for the run of elements n0 <= n < n0 + count, handed to visit(j, keep) with j = n - n0:
+// one Philox call per four elements (the bits are the ones philox_bits gives). Host code only.
+template <typename Visit>
+inline void for_each_keep(uint64_t seed, uint64_t offset, uint64_t n0, int64_t count, uint32_t threshold,
+                          Visit visit) {
   int64_t j = 0;
   while (j < count) {
     const uint64_t n = n0 + (uint64_t)j;
     const Philox4 r = philox_block(seed, offset, n >> 2);
-    for (unsigned lane = (unsigned)(n & 3); lane < 4 && j < count; ++lane, ++j)
-      mult[j] = r.x[lane] >= threshold ? keep_scale : T(0);
+    for (unsigned lane = (unsigned)(n & 3); lane < 4 && j < count; ++lane, ++j) visit(j, r.x[lane] >= threshold);
   }
+}
+
+// mult[j] = keep(n0 + j) ? keep_scale : 0 for j < count: the dropout multipliers of a run of elements.
+template <typename T>
+inline void dropout_multipliers(T* mult, uint64_t seed, uint64_t offset, uint64_t n0, int64_t count,
+                                uint32_t threshold, T keep_scale) {
+  for_each_keep(seed, offset, n0, count, threshold, [&](int64_t j, bool keep) { mult[j] = keep ? keep_scale : T(0); });
 }
 
 }  // namespace minift

@@ -258,6 +258,11 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _add_impl_argument(p) -> None:
+    p.add_argument("--impl", default="auto", choices=["auto", "torch", "reference", "fused"],
+                   help="auto: fused when the compiled kernels are available, else torch")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minift", description="minift: BERT fine-tuning, every step visible.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -283,8 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--patience", type=int, default=0, help="early stopping patience in epochs (0: off)")
-    p.add_argument("--impl", default="auto", choices=["auto", "torch", "reference", "fused"],
-                   help="auto: fused when the compiled kernels are available, else torch")
+    _add_impl_argument(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if there is one)")
     p.add_argument("--freeze", choices=["encoder"], help="train the classifier only (a linear probe)")
@@ -300,8 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--test", help="a CSV/JSONL (or CoNLL for token models) file instead of a task")
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--impl", default="auto", choices=["auto", "torch", "reference", "fused"],
-                   help="auto: fused when the compiled kernels are available, else torch")
+    _add_impl_argument(p)
     p.add_argument("--device", default=None)
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.set_defaults(run=cmd_evaluate)
@@ -309,8 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("texts", nargs="*", help="texts to label (token models: words separated by spaces)")
     p.add_argument("--file", help="one text per line")
-    p.add_argument("--impl", default="auto", choices=["auto", "torch", "reference", "fused"],
-                   help="auto: fused when the compiled kernels are available, else torch")
+    _add_impl_argument(p)
     p.set_defaults(run=cmd_predict)
     p = sub.add_parser("assignment", help="course assignments: list, export a student copy, grade it")
     p.add_argument("action", choices=["list", "export", "grade"])

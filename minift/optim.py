@@ -69,15 +69,15 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"AdamW: expected lr, eps, weight_decay >= 0 and 0 <= betas < 1, "
                              f"got lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self.fused = fused
+        self._compiled_step = None                  # fused=True: minift.ops.adamw_step_
         if fused:
-            from .ops import _require_extension
+            from .ops import _require_extension, adamw_step_
             _require_extension("AdamW(fused=True)")
+            self._compiled_step = adamw_step_
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        from .ops import adamw_step_
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
@@ -91,8 +91,8 @@ class AdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p)               # v_0 = 0
                 state["step"] += 1
                 t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-                if self.fused and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64):
-                    adamw_step_(p, g.contiguous(), m, v, lr, b1, b2, eps, wd, t)   # the same, compiled
+                if self._compiled_step and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64):
+                    self._compiled_step(p, g.contiguous(), m, v, lr, b1, b2, eps, wd, t)   # the same, compiled
                     continue
                 m.lerp_(g, 1.0 - b1)                                        # m = b1 m + (1-b1) g
                 v.mul_(b2).addcmul_(g, g, value=1.0 - b2)                   # v = b2 v + (1-b2) g^2
