@@ -84,4 +84,12 @@ inline void check_xent_inputs(const at::Tensor& logits, const at::Tensor& target
               "softmax_cross_entropy: expected 0 <= label_smoothing <= 1, got ", label_smoothing);
 }
 
+// The reduction argument of xent_fwd/xent_bwd, with at::Reduction's numbering.
+enum XentReduction : int64_t { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };
+
+inline void check_reduction(int64_t reduction) {
+  TORCH_CHECK(reduction >= kReduceNone && reduction <= kReduceSum,
+              "softmax_cross_entropy: expected reduction 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
 }  // namespace minift

@@ -1,6 +1,7 @@
 // The Python module minift._C and the schemas of the `minift` operator library.
 // Importing minift._C runs the TORCH_LIBRARY blocks: the ops are then torch.ops.minift.<name>,
-// with CPU kernels (attention.cpp, cross_entropy.cpp, optim.cpp) and, when built, CUDA ones (cuda/).
+// with CPU kernels (attention.cpp, cross_entropy.cpp, optim.cpp), autograd (autograd.cpp) and, when built,
+// CUDA kernels (cuda/).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -20,11 +21,14 @@ TORCH_LIBRARY(minift, m) {
         "Tensor? key_padding_mask, float dropout_p, float scale, int seed, int offset) -> (Tensor, Tensor, Tensor)");
   // The dropout keep-mask (B, H, Tq, Tk) the attention kernels draw for (seed, offset), on like's device.
   m.def("dropout_mask(Tensor like, int B, int H, int Tq, int Tk, float p, int seed, int offset) -> Tensor");
-  // logits (N, C), target (N,) int64. Returns the per-row loss (N,) and log-sum-exp (N,), float32/64.
-  m.def("xent_fwd(Tensor logits, Tensor target, int ignore_index, float label_smoothing) -> (Tensor, Tensor)");
-  // grad_rows (N,): dL/dloss_n. Returns dlogits (N, C) = (softmax - smoothed one-hot) * grad_rows.
-  m.def("xent_bwd(Tensor grad_rows, Tensor logits, Tensor target, Tensor lse, int ignore_index, "
-        "float label_smoothing) -> Tensor");
+  // logits (N, C), target (N,) int64; reduction 0 = none, 1 = mean, 2 = sum (at::Reduction's numbers).
+  // Returns the loss, (N,) for none and () otherwise, and the row log-sum-exp (N,), float32 (float64).
+  m.def("xent_fwd(Tensor logits, Tensor target, int ignore_index, float label_smoothing, int reduction) "
+        "-> (Tensor, Tensor)");
+  // grad: dL/d(loss), (N,) for none and () otherwise. Returns dlogits (N, C) = (softmax - smoothed
+  // one-hot) * the row's weight (grad_n, grad, or grad / number of rows not ignored).
+  m.def("xent_bwd(Tensor grad, Tensor logits, Tensor target, Tensor lse, int ignore_index, "
+        "float label_smoothing, int reduction) -> Tensor");
   // AdamW's update of one parameter in place (CPU): param, exp_avg, exp_avg_sq are written.
   m.def("adamw_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, float lr, "
         "float beta1, float beta2, float eps, float weight_decay, int step) -> ()");

@@ -10,8 +10,11 @@ with CUDA. This module loads them, in this order:
 3. neither: ``fused_attention`` and ``softmax_cross_entropy`` run plain PyTorch ops instead, and
    one warning says why. ``minift doctor`` reports which of the three is active.
 
-It registers for each forward op a fake (meta) implementation, so torch.compile and
-``torch.library.opcheck`` can trace it, and its backward with ``torch.library.register_autograd``.
+Each op has a fake (meta) implementation registered here, so torch.compile and
+``torch.library.opcheck`` can trace it. The backward of each forward op is wired up in C++
+(csrc/autograd.cpp, a kernel for the Autograd dispatch key) rather than with
+``torch.library.register_autograd``: that Python layer runs on every call and cost more than the
+cross-entropy kernels themselves on a small batch.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 _state = {"mode": None, "reason": "", "registered": False}
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # the xent ops' reduction argument (at::Reduction's numbers)
 
 
 def _source_dir() -> Path:
@@ -79,6 +83,8 @@ def extension_status() -> dict:
 
 
 def extension_available() -> bool:
+    if _state["mode"] is not None:  # the common case, on every op call: no dispatcher query
+        return True
     return extension_status()["mode"] is not None
 
 
@@ -90,7 +96,7 @@ def _require_extension(what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# Fake implementations and autograd
+# Fake implementations (the autograd wiring is in csrc/autograd.cpp)
 # ------------------------------------------------------------------------------------------
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -111,12 +117,13 @@ def _register() -> None:
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     @torch.library.register_fake("minift::xent_fwd")
-    def _(logits, target, ignore_index, label_smoothing):
+    def _(logits, target, ignore_index, label_smoothing, reduction):
         n = logits.shape[0]
-        return logits.new_empty((n,), dtype=_acc_dtype(logits)), logits.new_empty((n,), dtype=_acc_dtype(logits))
+        loss_shape = (n,) if reduction == _REDUCTIONS["none"] else ()
+        return logits.new_empty(loss_shape, dtype=_acc_dtype(logits)), logits.new_empty((n,), dtype=_acc_dtype(logits))
 
     @torch.library.register_fake("minift::xent_bwd")
-    def _(grad_rows, logits, target, lse, ignore_index, label_smoothing):
+    def _(grad, logits, target, lse, ignore_index, label_smoothing, reduction):
         return torch.empty_like(logits)
 
     @torch.library.register_fake("minift::dropout_fwd")
@@ -127,44 +134,9 @@ def _register() -> None:
     def _(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
         return None
 
-    def dropout_setup(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
-        ctx.scale = 1.0 / (1.0 - inputs[1])
-
-    def dropout_backward(ctx, dy, dkeep):
-        keep, = ctx.saved_tensors
-        return torch.ops.aten.native_dropout_backward(dy, keep, ctx.scale), None, None, None
-
-    torch.library.register_autograd("minift::dropout_fwd", dropout_backward, setup_context=dropout_setup)
-
     @torch.library.register_fake("minift::dropout_mask")
     def _(like, B, H, Tq, Tk, p, seed, offset):
         return like.new_empty((B, H, Tq, Tk), dtype=torch.bool)
-
-    def attn_setup(ctx, inputs, output):
-        q, k, v, mask, dropout_p, scale, seed, offset = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.args = (dropout_p, scale, seed, offset)
-
-    def attn_backward(ctx, dout, dlse):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        dq, dk, dv = torch.ops.minift.attention_bwd(dout.contiguous(), q, k, v, out, lse, mask, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
-
-    torch.library.register_autograd("minift::attention_fwd", attn_backward, setup_context=attn_setup)
-
-    def xent_setup(ctx, inputs, output):
-        logits, target, ignore_index, label_smoothing = inputs
-        ctx.save_for_backward(logits, target, output[1])
-        ctx.args = (ignore_index, label_smoothing)
-
-    def xent_backward(ctx, dloss_rows, dlse):
-        logits, target, lse = ctx.saved_tensors
-        g = dloss_rows.to(lse.dtype).contiguous()
-        return torch.ops.minift.xent_bwd(g, logits, target, lse, *ctx.args), None, None, None
-
-    torch.library.register_autograd("minift::xent_fwd", xent_backward, setup_context=xent_setup)
 
 
 # ------------------------------------------------------------------------------------------
@@ -241,10 +213,6 @@ def softmax_cross_entropy(logits, target, ignore_index: int = -100, label_smooth
     if not extension_available():
         return F.cross_entropy(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
                                reduction=reduction)
-    rows, _ = torch.ops.minift.xent_fwd(logits.contiguous(), target.contiguous(), int(ignore_index),
-                                        float(label_smoothing))
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / (target != ignore_index).sum().clamp(min=1)
+    loss, _ = torch.ops.minift.xent_fwd(logits.contiguous(), target.contiguous(), int(ignore_index),
+                                        float(label_smoothing), _REDUCTIONS[reduction])
+    return loss

@@ -130,11 +130,16 @@ def test_attention_low_precision_cpu_within_2x_torch(dtype):
     assert err <= 2 * base, (err, base)
 
 
+# C <= 16 goes through the CPU's short-row walker (C <= 8 in the backward), longer rows one by one;
+# N = 1500 splits the rows across threads.
+XENT_SHAPES = [(37, 29), (41, 2), (23, 9), (19, 16), (19, 17), (1500, 3)]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_cross_entropy_fp32_equals_reference(device, reduction, smoothing):
-    N, C = 37, 29
+@pytest.mark.parametrize("N,C", XENT_SHAPES)
+def test_cross_entropy_fp32_equals_reference(device, reduction, smoothing, N, C):
     z = rnd(N, C, dtype=torch.float32, device=device, scale=3.0).requires_grad_()
     g = torch.Generator().manual_seed(1)
     t = torch.randint(0, C, (N,), generator=g)
@@ -212,7 +217,27 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.minift.attention_fwd.default, (q, k, v, None, 0.1, 0.2, 7, 1))
     z = rnd(6, 4, dtype=torch.float32).requires_grad_()
     t = torch.tensor([0, 1, -100, 3, 2, 1])
-    torch.library.opcheck(torch.ops.minift.xent_fwd.default, (z, t, -100, 0.1))
+    for reduction in (0, 1, 2):  # none, mean, sum
+        torch.library.opcheck(torch.ops.minift.xent_fwd.default, (z, t, -100, 0.1, reduction))
+
+
+def test_cross_entropy_mean_is_the_same_on_any_thread_count():
+    """The mean/sum adds the rows in row order, so the loss does not depend on how the rows were
+    split across threads."""
+    z = rnd(3000, 5, dtype=torch.float32, scale=2.0)
+    t = torch.randint(0, 5, (3000,), generator=torch.Generator().manual_seed(4))
+    t[::7] = -100
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.softmax_cross_entropy(z, t)
+        torch.set_num_threads(2)
+        two = ops.softmax_cross_entropy(z, t)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    ref = F.cross_entropy(z.double(), t)
+    assert abs(one.item() - ref.item()) <= 1e-6 * ref.item()
 
 
 BAD_ATTENTION = [
@@ -252,6 +277,7 @@ BAD_XENT = [
     ("out of range", lambda z, t: (z, t.clone().fill_(9)), "targets in \\[0, 5\\)"),
     ("non-contiguous", lambda z, t: (z.t(), t), "contiguous"),
     ("empty", lambda z, t: (z[:0], t[:0]), "non-empty"),
+    ("reduction", lambda z, t: (z, t), "expected reduction 0 \\(none\\), 1 \\(mean\\) or 2 \\(sum\\), got 3"),
 ]
 
 
@@ -261,7 +287,7 @@ def test_cross_entropy_bad_input(name, make, msg):
     t = torch.tensor([0, 1, 2, 3, 4])
     z, t = make(z, t)
     with pytest.raises(RuntimeError, match=msg):
-        torch.ops.minift.xent_fwd(z, t, -100, 0.0)
+        torch.ops.minift.xent_fwd(z, t, -100, 0.0, 3 if name == "reduction" else 1)
 
 
 def test_fused_model_equals_torch_on_minilm(batch):
