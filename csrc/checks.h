@@ -1,5 +1,6 @@
 // Argument checks shared by the CPU and CUDA glue: each says what was expected and what came.
 #pragma once
+#include <string>
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -90,6 +91,22 @@ enum XentReduction : int64_t { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 
 inline void check_reduction(int64_t reduction) {
   TORCH_CHECK(reduction >= kReduceNone && reduction <= kReduceSum,
               "softmax_cross_entropy: expected reduction 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+// The backward's grad: (N,) for reduction none, () for mean and sum; grad and lse in the loss's dtype acc.
+inline void check_xent_backward_inputs(const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& logits,
+                                       at::ScalarType acc, int64_t reduction) {
+  const int64_t N = logits.size(0);
+  const bool per_row = reduction == kReduceNone;
+  TORCH_CHECK((per_row ? grad.dim() == 1 && grad.size(0) == N : grad.dim() == 0) && grad.scalar_type() == acc &&
+                  grad.is_contiguous() && grad.device() == logits.device(),
+              "softmax_cross_entropy backward: expected a contiguous ", acc, " grad of shape ",
+              per_row ? "(" + std::to_string(N) + ",)" : std::string("() for reduction mean/sum"), " on ",
+              logits.device(), ", got ", grad.sizes(), " ", grad.scalar_type(), " on ", grad.device());
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == N && lse.scalar_type() == acc && lse.is_contiguous() &&
+                  lse.device() == logits.device(),
+              "softmax_cross_entropy backward: expected a contiguous ", acc, " lse of shape (", N, ",), got ",
+              lse.sizes(), " ", lse.scalar_type());
 }
 
 }  // namespace minift

@@ -221,14 +221,7 @@ at::Tensor xent_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const 
   const int64_t N = logits.size(0), C = logits.size(1);
   auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const bool per_row = reduction == kReduceNone;
-  TORCH_CHECK((per_row ? grad.dim() == 1 && grad.size(0) == N : grad.dim() == 0) && grad.scalar_type() == acc &&
-                  grad.is_contiguous() && grad.device() == logits.device(),
-              "softmax_cross_entropy backward: expected a contiguous ", acc, " grad of shape ",
-              per_row ? "(N,) = (" + std::to_string(N) + ",)" : std::string("() for reduction mean/sum"), ", got ",
-              grad.sizes(), " ", grad.scalar_type());
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == N && lse.scalar_type() == acc && lse.is_contiguous(),
-              "softmax_cross_entropy backward: expected lse of shape (", N, ") and dtype ", acc, ", got ",
-              lse.sizes(), " ", lse.scalar_type());
+  check_xent_backward_inputs(grad, lse, logits, acc, reduction);
   const int64_t* t = target.data_ptr<int64_t>();
   auto dz = maybe_poison(at::empty_like(logits));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "xent_bwd_cpu", [&] {

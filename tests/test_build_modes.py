@@ -1,5 +1,6 @@
 """The three build modes: ahead of time (minift._C), just in time (ninja), and the fallback."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -76,13 +77,39 @@ def test_just_in_time_build(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_cuda_kernels_compile_with_nvcc(tmp_path):
-    """The .cu file includes no torch header, so nvcc compiles it without a GPU or a CUDA torch."""
-    r = subprocess.run(["nvcc", "-c", str(ROOT / "csrc" / "cuda" / "kernels.cu"), "-std=c++17", "-O3",
+@pytest.mark.parametrize("name", ["kernels.cu", "xent.cu"])
+def test_cuda_kernels_compile_with_nvcc(tmp_path, name):
+    """The .cu files include no torch header, so nvcc compiles them without a GPU or a CUDA torch."""
+    assert sorted(p.name for p in (ROOT / "csrc" / "cuda").glob("*.cu")) == ["kernels.cu", "xent.cu"]
+    r = subprocess.run(["nvcc", "-c", str(ROOT / "csrc" / "cuda" / name), "-std=c++17", "-O3", "--use_fast_math",
                         "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
-                        "-o", str(tmp_path / "kernels.o")], capture_output=True, text=True, timeout=600)
+                        "-o", str(tmp_path / "out.o")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (tmp_path / "kernels.o").stat().st_size > 10_000
+    assert (tmp_path / "out.o").stat().st_size > 10_000
+
+
+def _cuda_include_dir():
+    """Where nvcc finds cuda_runtime.h, from its own dry run."""
+    r = subprocess.run(["nvcc", "--dryrun", "-c", "probe.cu"], capture_output=True, text=True, timeout=60)
+    m = re.search(r'INCLUDES="-I([^"]+)"', r.stdout + r.stderr)
+    return Path(m.group(1)) if m else None
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("c++") is None, reason="needs nvcc and c++")
+def test_cuda_glue_compiles(tmp_path):
+    """cuda_ops.cpp (argument checks, registration for the CUDA key) against torch's c10/cuda headers
+    and the CUDA runtime headers: a compile check without a CUDA build of torch. A CPU build of torch
+    lacks one generated header, c10/cuda/impl/cuda_cmake_macros.h; an empty stand-in takes its place."""
+    from torch.utils.cpp_extension import include_paths
+    cuda_include = _cuda_include_dir()
+    assert cuda_include is not None and (cuda_include / "cuda_runtime_api.h").is_file(), cuda_include
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    cmd = ["c++", "-std=c++17", "-fsyntax-only", *[f"-I{p}" for p in include_paths()], f"-I{cuda_include}",
+           f"-I{tmp_path}", f"-I{ROOT / 'csrc'}", "-DMINIFT_WITH_CUDA", str(ROOT / "csrc" / "cuda" / "cuda_ops.cpp")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 def test_doctor_reports_mode(capsys):

@@ -1,6 +1,8 @@
 """The compiled kernels (minift._C) against the hand-derived reference and PyTorch, on the CPU
 (and on CUDA when there is a GPU: the same tests, parametrised by device)."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -131,8 +133,9 @@ def test_attention_low_precision_cpu_within_2x_torch(dtype):
 
 
 # C <= 16 goes through the CPU's short-row walker (C <= 8 in the backward), longer rows one by one;
-# N = 1500 splits the rows across threads.
-XENT_SHAPES = [(37, 29), (41, 2), (23, 9), (19, 16), (19, 17), (1500, 3)]
+# N = 1500 splits the rows across threads. On CUDA, C <= 1024 takes a warp per row and longer rows
+# a block; C = 2051 starts most rows off a 16-byte boundary (a scalar head before the vectors).
+XENT_SHAPES = [(37, 29), (41, 2), (23, 9), (19, 16), (19, 17), (1500, 3), (6, 2051)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -176,14 +179,36 @@ def test_cross_entropy_all_ignored_and_huge_logits():
     assert torch.isfinite(torch.autograd.grad(loss, big)[0]).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cross_entropy_low_precision_within_2x_torch(dtype):
-    z = rnd(64, 300, scale=4.0)
-    t = torch.randint(0, 300, (64,), generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("C", [300, 2051])
+def test_cross_entropy_low_precision_within_2x_torch(device, dtype, C):
+    z = rnd(64, C, scale=4.0)
+    t = torch.randint(0, C, (64,), generator=torch.Generator().manual_seed(3))
     ref = F.cross_entropy(z, t, reduction="none")
-    ours = ops.softmax_cross_entropy(z.to(dtype), t, reduction="none").double()
-    theirs = F.cross_entropy(z.to(dtype), t, reduction="none").double()
+    zl, tl = z.to(device=device, dtype=dtype), t.to(device)
+    ours = ops.softmax_cross_entropy(zl, tl, reduction="none").double().cpu()
+    theirs = F.cross_entropy(zl, tl, reduction="none").double().cpu()
     assert (ours - ref).abs().max() <= 2 * (theirs - ref).abs().max() + 1e-6
+    # the gradient, against float64, next to PyTorch's own in the same dtype
+    zr = z.clone().requires_grad_()
+    (dref,) = torch.autograd.grad(F.cross_entropy(zr, t), zr)
+    zo, zt = zl.clone().requires_grad_(), zl.clone().requires_grad_()
+    (dours,) = torch.autograd.grad(ops.softmax_cross_entropy(zo, tl), zo)
+    (dtheirs,) = torch.autograd.grad(F.cross_entropy(zt, tl), zt)
+    err, base = (dours.double().cpu() - dref).abs().max(), (dtheirs.double().cpu() - dref).abs().max()
+    assert err <= 2 * base + 1e-7, (err, base)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+def test_cross_entropy_bad_target_stops_the_cuda_kernel():
+    """On the GPU the targets are checked inside the kernel, which stops with a message; the CUDA
+    context is then unusable, so this runs in its own process."""
+    code = ("import torch; from minift import ops; z = torch.randn(4, 5, device='cuda'); "
+            "t = torch.tensor([0, 1, 9, 2], device='cuda'); ops.softmax_cross_entropy(z, t); torch.cuda.synchronize()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "expected targets in [0, 5) or ignore_index -100, got 9 at row 2" in r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,8 +1,8 @@
 // Torch glue for the CUDA kernels: argument checks, dtype choice, the current stream, and the
 // registration of the kernels for the CUDA dispatch key. Compiled only in CUDA builds.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../checks.h"
@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   check_cuda(cuda::attention_fwd(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(),
                                  mask.has_value() ? mask->data_ptr<bool>() : nullptr, out.data_ptr(),
                                  lse.data_ptr<float>(), shape_of(q, k), (float)scale, (float)dropout_p,
-                                 (uint64_t)seed, (uint64_t)offset, at::cuda::getCurrentCUDAStream()),
+                                 (uint64_t)seed, (uint64_t)offset, c10::cuda::getCurrentCUDAStream()),
              "attention forward");
   return {out, lse};
 }
@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
                                  lse.data_ptr<float>(), mask.has_value() ? mask->data_ptr<bool>() : nullptr,
                                  dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dk_acc.data_ptr<float>(),
                                  dv_acc.data_ptr<float>(), shape_of(q, k), (float)scale, (float)dropout_p,
-                                 (uint64_t)seed, (uint64_t)offset, at::cuda::getCurrentCUDAStream()),
+                                 (uint64_t)seed, (uint64_t)offset, c10::cuda::getCurrentCUDAStream()),
              "attention backward");
   return {dq, dk, dv};
 }
@@ -76,41 +76,43 @@ at::Tensor dropout_mask_cuda(const at::Tensor& like, int64_t B, int64_t H, int64
   c10::cuda::CUDAGuard guard(like.device());
   auto keep = at::empty({B, H, Tq, Tk}, like.options().dtype(at::kBool));
   check_cuda(cuda::dropout_mask(keep.data_ptr<bool>(), keep.numel(), (float)p, (uint64_t)seed, (uint64_t)offset,
-                                at::cuda::getCurrentCUDAStream()),
+                                c10::cuda::getCurrentCUDAStream()),
              "dropout_mask");
   return keep;
 }
 
+// Targets are checked on the GPU, inside the kernel (see xent.cu): a host-side check would wait for
+// the GPU on every call.
 std::tuple<at::Tensor, at::Tensor> xent_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                                 int64_t ignore_index, double label_smoothing) {
+                                                 int64_t ignore_index, double label_smoothing, int64_t reduction) {
   check_xent_inputs(logits, target, label_smoothing, at::kCUDA);
+  check_reduction(reduction);
   auto dt = cuda_dtype(logits, "softmax_cross_entropy");
   const int64_t N = logits.size(0), C = logits.size(1);
-  auto bad = (target != ignore_index) & ((target < 0) | (target >= C));
-  TORCH_CHECK(!bad.any().item<bool>(), "softmax_cross_entropy: expected targets in [0, ", C, ") or ignore_index ",
-              ignore_index);
   c10::cuda::CUDAGuard guard(logits.device());
-  auto loss = maybe_poison(at::empty({N}, logits.options().dtype(at::kFloat)));
+  auto rows = maybe_poison(at::empty({N}, logits.options().dtype(at::kFloat)));
   auto lse = maybe_poison(at::empty({N}, logits.options().dtype(at::kFloat)));
-  check_cuda(cuda::xent_fwd(dt, logits.data_ptr(), target.data_ptr<int64_t>(), loss.data_ptr<float>(),
-                            lse.data_ptr<float>(), N, C, ignore_index, (float)label_smoothing,
-                            at::cuda::getCurrentCUDAStream()),
+  auto loss = reduction == kReduceNone ? rows : maybe_poison(at::empty({}, logits.options().dtype(at::kFloat)));
+  check_cuda(cuda::xent_fwd(dt, logits.data_ptr(), target.data_ptr<int64_t>(), rows.data_ptr<float>(),
+                            lse.data_ptr<float>(), reduction == kReduceNone ? nullptr : loss.data_ptr<float>(), N, C,
+                            ignore_index, (float)label_smoothing, (int)reduction, c10::cuda::getCurrentCUDAStream()),
              "softmax_cross_entropy forward");
   return {loss, lse};
 }
 
-at::Tensor xent_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
-                         const at::Tensor& lse, int64_t ignore_index, double label_smoothing) {
+at::Tensor xent_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                         const at::Tensor& lse, int64_t ignore_index, double label_smoothing, int64_t reduction) {
   check_xent_inputs(logits, target, label_smoothing, at::kCUDA);
+  check_reduction(reduction);
+  check_xent_backward_inputs(grad, lse, logits, at::kFloat, reduction);
   auto dt = cuda_dtype(logits, "softmax_cross_entropy");
   const int64_t N = logits.size(0), C = logits.size(1);
-  TORCH_CHECK(grad_rows.scalar_type() == at::kFloat && grad_rows.numel() == N && grad_rows.is_contiguous(),
-              "softmax_cross_entropy backward: expected float32 grad_rows of shape (", N, ")");
   c10::cuda::CUDAGuard guard(logits.device());
   auto dz = maybe_poison(at::empty_like(logits));
-  check_cuda(cuda::xent_bwd(dt, grad_rows.data_ptr<float>(), logits.data_ptr(), target.data_ptr<int64_t>(),
-                            lse.data_ptr<float>(), dz.data_ptr(), N, C, ignore_index, (float)label_smoothing,
-                            at::cuda::getCurrentCUDAStream()),
+  auto weight = at::empty({1}, logits.options().dtype(at::kFloat));  // the mean's g / count
+  check_cuda(cuda::xent_bwd(dt, grad.data_ptr<float>(), logits.data_ptr(), target.data_ptr<int64_t>(),
+                            lse.data_ptr<float>(), dz.data_ptr(), weight.data_ptr<float>(), N, C, ignore_index,
+                            (float)label_smoothing, (int)reduction, c10::cuda::getCurrentCUDAStream()),
              "softmax_cross_entropy backward");
   return dz;
 }

@@ -1,4 +1,5 @@
-// CUDA kernels of minift: fused attention and fused softmax cross-entropy, forward and backward.
+// CUDA kernels of minift: fused attention, forward and backward, and the dropout mask
+// (the cross-entropy kernels are in xent.cu).
 //
 // Version 1, the readable baseline (a later version tiles keys through shared memory and uses
 // tensor cores; see benchmarks/RESULTS.md). It needs no torch header: raw pointers, sizes and a
@@ -16,25 +17,11 @@
 #include <stdint.h>
 
 #include "../philox.h"
+#include "common.cuh"
 #include "kernels.h"
 
 namespace minift {
 namespace cuda {
-
-template <typename T> __device__ __forceinline__ float to_f(T x);
-template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
 
 constexpr int kMaxPerLane = 8;  // D up to 256 in registers; larger D loops over chunks
 constexpr int kWarpsPerBlock = 4;
@@ -176,74 +163,6 @@ __global__ void dropout_mask_kernel(bool* keep, int64_t n, float p, uint64_t see
 }
 
 // ------------------------------------------------------------------------------------------
-// Softmax cross-entropy: one block per row
-// ------------------------------------------------------------------------------------------
-
-constexpr int kXentThreads = 256;
-
-__device__ float block_reduce(float x, bool is_max) {
-  __shared__ float shared[32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int o = 16; o > 0; o >>= 1) {
-    float y = __shfl_xor_sync(0xffffffffu, x, o);
-    x = is_max ? fmaxf(x, y) : x + y;
-  }
-  __syncthreads();
-  if (lane == 0) shared[warp] = x;
-  __syncthreads();
-  const int nwarps = blockDim.x / 32;
-  x = threadIdx.x < nwarps ? shared[threadIdx.x] : (is_max ? -INFINITY : 0.f);
-  if (warp == 0) {
-    for (int o = 16; o > 0; o >>= 1) {
-      float y = __shfl_xor_sync(0xffffffffu, x, o);
-      x = is_max ? fmaxf(x, y) : x + y;
-    }
-    if (lane == 0) shared[0] = x;
-  }
-  __syncthreads();
-  return shared[0];
-}
-
-template <typename T>
-__global__ void xent_fwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ target, float* __restrict__ loss,
-                                float* __restrict__ lse, int64_t C, int64_t ignore_index, float eps) {
-  const int64_t n = blockIdx.x;
-  const T* row = z + n * C;
-  float m = -INFINITY, sum_z = 0.f;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    float x = to_f(row[c]);
-    m = fmaxf(m, x);
-    sum_z += x;
-  }
-  m = block_reduce(m, true);
-  sum_z = block_reduce(sum_z, false);
-  float s = 0.f;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) s += __expf(to_f(row[c]) - m);
-  s = block_reduce(s, false);
-  if (threadIdx.x == 0) {
-    const float l = m + __logf(s);                                     // lse = m + log sum e^{z - m}
-    lse[n] = l;
-    const int64_t y = target[n];
-    loss[n] = (y == ignore_index) ? 0.f : (1.f - eps) * (l - to_f(row[y])) + eps * (l - sum_z / (float)C);
-  }
-}
-
-template <typename T>
-__global__ void xent_bwd_kernel(const float* __restrict__ g, const T* __restrict__ z,
-                                const int64_t* __restrict__ target, const float* __restrict__ lse, T* __restrict__ dz,
-                                int64_t C, int64_t ignore_index, float eps) {
-  const int64_t n = blockIdx.x;
-  const int64_t y = target[n];
-  const T* row = z + n * C;
-  T* drow = dz + n * C;
-  const float gn = (y == ignore_index) ? 0.f : g[n], l = lse[n], smooth = eps / (float)C;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    float pc = __expf(to_f(row[c]) - l);                               // softmax_c
-    drow[c] = from_f<T>((pc - smooth - (c == y ? 1.f - eps : 0.f)) * gn);  // (p - q) g_n
-  }
-}
-
-// ------------------------------------------------------------------------------------------
 // Launchers
 // ------------------------------------------------------------------------------------------
 
@@ -311,42 +230,6 @@ cudaError_t dropout_mask(bool* keep, int64_t n, float p, uint64_t seed, uint64_t
   if (n == 0) return cudaSuccess;
   const int blocks = (int)((n + 255) / 256 < 65535 ? (n + 255) / 256 : 65535);
   dropout_mask_kernel<<<blocks, 256, 0, stream>>>(keep, n, p, seed, offset);
-  return cudaGetLastError();
-}
-
-cudaError_t xent_fwd(DType dt, const void* z, const int64_t* target, float* loss, float* lse, int64_t N, int64_t C,
-                     int64_t ignore_index, float eps, cudaStream_t stream) {
-  switch (dt) {
-    case DType::F32:
-      xent_fwd_kernel<float><<<N, kXentThreads, 0, stream>>>((const float*)z, target, loss, lse, C, ignore_index, eps);
-      break;
-    case DType::F16:
-      xent_fwd_kernel<__half><<<N, kXentThreads, 0, stream>>>((const __half*)z, target, loss, lse, C, ignore_index, eps);
-      break;
-    case DType::BF16:
-      xent_fwd_kernel<__nv_bfloat16><<<N, kXentThreads, 0, stream>>>((const __nv_bfloat16*)z, target, loss, lse, C,
-                                                                     ignore_index, eps);
-      break;
-  }
-  return cudaGetLastError();
-}
-
-cudaError_t xent_bwd(DType dt, const float* g, const void* z, const int64_t* target, const float* lse, void* dz,
-                     int64_t N, int64_t C, int64_t ignore_index, float eps, cudaStream_t stream) {
-  switch (dt) {
-    case DType::F32:
-      xent_bwd_kernel<float><<<N, kXentThreads, 0, stream>>>(g, (const float*)z, target, lse, (float*)dz, C,
-                                                            ignore_index, eps);
-      break;
-    case DType::F16:
-      xent_bwd_kernel<__half><<<N, kXentThreads, 0, stream>>>(g, (const __half*)z, target, lse, (__half*)dz, C,
-                                                             ignore_index, eps);
-      break;
-    case DType::BF16:
-      xent_bwd_kernel<__nv_bfloat16><<<N, kXentThreads, 0, stream>>>(g, (const __nv_bfloat16*)z, target, lse,
-                                                                    (__nv_bfloat16*)dz, C, ignore_index, eps);
-      break;
-  }
   return cudaGetLastError();
 }
 

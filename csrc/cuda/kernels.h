@@ -1,4 +1,4 @@
-// The launchers of kernels.cu: raw pointers, sizes and a stream, no torch types.
+// The launchers of kernels.cu and xent.cu: raw pointers, sizes and a stream, no torch types.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -22,10 +22,16 @@ cudaError_t attention_bwd(DType dt, const void* dout, const void* q, const void*
                           float* dv_acc, AttnShape s, float scale, float p, uint64_t seed, uint64_t offset,
                           cudaStream_t stream);
 cudaError_t dropout_mask(bool* keep, int64_t n, float p, uint64_t seed, uint64_t offset, cudaStream_t stream);
-cudaError_t xent_fwd(DType dt, const void* z, const int64_t* target, float* loss, float* lse, int64_t N, int64_t C,
-                     int64_t ignore_index, float eps, cudaStream_t stream);
-cudaError_t xent_bwd(DType dt, const float* g, const void* z, const int64_t* target, const float* lse, void* dz,
-                     int64_t N, int64_t C, int64_t ignore_index, float eps, cudaStream_t stream);
+// The reduction argument of the cross-entropy, with at::Reduction's numbers.
+constexpr int kReductionNone = 0, kReductionMean = 1, kReductionSum = 2;
+
+// z (N, C) -> rows (N,) per-row losses and lse (N,); for mean/sum also loss[0] (rows is then scratch).
+cudaError_t xent_fwd(DType dt, const void* z, const int64_t* target, float* rows, float* lse, float* loss, int64_t N,
+                     int64_t C, int64_t ignore_index, float eps, int reduction, cudaStream_t stream);
+// grad (N,) for none, (1,) otherwise -> dz (N, C); weight: one float of scratch, used by the mean.
+cudaError_t xent_bwd(DType dt, const float* grad, const void* z, const int64_t* target, const float* lse, void* dz,
+                     float* weight, int64_t N, int64_t C, int64_t ignore_index, float eps, int reduction,
+                     cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace minift

@@ -1,0 +1,303 @@
+// CUDA kernels of the fused softmax cross-entropy, version 2: one read of the logits per pass.
+//
+// The math is cross_entropy.cpp's. Row n, target y, label smoothing eps, C classes:
+//   lse = m + log sum_c e^{z_c - m},  loss_n = (1 - eps)(lse - z_y) + eps (lse - mean_c z_c)
+//   dz_c = (e^{z_c - lse} - eps/C - (1 - eps)[c = y]) * w_n
+// with w_n = g_n (reduction none), g (sum) or g / #rows not ignored (mean).
+//
+// Memory is the floor: the forward reads N*C logits once, the backward reads them once more and
+// writes N*C gradients. Version 1 read each row three times (max, then sum_z, then the exps).
+// Here each thread keeps an online (max, sum) pair, rescaling its sum when its max grows:
+//   m' = max(m, x),  s' = s e^{m - m'} + e^{x - m'}
+// and the threads of a row merge their pairs the same way at the end. Loads are 16 bytes wide
+// (4 floats or 8 halves): a row of a (N, 30522) matrix starts at any 4-byte boundary, so each row
+// walks a short scalar head up to the first 16-byte boundary, then whole vectors, then a scalar tail.
+//
+// Threads per row: a warp (32) when C <= 1024, eight rows to a block of 256; a whole block of 256
+// for longer rows. A target outside [0, C) that is not ignore_index stops the kernel with a message
+// (printf, then __trap, as PyTorch's own device-side asserts do) instead of a host check that would
+// wait for the GPU on every call.
+//
+// The mean and sum are one more block: it adds the row losses in a fixed order (the same result on
+// every run) and counts the rows not ignored. No torch header, so `nvcc -c` compiles this file.
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "common.cuh"
+#include "kernels.h"
+
+namespace minift {
+namespace cuda {
+
+constexpr int kXentBlock = 256;
+constexpr int kReduceBlock = 1024;
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// Sum (or max, or a merged online-softmax pair) over the TPR threads of one row: a warp shuffle,
+// then, when a row has several warps, shared memory across them. Every thread gets the result.
+template <int TPR>
+__device__ __forceinline__ float group_sum(float x, float* shared) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  if constexpr (TPR > 32) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) shared[warp] = x;
+    __syncthreads();
+    x = lane < TPR / 32 ? shared[lane] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  }
+  return x;
+}
+
+// (m, s) with s = sum e^{x - m}; merging two keeps the larger max. m = -inf means "nothing yet".
+struct MaxSum {
+  float m, s;
+};
+
+__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
+  const float m = fmaxf(a.m, b.m);
+  if (m == -INFINITY) return {m, 0.f};
+  return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
+}
+
+template <int TPR>
+__device__ __forceinline__ MaxSum group_merge(MaxSum x, float* shared_m, float* shared_s) {
+  for (int o = 16; o > 0; o >>= 1) {
+    MaxSum y{__shfl_xor_sync(0xffffffffu, x.m, o), __shfl_xor_sync(0xffffffffu, x.s, o)};
+    x = merge(x, y);
+  }
+  if constexpr (TPR > 32) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) {
+      shared_m[warp] = x.m;
+      shared_s[warp] = x.s;
+    }
+    __syncthreads();
+    x = lane < TPR / 32 ? MaxSum{shared_m[lane], shared_s[lane]} : MaxSum{-INFINITY, 0.f};
+    for (int o = 16; o > 0; o >>= 1) {
+      MaxSum y{__shfl_xor_sync(0xffffffffu, x.m, o), __shfl_xor_sync(0xffffffffu, x.s, o)};
+      x = merge(x, y);
+    }
+  }
+  return x;
+}
+
+// Elements before the first 16-byte boundary of row (at most VEC - 1 of them, at most C).
+template <typename T, int VEC>
+__device__ __forceinline__ int64_t head_of(const T* row, int64_t C) {
+  if (VEC == 1) return 0;
+  const int64_t h = (int64_t)((16 - ((uintptr_t)row & 15)) & 15) / (int64_t)sizeof(T);
+  return h < C ? h : C;
+}
+
+// Adds x[0..count) to a thread's online pair: one rescale per vector, one exp per element.
+template <int K>
+__device__ __forceinline__ void absorb(MaxSum& st, float& sum_z, const float (&x)[K], int count) {
+  float vmax = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < K; ++j)
+    if (j < count) vmax = fmaxf(vmax, x[j]);
+  const float m = fmaxf(st.m, vmax);
+  if (m == -INFINITY) return;                                        // only -inf so far: nothing to add
+  float s = st.s * __expf(st.m - m);
+#pragma unroll
+  for (int j = 0; j < K; ++j)
+    if (j < count) {
+      s += __expf(x[j] - m);
+      sum_z += x[j];
+    }
+  st = {m, s};
+}
+
+template <typename T, int TPR, int VEC>
+__global__ void __launch_bounds__(kXentBlock)
+    xent_fwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ target, float* __restrict__ rows,
+                    float* __restrict__ lse, int64_t N, int64_t C, int64_t ignore_index, float eps) {
+  __shared__ float shared_m[32], shared_s[32];
+  const int lane = threadIdx.x % TPR;
+  const int64_t n = (int64_t)blockIdx.x * (kXentBlock / TPR) + threadIdx.x / TPR;
+  if (n >= N) return;                                                // a whole row group leaves together
+  const int64_t y = target[n];
+  if (y != ignore_index && (y < 0 || y >= C)) {
+    if (lane == 0)
+      printf("minift softmax_cross_entropy: expected targets in [0, %lld) or ignore_index %lld, got %lld at row %lld\n",
+             (long long)C, (long long)ignore_index, (long long)y, (long long)n);
+    __trap();
+  }
+  const T* row = z + n * C;
+  MaxSum st{-INFINITY, 0.f};
+  float sum_z = 0.f;
+  const int64_t head = head_of<T, VEC>(row, C);
+  const int64_t nvec = (C - head) / VEC;
+  for (int64_t c = lane; c < head; c += TPR) absorb<1>(st, sum_z, {to_f(row[c])}, 1);
+  const Pack<T, VEC>* body = reinterpret_cast<const Pack<T, VEC>*>(row + head);
+  for (int64_t i = lane; i < nvec; i += TPR) {
+    const Pack<T, VEC> p = body[i];
+    float x[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) x[j] = to_f(p.v[j]);
+    absorb<VEC>(st, sum_z, x, VEC);
+  }
+  for (int64_t c = head + nvec * VEC + lane; c < C; c += TPR) absorb<1>(st, sum_z, {to_f(row[c])}, 1);
+  st = group_merge<TPR>(st, shared_m, shared_s);
+  if (eps > 0.f) sum_z = group_sum<TPR>(sum_z, shared_m);
+  if (lane == 0) {
+    const float l = st.m + __logf(st.s);                               // lse = m + log sum e^{z - m}
+    lse[n] = l;
+    rows[n] = y == ignore_index ? 0.f : (1.f - eps) * (l - to_f(row[y])) + eps * (l - sum_z / (float)C);
+  }
+}
+
+// One element of the gradient: (p - q) w, or 0 for an ignored row.
+__device__ __forceinline__ float grad_of(float x, int64_t c, int64_t y, float l, float smooth, float hit, float w) {
+  return (__expf(x - l) - smooth - (c == y ? hit : 0.f)) * w;
+}
+
+template <typename T, int TPR, int VEC>
+__global__ void __launch_bounds__(kXentBlock)
+    xent_bwd_kernel(const float* __restrict__ w, int64_t w_stride, const T* __restrict__ z,
+                    const int64_t* __restrict__ target, const float* __restrict__ lse, T* __restrict__ dz, int64_t N,
+                    int64_t C, int64_t ignore_index, float eps) {
+  const int lane = threadIdx.x % TPR;
+  const int64_t n = (int64_t)blockIdx.x * (kXentBlock / TPR) + threadIdx.x / TPR;
+  if (n >= N) return;
+  const int64_t y = target[n];
+  const bool ignored = y == ignore_index;
+  const float g = ignored ? 0.f : w[n * w_stride], l = lse[n], smooth = eps / (float)C, hit = 1.f - eps;
+  const T* row = z + n * C;
+  T* drow = dz + n * C;
+  const int64_t head = head_of<T, VEC>(row, C);                       // dz rows share z's alignment
+  const int64_t nvec = (C - head) / VEC;
+  for (int64_t c = lane; c < head; c += TPR)
+    drow[c] = from_f<T>(ignored ? 0.f : grad_of(to_f(row[c]), c, y, l, smooth, hit, g));
+  const Pack<T, VEC>* body = reinterpret_cast<const Pack<T, VEC>*>(row + head);
+  Pack<T, VEC>* dbody = reinterpret_cast<Pack<T, VEC>*>(drow + head);
+  for (int64_t i = lane; i < nvec; i += TPR) {
+    const Pack<T, VEC> p = body[i];
+    Pack<T, VEC> d;
+    const int64_t c0 = head + i * VEC;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) d.v[j] = from_f<T>(ignored ? 0.f : grad_of(to_f(p.v[j]), c0 + j, y, l, smooth, hit, g));
+    dbody[i] = d;
+  }
+  for (int64_t c = head + nvec * VEC + lane; c < C; c += TPR)
+    drow[c] = from_f<T>(ignored ? 0.f : grad_of(to_f(row[c]), c, y, l, smooth, hit, g));
+}
+
+// One block: the sum of the row losses in a fixed order and the number of rows not ignored.
+// out[0] = sum, or sum / max(count, 1) for the mean. With rows == nullptr it computes the mean's
+// backward weight instead: out[0] = grad[0] / max(count, 1).
+__global__ void __launch_bounds__(kReduceBlock)
+    xent_reduce_kernel(const float* __restrict__ rows, const float* __restrict__ grad,
+                       const int64_t* __restrict__ target, int64_t N, int64_t ignore_index, int reduction,
+                       float* __restrict__ out) {
+  __shared__ float shared_sum[32];
+  __shared__ long long shared_count[32];
+  float sum = 0.f;
+  long long count = 0;
+  for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
+    if (rows != nullptr) sum += rows[i];
+    count += target[i] != ignore_index;
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    count += __shfl_xor_sync(0xffffffffu, count, o);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    shared_sum[warp] = sum;
+    shared_count[warp] = count;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    sum = 0.f;
+    count = 0;
+    for (int k = 0; k < (int)(blockDim.x / 32); ++k) {                // warps in order: a fixed order of adds
+      sum += shared_sum[k];
+      count += shared_count[k];
+    }
+    const float kept = count > 0 ? (float)count : 1.f;
+    if (rows == nullptr) out[0] = grad[0] / kept;
+    else out[0] = reduction == kReductionMean ? sum / kept : sum;
+  }
+}
+
+template <typename T, int TPR, int VEC>
+static void launch_fwd(const void* z, const int64_t* target, float* rows, float* lse, int64_t N, int64_t C,
+                       int64_t ignore_index, float eps, cudaStream_t stream) {
+  const int64_t blocks = (N + kXentBlock / TPR - 1) / (kXentBlock / TPR);
+  xent_fwd_kernel<T, TPR, VEC><<<(unsigned)blocks, kXentBlock, 0, stream>>>((const T*)z, target, rows, lse, N, C,
+                                                                           ignore_index, eps);
+}
+
+template <typename T, int TPR, int VEC>
+static void launch_bwd(const float* w, int64_t w_stride, const void* z, const int64_t* target, const float* lse,
+                       void* dz, int64_t N, int64_t C, int64_t ignore_index, float eps, cudaStream_t stream) {
+  const int64_t blocks = (N + kXentBlock / TPR - 1) / (kXentBlock / TPR);
+  xent_bwd_kernel<T, TPR, VEC><<<(unsigned)blocks, kXentBlock, 0, stream>>>(w, w_stride, (const T*)z, target, lse,
+                                                                           (T*)dz, N, C, ignore_index, eps);
+}
+
+// The row width picks the threads per row; 16-byte vectors whenever the pointers allow them.
+template <typename T>
+static void dispatch_fwd(const void* z, const int64_t* target, float* rows, float* lse, int64_t N, int64_t C,
+                         int64_t ignore_index, float eps, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  if (C <= 1024) launch_fwd<T, 32, V>(z, target, rows, lse, N, C, ignore_index, eps, stream);
+  else launch_fwd<T, kXentBlock, V>(z, target, rows, lse, N, C, ignore_index, eps, stream);
+}
+
+template <typename T>
+static void dispatch_bwd(const float* w, int64_t w_stride, const void* z, const int64_t* target, const float* lse,
+                         void* dz, int64_t N, int64_t C, int64_t ignore_index, float eps, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  const bool same_alignment = ((uintptr_t)z & 15) == ((uintptr_t)dz & 15);
+  if (C <= 1024) {
+    if (same_alignment) launch_bwd<T, 32, V>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, stream);
+    else launch_bwd<T, 32, 1>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, stream);
+  } else {
+    if (same_alignment) launch_bwd<T, kXentBlock, V>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, stream);
+    else launch_bwd<T, kXentBlock, 1>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, stream);
+  }
+}
+
+cudaError_t xent_fwd(DType dt, const void* z, const int64_t* target, float* rows, float* lse, float* loss, int64_t N,
+                     int64_t C, int64_t ignore_index, float eps, int reduction, cudaStream_t stream) {
+  switch (dt) {
+    case DType::F32: dispatch_fwd<float>(z, target, rows, lse, N, C, ignore_index, eps, stream); break;
+    case DType::F16: dispatch_fwd<__half>(z, target, rows, lse, N, C, ignore_index, eps, stream); break;
+    case DType::BF16: dispatch_fwd<__nv_bfloat16>(z, target, rows, lse, N, C, ignore_index, eps, stream); break;
+  }
+  if (reduction != kReductionNone)
+    xent_reduce_kernel<<<1, kReduceBlock, 0, stream>>>(rows, nullptr, target, N, ignore_index, reduction, loss);
+  return cudaGetLastError();
+}
+
+cudaError_t xent_bwd(DType dt, const float* grad, const void* z, const int64_t* target, const float* lse, void* dz,
+                     float* weight, int64_t N, int64_t C, int64_t ignore_index, float eps, int reduction,
+                     cudaStream_t stream) {
+  const float* w = grad;
+  int64_t w_stride = reduction == kReductionNone ? 1 : 0;           // none: g_n per row; sum: g for all
+  if (reduction == kReductionMean) {                                 // mean: g / count, counted on the GPU
+    xent_reduce_kernel<<<1, kReduceBlock, 0, stream>>>(nullptr, grad, target, N, ignore_index, reduction, weight);
+    w = weight;
+  }
+  switch (dt) {
+    case DType::F32: dispatch_bwd<float>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, stream); break;
+    case DType::F16: dispatch_bwd<__half>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, stream); break;
+    case DType::BF16:
+      dispatch_bwd<__nv_bfloat16>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, stream);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace minift
