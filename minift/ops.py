@@ -168,20 +168,36 @@ def fused_attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, scal
     return out
 
 
+_kernels: dict = {}  # (op, device type) -> has a kernel
+
+
+def _has_kernel(op: str, device: torch.device) -> bool:
+    """Whether the compiled op has a kernel for this device (CUDA ones exist only in CUDA builds)."""
+    if device.type == "cpu":
+        return extension_available()
+    key = (op, device.type)
+    if key not in _kernels:
+        _kernels[key] = extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"minift::{op}", device.type.upper())
+    return _kernels[key]
+
+
 def fused_dropout(x, p: float, training: bool = True, generator=None):
-    """Inverted dropout with Philox bits, every CPU core drawing its share: the same result as
-    F.dropout in distribution, several times faster on the CPU (PyTorch draws its mask on one
-    thread). Elsewhere, or without the compiled kernels, it is F.dropout."""
+    """Inverted dropout with Philox bits, drawn in parallel: the same result as F.dropout in
+    distribution, several times faster on the CPU (PyTorch draws its mask on one thread), and the
+    same mask on the CPU and the GPU for the same seed. float64 on the GPU, or without the compiled
+    kernels, it is F.dropout."""
     if not training or p <= 0.0:
         return x
-    if x.device.type != "cpu" or not extension_available():
+    if not _has_kernel("dropout_fwd", x.device) or (x.device.type != "cpu" and x.dtype == torch.float64):
         return F.dropout(x, p, training=True)
     y, _ = torch.ops.minift.dropout_fwd(x.contiguous(), float(p), _seed(p, generator), 0)
     return y
 
 
 def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step) -> None:
-    """One AdamW update of a CPU float32/float64 parameter in place, in one pass over memory."""
+    """One AdamW update of a parameter in place, in one pass over memory: CPU float32/float64, or
+    CUDA float32 in a CUDA build."""
     _require_extension("adamw_step_")
     torch.ops.minift.adamw_step_(param, grad, exp_avg, exp_avg_sq, float(lr), float(beta1), float(beta2),
                                  float(eps), float(weight_decay), int(step))

@@ -58,9 +58,9 @@ class AdamW(torch.optim.Optimizer):
     \hat m_t = m_t / (1-\beta_1^t),  \hat v_t = v_t / (1-\beta_2^t)   (undo the bias toward m_0 = v_0 = 0)
     \theta_t = \theta_{t-1} - \eta \hat m_t / (\sqrt{\hat v_t} + \epsilon) - \eta \lambda \theta_{t-1}
 
-    With ``fused=True``, CPU float32/float64 parameters are updated by the compiled kernel
-    ``minift::adamw_step_`` (csrc/optim.cpp): the same arithmetic in one pass over memory instead
-    of eight, for training on the CPU. Other parameters take the loop below.
+    With ``fused=True``, CPU float32/float64 parameters (and CUDA float32 ones in a CUDA build) are
+    updated by the compiled kernel ``minift::adamw_step_`` (csrc/optim.cpp, csrc/cuda/elementwise.cu):
+    the same arithmetic in one pass over memory instead of eight. Other parameters take the loop below.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -71,9 +71,15 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self._compiled_step = None                  # fused=True: minift.ops.adamw_step_
         if fused:
-            from .ops import _require_extension, adamw_step_
+            from .ops import _has_kernel, _require_extension, adamw_step_
             _require_extension("AdamW(fused=True)")
-            self._compiled_step = adamw_step_
+            self._compiled_step, self._has_kernel = adamw_step_, _has_kernel
+
+    def _compiled_for(self, p) -> bool:
+        """The compiled update takes CPU float32/float64 and CUDA float32 parameters (CUDA builds)."""
+        if p.device.type == "cpu":
+            return p.dtype in (torch.float32, torch.float64)
+        return p.dtype == torch.float32 and self._has_kernel("adamw_step_", p.device)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -91,7 +97,7 @@ class AdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p)               # v_0 = 0
                 state["step"] += 1
                 t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-                if self._compiled_step and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64):
+                if self._compiled_step and self._compiled_for(p):
                     self._compiled_step(p, g.contiguous(), m, v, lr, b1, b2, eps, wd, t)   # the same, compiled
                     continue
                 m.lerp_(g, 1.0 - b1)                                        # m = b1 m + (1-b1) g

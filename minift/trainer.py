@@ -136,8 +136,8 @@ class Trainer:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         params = optim.param_groups(self.model, config.weight_decay)
-        # impl="fused" on the CPU: the compiled one-pass AdamW update too (the same arithmetic)
-        fused = self.model.config.impl == "fused" and self.device.type == "cpu" and extension_available()
+        # impl="fused": the compiled one-pass AdamW update too (the same arithmetic), where it has a kernel
+        fused = self.model.config.impl == "fused" and extension_available()
         self.optimizer = optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
         lengths = [len(x) for x in self.train_set.input_ids]
         self.lengths = lengths
@@ -316,7 +316,9 @@ class Trainer:
                         bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{n_seen / (time.time() - t0):.0f}")
                 dev = self.evaluate(self.dev_set)
                 self.epoch = e + 1
-                rec = {"epoch": self.epoch, "train_loss": sum(losses) / len(losses),
+                rec = {"epoch": self.epoch,                       # passes begun; the last may be partial
+                       "epochs_trained": round(self.schedule.last_step / self.steps_per_epoch, 3),
+                       "train_loss": sum(losses) / len(losses),
                        "dev_accuracy": dev["accuracy"], "dev_macro_f1": dev["macro_f1"],
                        "seconds": time.time() - t0}
                 self.history.epochs.append(rec)
@@ -411,9 +413,10 @@ def plot_history(history: History, path: Path) -> None:
         ax[0].plot(steps, smooth, lw=1.5, label=f"mean of {k + 1}")
     ax[0].set(xlabel="optimizer step", ylabel="training loss", title="training loss")
     ax[0].legend()
-    ep = [r["epoch"] for r in history.epochs]
+    # x: epochs trained (1.5 after a half pass), not the pass number, which would call it epoch 2
+    ep = [r.get("epochs_trained", r["epoch"]) for r in history.epochs]
     ax[1].plot(ep, [r["dev_accuracy"] for r in history.epochs], "o-")
-    ax[1].set(xlabel="epoch", ylabel="dev accuracy", title="dev accuracy", xticks=ep)
+    ax[1].set(xlabel="epochs trained", ylabel="dev accuracy", title="dev accuracy", xticks=ep)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

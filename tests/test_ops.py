@@ -69,20 +69,22 @@ def test_attention_gradcheck_with_dropout_fixed_seed():
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_dropout_uses_the_philox_stream(dtype):
-    """y = x keep / (1-p) with keep = element n of the stream (seed, 0); the gradient is masked alike."""
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), ("cpu", torch.float64)]
+                         + [(d, torch.float32) for d in DEVICES if d != "cpu"])
+def test_fused_dropout_uses_the_philox_stream(device, dtype):
+    """y = x keep / (1-p) with keep = element n of the stream (seed, 0), the CPU's mask on any
+    device; the gradient is masked alike."""
     p = 0.3
-    x = rnd(5, 7, 9, seed=4, dtype=dtype).requires_grad_()
+    x = rnd(5, 7, 9, seed=4, dtype=dtype, device=device).requires_grad_()
     torch.manual_seed(123)
     y = ops.fused_dropout(x, p)
     torch.manual_seed(123)
     seed = ops._seed(p, None)                                   # the seed the call above drew
-    keep = ops.dropout_mask(1, 1, 1, x.numel(), p, seed=seed).reshape(x.shape)
-    zero = torch.zeros((), dtype=dtype)
+    keep = ops.dropout_mask(1, 1, 1, x.numel(), p, seed=seed).reshape(x.shape).to(device)
+    zero = torch.zeros((), dtype=dtype, device=device)
     torch.testing.assert_close(y.detach(), torch.where(keep, x.detach() / (1 - p), zero))
     assert torch.equal(y.detach() != 0, keep)
-    dy = rnd(5, 7, 9, seed=5, dtype=dtype)
+    dy = rnd(5, 7, 9, seed=5, dtype=dtype, device=device)
     (dx,) = torch.autograd.grad(y, x, dy)
     torch.testing.assert_close(dx, torch.where(keep, dy / (1 - p), zero))
     assert abs(keep.float().mean().item() - (1 - p)) < 0.06

@@ -115,6 +115,31 @@ def test_fused_adamw_float64_and_bad_input():
         torch.ops.minift.adamw_step_(p, torch.zeros(4), torch.zeros(4), torch.zeros(4), 1e-3, 0.9, 0.999, 1e-8, 0.0, 0)
 
 
+def _cuda_adamw_kernel() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    from minift.ops import _has_kernel
+    return _has_kernel("adamw_step_", torch.device("cuda"))
+
+
+@pytest.mark.skipif(not _cuda_adamw_kernel(), reason="needs a GPU and the CUDA kernels")
+def test_fused_adamw_on_cuda_equals_torch():
+    """The CUDA kernel (csrc/cuda/elementwise.cu) against torch.optim.AdamW on the same GPU, and the
+    compiled step is the one that ran (the loop would pass too)."""
+    g = torch.Generator().manual_seed(6)
+    p1 = torch.nn.Parameter(torch.randn(1031, 7, generator=g).cuda())
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    o1 = optim.AdamW([p1], lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, fused=True)
+    o2 = torch.optim.AdamW([p2], lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+    assert o1._compiled_for(p1)
+    for _ in range(100):
+        grad = torch.randn(1031, 7, generator=g).cuda()
+        p1.grad, p2.grad = grad.clone(), grad.clone()
+        o1.step()
+        o2.step()
+    assert (p1 - p2).abs().max().item() <= 1e-6
+
+
 def test_coupled_and_decoupled_decay_differ_with_momentum():
     """With momentum, L2 decay (torch's SGD) and decoupled decay are different algorithms."""
     p1 = torch.nn.Parameter(torch.ones(3))

@@ -189,6 +189,7 @@ def test_fractional_epochs_train_part_of_the_last_one(tiny_model_dir, small_data
     per_epoch = half.steps_per_epoch                                 # 96 examples / 16 = 6
     assert half.total_steps == round(1.5 * per_epoch) == len(seen) == 9
     assert metrics["epochs_run"] == 2 and len(metrics["history"]) == 2
+    assert [r["epochs_trained"] for r in metrics["history"]] == [1.0, 1.5]   # the plot's x axis
     assert half.schedule.get_last_lr()[0] == 0.0
     two = make_trainer(tiny_model_dir, small_dataset, tmp_path / "two", epochs=2)
     full_order = []

@@ -81,9 +81,11 @@ assert abs(loss - ref).item() < 1e-12 and (grad - ref_grad).abs().max() < 1e-12
 # %% [markdown]
 # minift's kernel (csrc/cross_entropy.cpp) grows from this one: the rows run in parallel
 # (`at::parallel_for`), float16/bfloat16 inputs accumulate in float32, ignore_index and label
-# smoothing are handled, and the gradient is computed in the backward (so that any reduction,
-# and any incoming gradient, works). On the GPU (csrc/cuda/kernels.cu) one thread block takes a
-# row and reduces the max and the sum across its threads.
+# smoothing are handled, the mean or sum is taken inside the op, and the gradient is computed in
+# the backward (so that any incoming gradient works). csrc/autograd.cpp connects the two: it
+# tells PyTorch's autograd that the gradient of `xent_fwd` comes from `xent_bwd`. On the GPU
+# (csrc/cuda/xent.cu) a warp, or for long rows a whole thread block, takes a row and keeps the
+# online max and sum of the next section, so the row is read once.
 
 # %% [markdown]
 # ## The online softmax

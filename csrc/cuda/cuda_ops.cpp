@@ -117,12 +117,45 @@ at::Tensor xent_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const
   return dz;
 }
 
+std::tuple<at::Tensor, at::Tensor> dropout_fwd_cuda(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+  TORCH_CHECK(p >= 0 && p < 1, "dropout: expected 0 <= p < 1, got ", p);
+  TORCH_CHECK(x.device().is_cuda(), "dropout: expected x on cuda, got ", x.device());
+  auto dt = cuda_dtype(x, "dropout");
+  TORCH_CHECK(x.is_contiguous(), "dropout: expected a contiguous x (call .contiguous()), got strides ", x.strides());
+  c10::cuda::CUDAGuard guard(x.device());
+  auto y = maybe_poison(at::empty_like(x));
+  auto keep = at::empty_like(x, x.options().dtype(at::kBool));
+  check_cuda(cuda::dropout_fwd(dt, x.data_ptr(), y.data_ptr(), keep.data_ptr<bool>(), x.numel(), (float)p,
+                               (uint64_t)seed, (uint64_t)offset, c10::cuda::getCurrentCUDAStream()),
+             "dropout forward");
+  return {y, keep};
+}
+
+void adamw_step_cuda(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg, at::Tensor exp_avg_sq, double lr,
+                     double beta1, double beta2, double eps, double weight_decay, int64_t step) {
+  TORCH_CHECK(param.device().is_cuda(), "adamw_step_: expected CUDA tensors, got ", param.device());
+  TORCH_CHECK(param.scalar_type() == at::kFloat, "adamw_step_ on CUDA: expected float32 parameters, got ",
+              param.scalar_type());
+  TORCH_CHECK(param.is_contiguous(), "adamw_step_: expected a contiguous param, got strides ", param.strides());
+  check_same_layout(grad, param, "grad", "param");
+  check_same_layout(exp_avg, param, "exp_avg", "param");
+  check_same_layout(exp_avg_sq, param, "exp_avg_sq", "param");
+  TORCH_CHECK(step >= 1, "adamw_step_: expected step >= 1, got ", step);
+  c10::cuda::CUDAGuard guard(param.device());
+  check_cuda(cuda::adamw_step(param.data_ptr<float>(), grad.data_ptr<float>(), exp_avg.data_ptr<float>(),
+                              exp_avg_sq.data_ptr<float>(), param.numel(), lr, beta1, beta2, eps, weight_decay, step,
+                              c10::cuda::getCurrentCUDAStream()),
+             "adamw_step_");
+}
+
 TORCH_LIBRARY_IMPL(minift, CUDA, m) {
   m.impl("attention_fwd", &attention_fwd_cuda);
   m.impl("attention_bwd", &attention_bwd_cuda);
   m.impl("dropout_mask", &dropout_mask_cuda);
   m.impl("xent_fwd", &xent_fwd_cuda);
   m.impl("xent_bwd", &xent_bwd_cuda);
+  m.impl("dropout_fwd", &dropout_fwd_cuda);
+  m.impl("adamw_step_", &adamw_step_cuda);
 }
 
 }  // namespace minift

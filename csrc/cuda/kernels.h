@@ -1,4 +1,4 @@
-// The launchers of kernels.cu and xent.cu: raw pointers, sizes and a stream, no torch types.
+// The launchers of kernels.cu, xent.cu and elementwise.cu: raw pointers, sizes and a stream, no torch types.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -22,6 +22,11 @@ cudaError_t attention_bwd(DType dt, const void* dout, const void* q, const void*
                           float* dv_acc, AttnShape s, float scale, float p, uint64_t seed, uint64_t offset,
                           cudaStream_t stream);
 cudaError_t dropout_mask(bool* keep, int64_t n, float p, uint64_t seed, uint64_t offset, cudaStream_t stream);
+// elementwise.cu: y = x keep / (1 - p) and keep for n elements; AdamW's update of n float32 values.
+cudaError_t dropout_fwd(DType dt, const void* x, void* y, bool* keep, int64_t n, float p, uint64_t seed,
+                        uint64_t offset, cudaStream_t stream);
+cudaError_t adamw_step(float* p, const float* g, float* m, float* v, int64_t n, double lr, double beta1, double beta2,
+                       double eps, double weight_decay, int64_t step, cudaStream_t stream);
 // The reduction argument of the cross-entropy, with at::Reduction's numbers.
 constexpr int kReductionNone = 0, kReductionMean = 1, kReductionSum = 2;
 
