@@ -122,16 +122,49 @@ def test_philox_known_answer():
         assert torch.equal(ops.dropout_mask(1, 1, 1, 4, p, seed=0, offset=0).flatten(), expected)
 
 
+# On a GPU, T = 150 spans three 64-key tiles of the tensor-core forward with a partial last one.
+LOW_PRECISION_CASES = [("cpu", 19, 64)] + [(d, 150, D) for d in DEVICES if d != "cpu" for D in (32, 64, 128)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_attention_low_precision_cpu_within_2x_torch(dtype):
-    B, H, T, D = 2, 3, 19, 64
+@pytest.mark.parametrize("device,T,D", LOW_PRECISION_CASES)
+def test_attention_low_precision_within_2x_torch(device, T, D, dtype):
+    """Output and gradients in float16/bfloat16 against float64: at most twice the error of the same
+    attention written in PyTorch ops in that dtype on the same device."""
+    B, H = 2, 3
     q, k, v = (rnd(B, H, T, D, seed=s) for s in range(3))
     mask = padding_mask(B, T)
-    ref = RF.attention(q, k, v, mask)
-    ours = ops.fused_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask).double()
-    torch_own = RF.attention(q.to(dtype), k.to(dtype), v.to(dtype), mask).double()
-    err, base = (ours - ref).abs().max().item(), (torch_own - ref).abs().max().item()
-    assert err <= 2 * base, (err, base)
+    dout = rnd(B, H, T, D, seed=7)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = RF.attention(*ref_in, mask)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout)
+    results = {}
+    for name, fn in (("ours", ops.fused_attention), ("torch", RF.attention)):
+        low = [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*low, mask.to(device))
+        grads = torch.autograd.grad(out, low, dout.to(device=device, dtype=dtype))
+        results[name] = [out.detach().double().cpu()] + [g.double().cpu() for g in grads]
+    for i, want in enumerate([ref.detach(), *ref_grads]):
+        err = (results["ours"][i] - want).abs().max().item()
+        base = (results["torch"][i] - want).abs().max().item()
+        assert err <= 2 * base, (["out", "dq", "dk", "dv"][i], err, base)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 48), (torch.bfloat16, 64)])
+def test_attention_dropout_mask_is_the_cpus_on_cuda(dtype, D):
+    """dropout_mask on the GPU equals the CPU's bit for bit, and attention with dropout on the GPU
+    (version 1 in float32, the tensor-core forward in bfloat16) applies exactly that mask."""
+    B, H, T, p = 2, 3, 70, 0.2
+    keep = ops.dropout_mask(B, H, T, T, p, seed=11, offset=2)
+    assert torch.equal(ops.dropout_mask(B, H, T, T, p, seed=11, offset=2, device="cuda").cpu(), keep)
+    q, k, v = (rnd(B, H, T, D, seed=s) for s in range(3))
+    mask = padding_mask(B, T)
+    ref = RF.attention_forward(q, k, v, mask, D ** -0.5, keep, p)
+    low = [t.to("cuda", dtype) for t in (q, k, v)]
+    ours = ops.attention_with_lse(*low, mask.cuda(), dropout_p=p, seed=11, offset=2)[0].double().cpu()
+    theirs = RF.attention_forward(*low, mask.cuda(), D ** -0.5, keep.cuda(), p).double().cpu()
+    assert (ours - ref).abs().max() <= 2 * (theirs - ref).abs().max() + 1e-6
 
 
 # C <= 16 goes through the CPU's short-row walker (C <= 8 in the backward), longer rows one by one;

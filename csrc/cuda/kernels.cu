@@ -1,8 +1,9 @@
 // CUDA kernels of minift: fused attention, forward and backward, and the dropout mask
 // (the cross-entropy kernels are in xent.cu).
 //
-// Version 1, the readable baseline (a later version tiles keys through shared memory and uses
-// tensor cores; see benchmarks/RESULTS.md). It needs no torch header: raw pointers, sizes and a
+// Version 1, the readable baseline. The forward for float16/bfloat16 with D = 32/64/128 on sm_80+
+// goes to version 2 (attention_tc.cu: key tiles in shared memory, tensor cores); the backward is
+// version 1 for every case so far. It needs no torch header: raw pointers, sizes and a
 // stream come in from cuda_ops.cpp, so `nvcc -c` compiles this file on a machine with no GPU.
 //
 // Attention: one warp per query row. Lanes split the head dimension D (any D; 32/64/128 use 1/2/4
@@ -181,6 +182,9 @@ static void launch_fwd(const void* q, const void* k, const void* v, const bool* 
 cudaError_t attention_fwd(DType dt, const void* q, const void* k, const void* v, const bool* mask, void* out,
                           float* lse, AttnShape s, float scale, float p, uint64_t seed, uint64_t offset,
                           cudaStream_t stream) {
+  const bool aligned = (((uintptr_t)q | (uintptr_t)k | (uintptr_t)v) & 15) == 0;
+  if (aligned && attention_fwd_tc_supported(dt, s.D))                 // version 2, on tensor cores
+    return attention_fwd_tc(dt, q, k, v, mask, out, lse, s, scale, p, seed, offset, stream);
   if ((s.D + 31) / 32 > kMaxPerLane) return cudaErrorInvalidValue;
   switch (dt) {
     case DType::F32: launch_fwd<float>(q, k, v, mask, out, lse, s, scale, p, seed, offset, stream); break;

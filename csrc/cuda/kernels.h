@@ -1,4 +1,4 @@
-// The launchers of kernels.cu, xent.cu and elementwise.cu: raw pointers, sizes and a stream, no torch types.
+// The launchers of kernels.cu, attention_tc.cu, xent.cu and elementwise.cu: raw pointers, sizes and a stream, no torch types.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -16,6 +16,12 @@ struct AttnShape {
 cudaError_t attention_fwd(DType dt, const void* q, const void* k, const void* v, const bool* mask, void* out,
                           float* lse, AttnShape s, float scale, float p, uint64_t seed, uint64_t offset,
                           cudaStream_t stream);
+// attention_tc.cu: the tensor-core forward (float16/bfloat16, D in 32/64/128, sm_80+), which
+// attention_fwd picks when attention_fwd_tc_supported says so and q, k, v start on 16-byte boundaries.
+bool attention_fwd_tc_supported(DType dt, int D);
+cudaError_t attention_fwd_tc(DType dt, const void* q, const void* k, const void* v, const bool* mask, void* out,
+                             float* lse, AttnShape s, float scale, float p, uint64_t seed, uint64_t offset,
+                             cudaStream_t stream);
 // dk_acc/dv_acc: float scratch of B*H*Tk*D elements each.
 cudaError_t attention_bwd(DType dt, const void* dout, const void* q, const void* k, const void* v, const void* out,
                           const float* lse, const bool* mask, void* dq, void* dk, void* dv, float* dk_acc,

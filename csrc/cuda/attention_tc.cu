@@ -1,0 +1,249 @@
+// Attention forward on tensor cores (version 2), float16/bfloat16, head dim 32, 64 or 128, sm_80+.
+//
+// Version 1 (kernels.cu) gives each query row a warp and walks the keys one at a time with scalar
+// FMAs: no reuse of a loaded key across rows, no tensor cores. Here a block of 4 warps takes 64
+// query rows (16 per warp) of one (batch, head) and walks the keys in tiles of 64 held in shared
+// memory, so each key tile loaded from global memory serves 64 rows, and the products
+// S = Q K^T and O += P V run as 16x16x16 tensor-core multiplies (WMMA, float accumulators).
+//
+// Two passes over the keys instead of one online pass. WMMA does not say which thread holds which
+// element of an accumulator, so rescaling O row by row when a row's max grows (the online softmax
+// of version 1) would need O to leave the tensor-core registers at every tile. Instead:
+//   pass 1: S tile by tile -> each row's max m and sum l = sum_j e^{s_j - m} (online, per thread),
+//           so lse = m + log l is known before any output is formed;
+//   pass 2: S again -> P = e^{s - lse} (already normalised; dropout: P * keep / (1 - p)) written
+//           to shared memory in 16 bits -> O += P V on tensor cores, O never rescaled.
+// The price is Q K^T twice, on tensor cores, which have FLOPs to spare at these sizes.
+//
+// Within a warp, lane 2r + h owns row r of the warp's 16 and columns 32h .. 32h + 31 of a tile.
+// Masked keys, keys past Tk, and rows past Tq contribute nothing; a row with no kept key gives
+// O = 0 and lse = -inf, as on the CPU. Dropout draws the Philox bits of element (row, j) ->
+// row * Tk + j, the same stream as the CPU and version 1.
+// No torch header, so `nvcc -c` compiles this file on a machine without a GPU.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+#include <stdint.h>
+
+#include "../philox.h"
+#include "common.cuh"
+#include "kernels.h"
+
+namespace minift {
+namespace cuda {
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kTcRows = 64;     // query rows per block (16 per warp)
+constexpr int kTcKeys = 64;     // keys per tile
+constexpr int kTcWarps = 4;
+constexpr int kPad16 = 8;       // 16-bit rows padded by 8 elements (16 bytes) against bank conflicts
+constexpr int kPad32 = 4;       // float rows padded by 4
+
+template <int D>
+struct TcLayout {
+  static constexpr int ld16 = D + kPad16;                            // Q, K, V rows in shared memory
+  static constexpr int ldp = kTcKeys + kPad16;                       // P rows
+  static constexpr int lds = (kTcKeys > D ? kTcKeys : D) + kPad32;   // S rows, and O on the way out
+  static constexpr size_t q_bytes = (size_t)kTcRows * ld16 * 2;
+  static constexpr size_t k_bytes = (size_t)kTcKeys * ld16 * 2;
+  static constexpr size_t s_bytes = (size_t)kTcWarps * 16 * lds * 4;
+  static constexpr size_t p_bytes = (size_t)kTcWarps * 16 * ldp * 2;
+  static constexpr size_t total = q_bytes + 2 * k_bytes + s_bytes + p_bytes;  // every part a multiple of 128 B
+};
+
+// rows [row0, row0 + nrows) of a (rows, D) matrix into shared memory (ld), 16 bytes at a time;
+// rows at or past `limit` are zero.
+template <typename T, int D>
+__device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, int64_t row0, int nrows, int64_t limit) {
+  constexpr int kVec = 8;                                            // 8 x 16 bits = 16 bytes
+  constexpr int kPerRow = D / kVec;
+  for (int i = threadIdx.x; i < nrows * kPerRow; i += blockDim.x) {
+    const int r = i / kPerRow, c = (i % kPerRow) * kVec;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (row0 + r < limit) val = *reinterpret_cast<const uint4*>(src + (row0 + r) * D + c);
+    *reinterpret_cast<uint4*>(dst + r * ld + c) = val;
+  }
+}
+
+// S (16 x 64, float) = Q_w (16 x D) K_tile^T for this warp, into its shared S rows.
+template <typename T, int D>
+__device__ __forceinline__ void scores(const T* sQw, const T* sK, float* sSw) {
+  using L = TcLayout<D>;
+#pragma unroll
+  for (int j = 0; j < kTcKeys / 16; ++j) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+    wmma::fill_fragment(c, 0.f);
+#pragma unroll
+    for (int kd = 0; kd < D / 16; ++kd) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;   // K^T: column j of it is key j
+      wmma::load_matrix_sync(a, sQw + kd * 16, L::ld16);
+      wmma::load_matrix_sync(b, sK + j * 16 * L::ld16 + kd * 16, L::ld16);
+      wmma::mma_sync(c, a, b, c);
+    }
+    wmma::store_matrix_sync(sSw + j * 16, c, L::lds, wmma::mem_row_major);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kTcWarps * 32)
+    attention_fwd_tc_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                            const bool* __restrict__ mask, T* __restrict__ out, float* __restrict__ lse, AttnShape s,
+                            float scale, float p, uint64_t seed, uint64_t offset) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();                                                          // bf16 tensor cores need sm_80; never launched
+#else
+  using L = TcLayout<D>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = reinterpret_cast<T*>(smem + L::q_bytes);
+  T* sV = reinterpret_cast<T*>(smem + L::q_bytes + L::k_bytes);
+  float* sS = reinterpret_cast<float*>(smem + L::q_bytes + 2 * L::k_bytes);
+  T* sP = reinterpret_cast<T*>(smem + L::q_bytes + 2 * L::k_bytes + L::s_bytes);
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int r = lane >> 1, h = lane & 1;                             // this lane: row r, columns 32h .. 32h+31
+  const int64_t bh = blockIdx.y;
+  const int b = (int)(bh / s.H);
+  const int64_t q0 = (int64_t)blockIdx.x * kTcRows;                  // first query row of the block
+  const int64_t i = q0 + warp * 16 + r;                              // this lane's query row
+  const T* qb = q + bh * s.Tq * D;
+  const T* kb = k + bh * s.Tk * D;
+  const T* vb = v + bh * s.Tk * D;
+  T* sQw = sQ + warp * 16 * L::ld16;
+  float* sSw = sS + warp * 16 * L::lds;
+  T* sPw = sP + warp * 16 * L::ldp;
+  const int ntiles = (s.Tk + kTcKeys - 1) / kTcKeys;
+
+  load_tile<T, D>(sQ, L::ld16, qb, q0, kTcRows, s.Tq);
+
+  // pass 1: m and l of each row (this lane's half of the columns, merged with its pair after)
+  float m = -INFINITY, l = 0.f;
+  for (int t = 0; t < ntiles; ++t) {
+    __syncthreads();                                                 // the previous tile is used up
+    load_tile<T, D>(sK, L::ld16, kb, (int64_t)t * kTcKeys, kTcKeys, s.Tk);
+    __syncthreads();
+    scores<T, D>(sQw, sK, sSw);
+    __syncwarp();
+    float x[32];
+    float tmax = -INFINITY;
+#pragma unroll
+    for (int c = 0; c < 32; ++c) {
+      const int64_t j = (int64_t)t * kTcKeys + 32 * h + c;
+      const bool kept = j < s.Tk && (mask == nullptr || mask[(int64_t)b * s.Tk + j]);
+      x[c] = kept ? sSw[r * L::lds + 32 * h + c] * scale : -INFINITY;  // s_ij = scale q_i . k_j
+      tmax = fmaxf(tmax, x[c]);
+    }
+    const float m_new = fmaxf(m, tmax);
+    if (m_new != -INFINITY) {
+      float add = 0.f;
+#pragma unroll
+      for (int c = 0; c < 32; ++c) add += __expf(x[c] - m_new);
+      l = l * __expf(m - m_new) + add;                               // l' = l e^{m - m'} + sum e^{s - m'}
+      m = m_new;
+    }
+    __syncwarp();
+  }
+  {                                                                  // merge the two halves of the row
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, 1), l2 = __shfl_xor_sync(0xffffffffu, l, 1);
+    const float mm = fmaxf(m, m2);
+    l = mm == -INFINITY ? 0.f : l * __expf(m - mm) + l2 * __expf(m2 - mm);
+    m = mm;
+  }
+  const bool empty = m == -INFINITY;
+  const float row_lse = empty ? -INFINITY : m + __logf(l);
+  if (h == 0 && i < s.Tq) lse[bh * s.Tq + i] = row_lse;
+
+  // pass 2: P = e^{s - lse} (with dropout) in 16 bits, O += P V on tensor cores
+  const uint32_t threshold = dropout_threshold(p);
+  const float keep_scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> o[D / 16];
+#pragma unroll
+  for (int d = 0; d < D / 16; ++d) wmma::fill_fragment(o[d], 0.f);
+  for (int t = 0; t < ntiles; ++t) {
+    __syncthreads();
+    load_tile<T, D>(sK, L::ld16, kb, (int64_t)t * kTcKeys, kTcKeys, s.Tk);
+    load_tile<T, D>(sV, L::ld16, vb, (int64_t)t * kTcKeys, kTcKeys, s.Tk);
+    __syncthreads();
+    scores<T, D>(sQw, sK, sSw);
+    __syncwarp();
+#pragma unroll 8
+    for (int c = 0; c < 32; ++c) {
+      const int64_t j = (int64_t)t * kTcKeys + 32 * h + c;
+      const bool kept = !empty && j < s.Tk && (mask == nullptr || mask[(int64_t)b * s.Tk + j]);
+      float pij = kept ? __expf(sSw[r * L::lds + 32 * h + c] * scale - row_lse) : 0.f;   // P_ij
+      if (p > 0.f && pij != 0.f)                                     // P~_ij = P_ij keep_ij / (1 - p)
+        pij = philox_bits(seed, offset, (uint64_t)(bh * s.Tq + i) * s.Tk + j) < threshold ? 0.f : pij * keep_scale;
+      sPw[r * L::ldp + 32 * h + c] = from_f<T>(pij);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int kk = 0; kk < kTcKeys / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::load_matrix_sync(a, sPw + kk * 16, L::ldp);
+#pragma unroll
+      for (int d = 0; d < D / 16; ++d) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bv;
+        wmma::load_matrix_sync(bv, sV + kk * 16 * L::ld16 + d * 16, L::ld16);
+        wmma::mma_sync(o[d], a, bv, o[d]);                           // O += P~ V
+      }
+    }
+  }
+  // O out through this warp's S rows: fragments -> shared (float) -> global (16 bits)
+  __syncwarp();
+#pragma unroll
+  for (int d = 0; d < D / 16; ++d) wmma::store_matrix_sync(sSw + d * 16, o[d], L::lds, wmma::mem_row_major);
+  __syncwarp();
+  if (i < s.Tq) {
+    T* orow = out + (bh * s.Tq + i) * D;
+    for (int c = h; c < D; c += 2) orow[c] = from_f<T>(sSw[r * L::lds + c]);
+  }
+#endif
+}
+
+template <typename T, int D>
+static cudaError_t launch_tc(const void* q, const void* k, const void* v, const bool* mask, void* out, float* lse,
+                             AttnShape s, float scale, float p, uint64_t seed, uint64_t offset, cudaStream_t stream) {
+  constexpr size_t bytes = TcLayout<D>::total;
+  auto kernel = attention_fwd_tc_kernel<T, D>;
+  if (bytes > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+    if (err != cudaSuccess) return err;
+  }
+  dim3 grid((unsigned)((s.Tq + kTcRows - 1) / kTcRows), (unsigned)(s.B * s.H));
+  kernel<<<grid, kTcWarps * 32, bytes, stream>>>((const T*)q, (const T*)k, (const T*)v, mask, (T*)out, lse, s, scale,
+                                                 p, seed, offset);
+  return cudaGetLastError();
+}
+
+bool attention_fwd_tc_supported(DType dt, int D) {
+  if (dt == DType::F32 || (D != 32 && D != 64 && D != 128)) return false;
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+  return major >= 8;
+}
+
+cudaError_t attention_fwd_tc(DType dt, const void* q, const void* k, const void* v, const bool* mask, void* out,
+                             float* lse, AttnShape s, float scale, float p, uint64_t seed, uint64_t offset,
+                             cudaStream_t stream) {
+  const bool half = dt == DType::F16;
+  switch (s.D) {
+    case 32:
+      return half ? launch_tc<__half, 32>(q, k, v, mask, out, lse, s, scale, p, seed, offset, stream)
+                  : launch_tc<__nv_bfloat16, 32>(q, k, v, mask, out, lse, s, scale, p, seed, offset, stream);
+    case 64:
+      return half ? launch_tc<__half, 64>(q, k, v, mask, out, lse, s, scale, p, seed, offset, stream)
+                  : launch_tc<__nv_bfloat16, 64>(q, k, v, mask, out, lse, s, scale, p, seed, offset, stream);
+    case 128:
+      return half ? launch_tc<__half, 128>(q, k, v, mask, out, lse, s, scale, p, seed, offset, stream)
+                  : launch_tc<__nv_bfloat16, 128>(q, k, v, mask, out, lse, s, scale, p, seed, offset, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace cuda
+}  // namespace minift
