@@ -59,12 +59,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   c10::cuda::CUDAGuard guard(q.device());
   auto dq = maybe_poison(at::empty_like(q)), dk = maybe_poison(at::empty_like(k)),
        dv = maybe_poison(at::empty_like(v));
-  auto dk_acc = at::empty(k.sizes(), k.options().dtype(at::kFloat));
-  auto dv_acc = at::empty(v.sizes(), v.options().dtype(at::kFloat));
+  const auto shape = shape_of(q, k);
+  auto scratch = at::empty({cuda::attention_bwd_scratch(dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(),
+                                                        v.data_ptr(), shape)},
+                           q.options().dtype(at::kFloat));
   check_cuda(cuda::attention_bwd(dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                  lse.data_ptr<float>(), mask.has_value() ? mask->data_ptr<bool>() : nullptr,
-                                 dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dk_acc.data_ptr<float>(),
-                                 dv_acc.data_ptr<float>(), shape_of(q, k), (float)scale, (float)dropout_p,
+                                 dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), scratch.data_ptr<float>(), shape,
+                                 (float)scale, (float)dropout_p,
                                  (uint64_t)seed, (uint64_t)offset, c10::cuda::getCurrentCUDAStream()),
              "attention backward");
   return {dq, dk, dv};

@@ -1,9 +1,8 @@
 // CUDA kernels of minift: fused attention, forward and backward, and the dropout mask
 // (the cross-entropy kernels are in xent.cu).
 //
-// Version 1, the readable baseline. The forward for float16/bfloat16 with D = 32/64/128 on sm_80+
-// goes to version 2 (attention_tc.cu: key tiles in shared memory, tensor cores); the backward is
-// version 1 for every case so far. It needs no torch header: raw pointers, sizes and a
+// Version 1, the readable baseline. float16/bfloat16 with D = 32/64/128 on sm_80+ goes to
+// version 2 (attention_tc.cu: tiles in shared memory, tensor cores), forward and backward. It needs no torch header: raw pointers, sizes and a
 // stream come in from cuda_ops.cpp, so `nvcc -c` compiles this file on a machine with no GPU.
 //
 // Attention: one warp per query row. Lanes split the head dimension D (any D; 32/64/128 use 1/2/4
@@ -210,11 +209,25 @@ static void launch_bwd(const void* dout, const void* q, const void* k, const voi
   cast_kernel<T><<<blocks, 256, 0, stream>>>(dv_acc, (T*)dv, n);
 }
 
+static bool use_tc_bwd(DType dt, const void* dout, const void* q, const void* k, const void* v, int D) {
+  const bool aligned = (((uintptr_t)dout | (uintptr_t)q | (uintptr_t)k | (uintptr_t)v) & 15) == 0;
+  return aligned && attention_fwd_tc_supported(dt, D);
+}
+
+int64_t attention_bwd_scratch(DType dt, const void* dout, const void* q, const void* k, const void* v, AttnShape s) {
+  if (use_tc_bwd(dt, dout, q, k, v, s.D)) return attention_bwd_tc_scratch(s);   // dQ in float, and Delta
+  return 2 * (int64_t)s.B * s.H * s.Tk * s.D;                                    // dK and dV in float
+}
+
 cudaError_t attention_bwd(DType dt, const void* dout, const void* q, const void* k, const void* v, const void* out,
-                          const float* lse, const bool* mask, void* dq, void* dk, void* dv, float* dk_acc,
-                          float* dv_acc, AttnShape s, float scale, float p, uint64_t seed, uint64_t offset,
-                          cudaStream_t stream) {
+                          const float* lse, const bool* mask, void* dq, void* dk, void* dv, float* scratch,
+                          AttnShape s, float scale, float p, uint64_t seed, uint64_t offset, cudaStream_t stream) {
+  if (use_tc_bwd(dt, dout, q, k, v, s.D))                            // version 2, on tensor cores
+    return attention_bwd_tc(dt, dout, q, k, v, out, lse, mask, dq, dk, dv, scratch, s, scale, p, seed, offset,
+                            stream);
   if ((s.D + 31) / 32 > kMaxPerLane) return cudaErrorInvalidValue;
+  float* dk_acc = scratch;
+  float* dv_acc = scratch + (int64_t)s.B * s.H * s.Tk * s.D;
   switch (dt) {
     case DType::F32:
       launch_bwd<float>(dout, q, k, v, out, lse, mask, dq, dk, dv, dk_acc, dv_acc, s, scale, p, seed, offset, stream);

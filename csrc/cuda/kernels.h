@@ -16,17 +16,22 @@ struct AttnShape {
 cudaError_t attention_fwd(DType dt, const void* q, const void* k, const void* v, const bool* mask, void* out,
                           float* lse, AttnShape s, float scale, float p, uint64_t seed, uint64_t offset,
                           cudaStream_t stream);
-// attention_tc.cu: the tensor-core forward (float16/bfloat16, D in 32/64/128, sm_80+), which
-// attention_fwd picks when attention_fwd_tc_supported says so and q, k, v start on 16-byte boundaries.
+// attention_tc.cu: version 2 on tensor cores (float16/bfloat16, D in 32/64/128, sm_80+), which
+// attention_fwd/attention_bwd pick when attention_tc_supported says so and the 16-bit inputs start
+// on 16-byte boundaries.
 bool attention_fwd_tc_supported(DType dt, int D);
 cudaError_t attention_fwd_tc(DType dt, const void* q, const void* k, const void* v, const bool* mask, void* out,
                              float* lse, AttnShape s, float scale, float p, uint64_t seed, uint64_t offset,
                              cudaStream_t stream);
-// dk_acc/dv_acc: float scratch of B*H*Tk*D elements each.
+int64_t attention_bwd_tc_scratch(AttnShape s);
+cudaError_t attention_bwd_tc(DType dt, const void* dout, const void* q, const void* k, const void* v, const void* out,
+                             const float* lse, const bool* mask, void* dq, void* dk, void* dv, float* scratch,
+                             AttnShape s, float scale, float p, uint64_t seed, uint64_t offset, cudaStream_t stream);
+// The float scratch attention_bwd needs, in elements, for these inputs.
+int64_t attention_bwd_scratch(DType dt, const void* dout, const void* q, const void* k, const void* v, AttnShape s);
 cudaError_t attention_bwd(DType dt, const void* dout, const void* q, const void* k, const void* v, const void* out,
-                          const float* lse, const bool* mask, void* dq, void* dk, void* dv, float* dk_acc,
-                          float* dv_acc, AttnShape s, float scale, float p, uint64_t seed, uint64_t offset,
-                          cudaStream_t stream);
+                          const float* lse, const bool* mask, void* dq, void* dk, void* dv, float* scratch,
+                          AttnShape s, float scale, float p, uint64_t seed, uint64_t offset, cudaStream_t stream);
 cudaError_t dropout_mask(bool* keep, int64_t n, float p, uint64_t seed, uint64_t offset, cudaStream_t stream);
 // elementwise.cu: y = x keep / (1 - p) and keep for n elements; AdamW's update of n float32 values.
 cudaError_t dropout_fwd(DType dt, const void* x, void* y, bool* keep, int64_t n, float p, uint64_t seed,
