@@ -191,7 +191,7 @@ def run(quick: bool = False) -> tuple[list[Row], str]:
     rows = bench_attention(device, attn_shapes, dtypes, repeats)
     rows += bench_xent(device, xent_sizes, xent_dtypes, repeats)
     if not quick:
-        rows += bench_model(device, model_shapes, precisions, 5 if device.type == "cpu" else repeats)
+        rows += bench_model(device, model_shapes, precisions, 9 if device.type == "cpu" else repeats)
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "CPU"
     header = (f"{datetime.date.today().isoformat()}, device {device.type} ({gpu}), torch {torch.__version__}, "
               f"CUDA {torch.version.cuda}, {torch.get_num_threads()} CPU threads")
