@@ -39,6 +39,7 @@ namespace wmma = nvcuda::wmma;
 constexpr int kTcRows = 64;     // query rows per block (16 per warp)
 constexpr int kTcKeys = 64;     // keys per tile
 constexpr int kTcWarps = 4;
+static_assert(kTcRows == kTcKeys, "products_16x64 serves both: 64 columns either way");
 constexpr int kPad16 = 8;       // 16-bit rows padded by 8 elements (16 bytes) against bank conflicts
 constexpr int kPad32 = 4;       // float rows padded by 4
 
@@ -68,23 +69,24 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, int64_t 
   }
 }
 
-// S (16 x 64, float) = Q_w (16 x D) K_tile^T for this warp, into its shared S rows.
-template <typename T, int D>
-__device__ __forceinline__ void scores(const T* sQw, const T* sK, float* sSw) {
-  using L = TcLayout<D>;
+// C (16 x 64 float, ld LDS) = A B^T for one warp: A = 16 rows of sA16, B = 64 rows of sB (each a column
+// of B^T), both D wide. The forward's S = Q_w K^T, the backward's S^T = K_w Q^T and dP~^T = V_w dO^T.
+template <typename T, int D, int LDS>
+__device__ __forceinline__ void products_16x64(const T* sA16, const T* sB, float* sC) {
+  constexpr int ld = D + kPad16;
 #pragma unroll
-  for (int j = 0; j < kTcKeys / 16; ++j) {
+  for (int j = 0; j < kTcRows / 16; ++j) {
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
     wmma::fill_fragment(c, 0.f);
 #pragma unroll
     for (int kd = 0; kd < D / 16; ++kd) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;   // K^T: column j of it is key j
-      wmma::load_matrix_sync(a, sQw + kd * 16, L::ld16);
-      wmma::load_matrix_sync(b, sK + j * 16 * L::ld16 + kd * 16, L::ld16);
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+      wmma::load_matrix_sync(a, sA16 + kd * 16, ld);
+      wmma::load_matrix_sync(b, sB + j * 16 * ld + kd * 16, ld);
       wmma::mma_sync(c, a, b, c);
     }
-    wmma::store_matrix_sync(sSw + j * 16, c, L::lds, wmma::mem_row_major);
+    wmma::store_matrix_sync(sC + j * 16, c, LDS, wmma::mem_row_major);
   }
 }
 
@@ -126,7 +128,7 @@ __global__ void __launch_bounds__(kTcWarps * 32)
     __syncthreads();                                                 // the previous tile is used up
     load_tile<T, D>(sK, L::ld16, kb, (int64_t)t * kTcKeys, kTcKeys, s.Tk);
     __syncthreads();
-    scores<T, D>(sQw, sK, sSw);
+    products_16x64<T, D, L::lds>(sQw, sK, sSw);         // S = Q_w K^T (unscaled)
     __syncwarp();
     float x[32];
     float tmax = -INFINITY;
@@ -168,7 +170,7 @@ __global__ void __launch_bounds__(kTcWarps * 32)
     load_tile<T, D>(sK, L::ld16, kb, (int64_t)t * kTcKeys, kTcKeys, s.Tk);
     load_tile<T, D>(sV, L::ld16, vb, (int64_t)t * kTcKeys, kTcKeys, s.Tk);
     __syncthreads();
-    scores<T, D>(sQw, sK, sSw);
+    products_16x64<T, D, L::lds>(sQw, sK, sSw);         // S = Q_w K^T (unscaled)
     __syncwarp();
 #pragma unroll 8
     for (int c = 0; c < 32; ++c) {
@@ -246,26 +248,6 @@ template <typename T>
 __global__ void scale_cast_kernel(const float* __restrict__ src, T* __restrict__ dst, int64_t n, float scale) {
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
     dst[i] = from_f<T>(src[i] * scale);
-}
-
-// C (16 x 64 float, ld lds) = A (16 x D rows of sA16) B^T, B = 64 rows of sB (each a column of B^T).
-template <typename T, int D, int LDS>
-__device__ __forceinline__ void products_16x64(const T* sA16, const T* sB, float* sC) {
-  constexpr int ld = D + kPad16;
-#pragma unroll
-  for (int j = 0; j < kTcRows / 16; ++j) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-    wmma::fill_fragment(c, 0.f);
-#pragma unroll
-    for (int kd = 0; kd < D / 16; ++kd) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-      wmma::load_matrix_sync(a, sA16 + kd * 16, ld);
-      wmma::load_matrix_sync(b, sB + j * 16 * ld + kd * 16, ld);
-      wmma::mma_sync(c, a, b, c);
-    }
-    wmma::store_matrix_sync(sC + j * 16, c, LDS, wmma::mem_row_major);
-  }
 }
 
 template <typename T, int D>
