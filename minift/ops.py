@@ -1,8 +1,8 @@
 """The compiled kernels of minift._C as PyTorch custom ops, and what happens when they are missing.
 
 The C++ side (csrc/) defines the ``minift`` operator library: ``attention_fwd``/``attention_bwd``,
-``xent_fwd``/``xent_bwd`` and ``dropout_mask``, with CPU kernels always and CUDA kernels when built
-with CUDA. This module loads them, in this order:
+``xent_fwd``/``xent_bwd`` (with the reduction inside the op), ``dropout_fwd``, ``dropout_mask`` and
+``adamw_step_``, with CPU kernels always and CUDA kernels when built with CUDA. This module loads them, in this order:
 
 1. ahead of time: ``minift._C``, compiled by ``pip install --no-build-isolation -e .``;
 2. just in time: ``torch.utils.cpp_extension.load`` compiles csrc/ with ninja on first use
