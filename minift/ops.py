@@ -2,7 +2,8 @@
 
 The C++ side (csrc/) defines the ``minift`` operator library: ``attention_fwd``/``attention_bwd``,
 ``xent_fwd``/``xent_bwd`` (with the reduction inside the op), ``dropout_fwd``, ``dropout_mask`` and
-``adamw_step_``, with CPU kernels always and CUDA kernels when built with CUDA. This module loads them, in this order:
+``adamw_step_``, with CPU kernels always and CUDA kernels when built with CUDA. This module loads
+them, in this order:
 
 1. ahead of time: ``minift._C``, compiled by ``pip install --no-build-isolation -e .``;
 2. just in time: ``torch.utils.cpp_extension.load`` compiles csrc/ with ninja on first use
@@ -76,9 +77,7 @@ def extension_status() -> dict:
                           "impl='fused' runs plain PyTorch ops instead", RuntimeWarning, stacklevel=3)
         else:
             _register()
-    cuda = False
-    if _state["mode"] is not None:
-        cuda = torch._C._dispatch_has_kernel_for_dispatch_key("minift::attention_fwd", "CUDA")
+    cuda = _state["mode"] is not None and _has_kernel("attention_fwd", torch.device("cuda"))
     return {"mode": _state["mode"], "reason": _state["reason"], "cuda": cuda}
 
 

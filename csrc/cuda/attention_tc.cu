@@ -244,12 +244,6 @@ __global__ void attention_delta_kernel(const T* __restrict__ dout, const T* __re
   if ((threadIdx.x & 31) == 0) delta[row] = part;
 }
 
-template <typename T>
-__global__ void scale_cast_kernel(const float* __restrict__ src, T* __restrict__ dst, int64_t n, float scale) {
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    dst[i] = from_f<T>(src[i] * scale);
-}
-
 template <typename T, int D>
 __global__ void __launch_bounds__(kTcWarps * 32)
     attention_bwd_tc_kernel(const T* __restrict__ dout, const T* __restrict__ q, const T* __restrict__ k,
@@ -402,8 +396,7 @@ static cudaError_t launch_tc_bwd(const void* dout, const void* q, const void* k,
   dim3 grid((unsigned)((s.Tk + kTcKeys - 1) / kTcKeys), (unsigned)(s.B * s.H));
   kernel<<<grid, kTcWarps * 32, bytes, stream>>>((const T*)dout, (const T*)q, (const T*)k, (const T*)v, lse, delta,
                                                  mask, dq_acc, (T*)dk, (T*)dv, s, scale, p, seed, offset);
-  const int64_t blocks = (nq + 255) / 256 < 65535 ? (nq + 255) / 256 : 65535;
-  scale_cast_kernel<T><<<(unsigned)(blocks > 0 ? blocks : 1), 256, 0, stream>>>(dq_acc, (T*)dq, nq, scale);
+  scale_cast_kernel<T><<<grid_for(nq), kGridThreads, 0, stream>>>(dq_acc, (T*)dq, nq, scale);
   return cudaGetLastError();
 }
 
@@ -422,7 +415,7 @@ static cudaError_t launch_tc(const void* q, const void* k, const void* v, const 
   return cudaGetLastError();
 }
 
-bool attention_fwd_tc_supported(DType dt, int D) {
+bool attention_tc_supported(DType dt, int D) {
   if (dt == DType::F32 || (D != 32 && D != 64 && D != 128)) return false;
   int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return false;

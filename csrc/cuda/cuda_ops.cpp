@@ -111,9 +111,11 @@ at::Tensor xent_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const
   const int64_t N = logits.size(0), C = logits.size(1);
   c10::cuda::CUDAGuard guard(logits.device());
   auto dz = maybe_poison(at::empty_like(logits));
-  auto weight = at::empty({1}, logits.options().dtype(at::kFloat));  // the mean's g / count
+  // the mean's g / count, one float on the GPU; the other reductions read grad directly
+  auto weight = reduction == kReduceMean ? at::empty({1}, logits.options().dtype(at::kFloat)) : at::Tensor();
   check_cuda(cuda::xent_bwd(dt, grad.data_ptr<float>(), logits.data_ptr(), target.data_ptr<int64_t>(),
-                            lse.data_ptr<float>(), dz.data_ptr(), weight.data_ptr<float>(), N, C, ignore_index,
+                            lse.data_ptr<float>(), dz.data_ptr(), weight.defined() ? weight.data_ptr<float>() : nullptr,
+                            N, C, ignore_index,
                             (float)label_smoothing, (int)reduction, c10::cuda::getCurrentCUDAStream()),
              "softmax_cross_entropy backward");
   return dz;

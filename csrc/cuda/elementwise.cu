@@ -13,13 +13,6 @@
 namespace minift {
 namespace cuda {
 
-constexpr int kThreads = 256;
-
-static unsigned grid_for(int64_t work) {
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  return (unsigned)(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
-}
-
 // One thread per Philox block: elements 4b .. 4b+3 take the four words of block b, as on the CPU.
 template <typename T>
 __global__ void dropout_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, bool* __restrict__ keep, int64_t n,
@@ -47,15 +40,15 @@ cudaError_t dropout_fwd(DType dt, const void* x, void* y, bool* keep, int64_t n,
   const unsigned grid = grid_for((n + 3) / 4);
   switch (dt) {
     case DType::F32:
-      dropout_fwd_kernel<float><<<grid, kThreads, 0, stream>>>((const float*)x, (float*)y, keep, n, threshold, scale,
+      dropout_fwd_kernel<float><<<grid, kGridThreads, 0, stream>>>((const float*)x, (float*)y, keep, n, threshold, scale,
                                                                 seed, offset);
       break;
     case DType::F16:
-      dropout_fwd_kernel<__half><<<grid, kThreads, 0, stream>>>((const __half*)x, (__half*)y, keep, n, threshold,
+      dropout_fwd_kernel<__half><<<grid, kGridThreads, 0, stream>>>((const __half*)x, (__half*)y, keep, n, threshold,
                                                                  scale, seed, offset);
       break;
     case DType::BF16:
-      dropout_fwd_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
+      dropout_fwd_kernel<__nv_bfloat16><<<grid, kGridThreads, 0, stream>>>(
           (const __nv_bfloat16*)x, (__nv_bfloat16*)y, keep, n, threshold, scale, seed, offset);
       break;
   }
@@ -92,7 +85,7 @@ cudaError_t adamw_step(float* p, const float* g, float* m, float* v, int64_t n, 
   const float inv_bc2 = 1.f / (float)(1.0 - pow(beta2, (double)step));
   const float step_size = (float)(-lr * (1.0 / (1.0 - pow(beta1, (double)step))));
   const float decay = (float)(1.0 - lr * weight_decay);
-  adamw_kernel<<<grid_for(n), kThreads, 0, stream>>>(p, g, m, v, n, b1c, b2, b2c, inv_bc2, (float)eps, decay,
+  adamw_kernel<<<grid_for(n), kGridThreads, 0, stream>>>(p, g, m, v, n, b1c, b2, b2c, inv_bc2, (float)eps, decay,
                                                      step_size);
   return cudaGetLastError();
 }

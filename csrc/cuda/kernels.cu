@@ -16,6 +16,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <initializer_list>
+
 #include "../philox.h"
 #include "common.cuh"
 #include "kernels.h"
@@ -150,12 +152,6 @@ __global__ void attention_bwd_kernel(const T* __restrict__ dout, const T* __rest
   }
 }
 
-template <typename T>
-__global__ void cast_kernel(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    dst[i] = from_f<T>(src[i]);
-}
-
 __global__ void dropout_mask_kernel(bool* keep, int64_t n, float p, uint64_t seed, uint64_t offset) {
   const uint32_t threshold = dropout_threshold(p);
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
@@ -165,6 +161,14 @@ __global__ void dropout_mask_kernel(bool* keep, int64_t n, float p, uint64_t see
 // ------------------------------------------------------------------------------------------
 // Launchers
 // ------------------------------------------------------------------------------------------
+
+// Version 2 (attention_tc.cu) where the GPU, dtype and head dim allow it and every 16-bit input it
+// loads 16 bytes at a time starts on a 16-byte boundary.
+static bool use_tc(DType dt, int D, std::initializer_list<const void*> inputs) {
+  uintptr_t bits = 0;
+  for (const void* ptr : inputs) bits |= (uintptr_t)ptr;
+  return (bits & 15) == 0 && attention_tc_supported(dt, D);
+}
 
 static int attn_blocks(const AttnShape& s) {
   int64_t rows = (int64_t)s.B * s.H * s.Tq;
@@ -181,8 +185,7 @@ static void launch_fwd(const void* q, const void* k, const void* v, const bool* 
 cudaError_t attention_fwd(DType dt, const void* q, const void* k, const void* v, const bool* mask, void* out,
                           float* lse, AttnShape s, float scale, float p, uint64_t seed, uint64_t offset,
                           cudaStream_t stream) {
-  const bool aligned = (((uintptr_t)q | (uintptr_t)k | (uintptr_t)v) & 15) == 0;
-  if (aligned && attention_fwd_tc_supported(dt, s.D))                 // version 2, on tensor cores
+  if (use_tc(dt, s.D, {q, k, v}))                                     // version 2, on tensor cores
     return attention_fwd_tc(dt, q, k, v, mask, out, lse, s, scale, p, seed, offset, stream);
   if ((s.D + 31) / 32 > kMaxPerLane) return cudaErrorInvalidValue;
   switch (dt) {
@@ -204,25 +207,20 @@ static void launch_bwd(const void* dout, const void* q, const void* k, const voi
   attention_bwd_kernel<T><<<attn_blocks(s), 32 * kWarpsPerBlock, 0, stream>>>(
       (const T*)dout, (const T*)q, (const T*)k, (const T*)v, (const T*)out, lse, mask, (T*)dq, dk_acc, dv_acc, s,
       scale, p, seed, offset);
-  const int blocks = (int)((n + 255) / 256 < 65535 ? (n + 255) / 256 : 65535);
-  cast_kernel<T><<<blocks, 256, 0, stream>>>(dk_acc, (T*)dk, n);
-  cast_kernel<T><<<blocks, 256, 0, stream>>>(dv_acc, (T*)dv, n);
+  scale_cast_kernel<T><<<grid_for(n), kGridThreads, 0, stream>>>(dk_acc, (T*)dk, n, 1.f);
+  scale_cast_kernel<T><<<grid_for(n), kGridThreads, 0, stream>>>(dv_acc, (T*)dv, n, 1.f);
 }
 
-static bool use_tc_bwd(DType dt, const void* dout, const void* q, const void* k, const void* v, int D) {
-  const bool aligned = (((uintptr_t)dout | (uintptr_t)q | (uintptr_t)k | (uintptr_t)v) & 15) == 0;
-  return aligned && attention_fwd_tc_supported(dt, D);
-}
 
 int64_t attention_bwd_scratch(DType dt, const void* dout, const void* q, const void* k, const void* v, AttnShape s) {
-  if (use_tc_bwd(dt, dout, q, k, v, s.D)) return attention_bwd_tc_scratch(s);   // dQ in float, and Delta
+  if (use_tc(dt, s.D, {dout, q, k, v})) return attention_bwd_tc_scratch(s);   // dQ in float, and Delta
   return 2 * (int64_t)s.B * s.H * s.Tk * s.D;                                    // dK and dV in float
 }
 
 cudaError_t attention_bwd(DType dt, const void* dout, const void* q, const void* k, const void* v, const void* out,
                           const float* lse, const bool* mask, void* dq, void* dk, void* dv, float* scratch,
                           AttnShape s, float scale, float p, uint64_t seed, uint64_t offset, cudaStream_t stream) {
-  if (use_tc_bwd(dt, dout, q, k, v, s.D))                            // version 2, on tensor cores
+  if (use_tc(dt, s.D, {dout, q, k, v}))                              // version 2, on tensor cores
     return attention_bwd_tc(dt, dout, q, k, v, out, lse, mask, dq, dk, dv, scratch, s, scale, p, seed, offset,
                             stream);
   if ((s.D + 31) / 32 > kMaxPerLane) return cudaErrorInvalidValue;
@@ -245,8 +243,7 @@ cudaError_t attention_bwd(DType dt, const void* dout, const void* q, const void*
 
 cudaError_t dropout_mask(bool* keep, int64_t n, float p, uint64_t seed, uint64_t offset, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  const int blocks = (int)((n + 255) / 256 < 65535 ? (n + 255) / 256 : 65535);
-  dropout_mask_kernel<<<blocks, 256, 0, stream>>>(keep, n, p, seed, offset);
+  dropout_mask_kernel<<<grid_for(n), kGridThreads, 0, stream>>>(keep, n, p, seed, offset);
   return cudaGetLastError();
 }
 

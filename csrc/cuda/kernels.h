@@ -19,7 +19,7 @@ cudaError_t attention_fwd(DType dt, const void* q, const void* k, const void* v,
 // attention_tc.cu: version 2 on tensor cores (float16/bfloat16, D in 32/64/128, sm_80+), which
 // attention_fwd/attention_bwd pick when attention_tc_supported says so and the 16-bit inputs start
 // on 16-byte boundaries.
-bool attention_fwd_tc_supported(DType dt, int D);
+bool attention_tc_supported(DType dt, int D);
 cudaError_t attention_fwd_tc(DType dt, const void* q, const void* k, const void* v, const bool* mask, void* out,
                              float* lse, AttnShape s, float scale, float p, uint64_t seed, uint64_t offset,
                              cudaStream_t stream);
@@ -44,7 +44,7 @@ constexpr int kReductionNone = 0, kReductionMean = 1, kReductionSum = 2;
 // z (N, C) -> rows (N,) per-row losses and lse (N,); for mean/sum also loss[0] (rows is then scratch).
 cudaError_t xent_fwd(DType dt, const void* z, const int64_t* target, float* rows, float* lse, float* loss, int64_t N,
                      int64_t C, int64_t ignore_index, float eps, int reduction, cudaStream_t stream);
-// grad (N,) for none, (1,) otherwise -> dz (N, C); weight: one float of scratch, used by the mean.
+// grad (N,) for none, (1,) otherwise -> dz (N, C); weight: one float of scratch for the mean (else null).
 cudaError_t xent_bwd(DType dt, const float* grad, const void* z, const int64_t* target, const float* lse, void* dz,
                      float* weight, int64_t N, int64_t C, int64_t ignore_index, float eps, int reduction,
                      cudaStream_t stream);
