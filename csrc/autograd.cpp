@@ -68,20 +68,22 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 };
 
-// The cross-entropy loss (per row, summed or averaged). Saves the logits, the targets and the
-// row log-sum-exp; the backward is softmax minus the smoothed one-hot, times the output gradient.
+// The cross-entropy loss (per row, summed or averaged). Saves the logits, the targets and the row
+// statistics (2, N): the row max and log sum_c e^{z_c - max}, kept apart (their sum, the
+// log-sum-exp, would round the second away at large logits); the backward is softmax minus the
+// smoothed one-hot, times the output gradient.
 struct XentFunction : public torch::autograd::Function<XentFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
                                int64_t ignore_index, double label_smoothing, int64_t reduction) {
     static auto fwd = op<XentFwdSig>("minift::xent_fwd");
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [loss, lse] = fwd.call(logits, target, ignore_index, label_smoothing, reduction);
-    ctx->save_for_backward({logits, target, lse});
+    auto [loss, stats] = fwd.call(logits, target, ignore_index, label_smoothing, reduction);
+    ctx->save_for_backward({logits, target, stats});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["reduction"] = reduction;
-    ctx->mark_non_differentiable({lse});
-    return {loss, lse};
+    ctx->mark_non_differentiable({stats});
+    return {loss, stats};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {

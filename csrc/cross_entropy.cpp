@@ -1,12 +1,26 @@
 // Fused softmax cross-entropy on the CPU, rows of logits split across threads by at::parallel_for.
 //
 // Forward, row n with target y (label smoothing eps, C classes):
-//   m = max_c z_c,  lse = m + log sum_c exp(z_c - m)     (stable for |z| = 1e4)
-//   loss_n = (1 - eps)(lse - z_y) + eps (lse - mean_c z_c),   0 when y = ignore_index
-// and the reduction: "none" returns loss_n, "sum" sum_n loss_n, "mean" that sum over the number of
-// rows whose target is not ignored (0 when every row is ignored, where F.cross_entropy gives NaN).
+//   m = max_c z_c,   log s = log sum_c e^{z_c - m} = log1p(r),   r = s - 1 = sum_{c != k} e^{z_c - m}
+// where k is one position of the max: its e^0 = 1 is left out of the sum rather than subtracted
+// after it, so the r of a confident row (1e-30 when the other probabilities are that small) keeps
+// its digits. With log p_c = (z_c - m) - log s,
+//   loss_n = (1 - eps) nll + eps smooth,   nll = -log p_y = (m - z_y) + log s,
+//   smooth = -(1/C) sum_c log p_c = log s + (1/C) sum_c (m - z_c),
+// 0 when y = ignore_index. Both are sums of non-negative terms, and m never meets log s in one
+// number: the log-sum-exp lse = m + log s rounds log s away once |m| is large (float32's spacing
+// at 1e8 is 8: the loss of three equal logits, log 3, came out 0 as lse - z_y), and
+// mean_c z_c - m cancels the same way. Long rows add their e^{z_c - m} in vectors over chunks of
+// 128 and the chunk sums in double, and sum_c (m - z_c) in double (cpu_vec.h).
+// The forward saves m and log s for the backward: the (2, N) row statistics, never their sum.
+// The reduction: "none" returns loss_n, "sum" sum_n loss_n, "mean" that sum over the number of rows
+// whose target is not ignored (0 when every row is ignored, where F.cross_entropy gives NaN); the
+// sum runs in row order in double with Neumaier's compensation, the same on any thread count.
 // Backward, given g = dL/d(output): w_n = g_n ("none"), g ("sum") or g / count ("mean"), and
-//   dz_c = (exp(z_c - lse) - eps/C - (1 - eps)[c = y]) * w_n,   0 for ignored rows
+//   dz_c = (p_c - q_c) w_n,   p_c = e^{(z_c - m) - log s},   q_c = eps/C + (1 - eps)[c = y]
+// (m and log s subtracted one after the other), and at the target
+//   p_y - q_y = expm1((z_y - m) - log s) + eps (1 - 1/C),
+// p_y - 1 without the cancellation of e^{...} - 1 when p_y is close to 1. 0 for ignored rows.
 // One read of the logits in each pass, one write of the gradient. The reduction lives here, in the
 // op, rather than in Python: for a small problem (N = 4096, C = 2) the three tensor ops of a mean
 // and their backward cost more than the kernels themselves.
@@ -14,8 +28,9 @@
 // Two row walkers for float32/float64. Long rows go one at a time through the
 // SIMD helpers of cpu_vec.h. Short rows (C = 2 for sentiment, 9 for NER) would spend their time in
 // per-row vector set-up and scalar exp/log calls, so a block of them is handled together: subtract
-// each row's max into one contiguous buffer, exponentiate the whole buffer in vectors, then take the
-// logs of the block's row sums in vectors too. float16 and bfloat16 rows are widened element by element.
+// each row's max into one contiguous buffer, exponentiate the whole buffer in vectors, then take
+// log1p of the block's r in vectors too. The backward of either walker takes the expm1 of a block's
+// target entries in vectors. float16 and bfloat16 rows are widened element by element.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -41,74 +56,93 @@ constexpr int64_t kBlockElems = 1024;  // elements of short rows handled togethe
 // Rows per task of at::parallel_for: about 2k elements, enough work to pay for waking a thread.
 static int64_t xent_grain(int64_t C) { return std::max<int64_t>(1, 2048 / C); }
 
-template <typename T>
-static void vec_exp_inplace(T* x, int64_t n) {
-  at::vec::map([](Vec<T> v) { return v.exp(); }, x, x, n);
+template <typename T, typename F>
+static void vec_map_inplace(T* x, int64_t n, F f) {
+  at::vec::map(f, x, x, n);
 }
 
+// The sum of x[0..n) in row order, compensated (cpu_vec.h): float64 row losses add up to float64
+// accuracy, and the result does not depend on the thread count.
 template <typename T>
-static void vec_log_inplace(T* x, int64_t n) {
-  at::vec::map([](Vec<T> v) { return v.log(); }, x, x, n);
+static double row_order_sum(const T* x, int64_t n) {
+  CompensatedSum total;
+  for (int64_t i = 0; i < n; ++i) total.add((double)x[i]);
+  return total.sum();
 }
 
-// lse and loss of rows [begin, end), whose targets are already checked.
+// loss, m and log s of rows [begin, end), whose targets are already checked.
 template <typename scalar_t>
 static void xent_fwd_rows(const scalar_t* z, const int64_t* target, typename XAcc<scalar_t>::type* loss,
-                          typename XAcc<scalar_t>::type* lse, int64_t begin, int64_t end, int64_t C,
-                          int64_t ignore_index, double eps) {
+                          typename XAcc<scalar_t>::type* row_max_out, typename XAcc<scalar_t>::type* log_s_out,
+                          int64_t begin, int64_t end, int64_t C, int64_t ignore_index, double eps) {
   using acc_t = typename XAcc<scalar_t>::type;
-  auto finish = [&](int64_t n, acc_t m, acc_t log_s, acc_t sum_z) {
-    const acc_t l = m + log_s;                                       // lse = m + log sum exp(z - m)
-    lse[n] = l;
+  // gap = sum_c (m - z_c), only needed (and only computed) when eps > 0
+  auto finish = [&](int64_t n, acc_t m, acc_t log_s, double gap) {
+    row_max_out[n] = m;
+    log_s_out[n] = log_s;
     const int64_t y = target[n];
-    loss[n] = y == ignore_index
-                  ? (acc_t)0
-                  : (acc_t)(1.0 - eps) * (l - (acc_t)z[n * C + y]) + (acc_t)eps * (l - sum_z / (acc_t)C);
+    if (y == ignore_index) {
+      loss[n] = 0;
+      return;
+    }
+    const acc_t nll = (m - (acc_t)z[n * C + y]) + log_s;              // -log p_y = (m - z_y) + log s
+    if (eps == 0) {
+      loss[n] = nll;
+      return;
+    }
+    const acc_t smooth = log_s + (acc_t)(gap / (double)C);           // log s + (1/C) sum_c (m - z_c)
+    loss[n] = (acc_t)(1.0 - eps) * nll + (acc_t)eps * smooth;
   };
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (C <= kShortRowFwd) {
-      acc_t buf[kBlockElems], maxes[kBlockElems], sums[kBlockElems], sum_zs[kBlockElems];
+      acc_t buf[kBlockElems], maxes[kBlockElems], rs[kBlockElems];
+      double gaps[kBlockElems];
       const int64_t R = kBlockElems / C;
       for (int64_t r0 = begin; r0 < end; r0 += R) {
         const int64_t rows = std::min(R, end - r0);
         for (int64_t r = 0; r < rows; ++r) {
           const scalar_t* row = z + (r0 + r) * C;
-          acc_t m = row[0], sz = 0;
-          for (int64_t c = 1; c < C; ++c) m = std::max(m, row[c]);
-          for (int64_t c = 0; c < C; ++c) buf[r * C + c] = row[c] - m;
-          if (eps > 0)
-            for (int64_t c = 0; c < C; ++c) sz += row[c];
+          acc_t m = row[0];
+          int64_t k = 0;                                             // the first position of the max
+          for (int64_t c = 1; c < C; ++c) {
+            k = row[c] > m ? c : k;
+            m = std::max(m, row[c]);
+          }
+          for (int64_t c = 0; c < C; ++c) buf[r * C + c] = row[c] - m;  // z_c - m <= 0
+          buf[r * C + k] = -std::numeric_limits<acc_t>::infinity();  // e^-inf = 0: the 1 that r = s - 1 leaves out
           maxes[r] = m;
-          sum_zs[r] = sz;
+          gaps[r] = eps > 0 ? row_gap_sum(row, C, m) : 0.0;          // sum_c (m - z_c)
         }
-        vec_exp_inplace(buf, rows * C);                              // exp(z - m), the whole block at once
+        vec_map_inplace(buf, rows * C, [](Vec<acc_t> v) { return v.exp(); });  // e^{z - m}, the block at once
         for (int64_t r = 0; r < rows; ++r) {
-          acc_t s = 0;
+          acc_t s = 0;                                               // r = s - 1
           for (int64_t c = 0; c < C; ++c) s += buf[r * C + c];
-          sums[r] = s;
+          rs[r] = s;
         }
-        vec_log_inplace(sums, rows);
-        for (int64_t r = 0; r < rows; ++r) finish(r0 + r, maxes[r], sums[r], sum_zs[r]);
+        vec_map_inplace(rs, rows, [](Vec<acc_t> v) { return v.log1p(); });  // log s = log1p(r)
+        for (int64_t r = 0; r < rows; ++r) finish(r0 + r, maxes[r], rs[r], gaps[r]);
       }
       return;
     }
     for (int64_t n = begin; n < end; ++n) {
       const scalar_t* row = z + n * C;
       const acc_t m = row_max(row, C);
-      const acc_t sum_z = eps > 0 ? row_sum(row, C) : (acc_t)0;
-      finish(n, m, std::log(row_exp_sum_only(row, C, m)), sum_z);
+      const double gap = eps > 0 ? row_gap_sum(row, C, m) : 0.0;
+      finish(n, m, (acc_t)std::log1p(row_exp_sum_minus_one(row, C, m)), gap);
     }
   } else {
     for (int64_t n = begin; n < end; ++n) {
       const scalar_t* row = z + n * C;
-      acc_t m = -std::numeric_limits<acc_t>::infinity(), sum_z = 0, s = 0;
+      acc_t m = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t c = 0; c < C; ++c) m = std::max(m, (acc_t)row[c]);
+      double s = 0, ties = -1, gap = 0;                              // r = s + ties: every e^0 but one
       for (int64_t c = 0; c < C; ++c) {
-        acc_t x = (acc_t)row[c];
-        m = x > m ? x : m;
-        sum_z += x;
+        const acc_t x = (acc_t)row[c];
+        if (x == m) ties += 1;
+        else s += (double)std::exp(x - m);
+        gap += (double)m - (double)x;
       }
-      for (int64_t c = 0; c < C; ++c) s += std::exp((acc_t)row[c] - m);
-      finish(n, m, std::log(s), sum_z);
+      finish(n, m, (acc_t)std::log1p(s + ties), gap);
     }
   }
 }
@@ -116,46 +150,78 @@ static void xent_fwd_rows(const scalar_t* z, const int64_t* target, typename XAc
 // dz of rows [begin, end); w == nullptr means every row has the weight w_all.
 template <typename scalar_t>
 static void xent_bwd_rows(const typename XAcc<scalar_t>::type* w, typename XAcc<scalar_t>::type w_all,
-                          const scalar_t* z, const int64_t* target, const typename XAcc<scalar_t>::type* lse,
-                          scalar_t* dz, int64_t begin, int64_t end, int64_t C, int64_t ignore_index, double eps) {
+                          const scalar_t* z, const int64_t* target, const typename XAcc<scalar_t>::type* row_max_in,
+                          const typename XAcc<scalar_t>::type* log_s_in, scalar_t* dz, int64_t begin, int64_t end,
+                          int64_t C, int64_t ignore_index, double eps) {
   using acc_t = typename XAcc<scalar_t>::type;
-  const acc_t smooth = (acc_t)(eps / (double)C), hit = (acc_t)(1.0 - eps);
+  // q_c = eps/C off the target; p_y - q_y = (p_y - 1) + eps (1 - 1/C) at it
+  const acc_t smooth = (acc_t)(eps / (double)C), at_target = (acc_t)(eps - eps / (double)C);
   auto weight = [&](int64_t n) { return w == nullptr ? w_all : w[n]; };
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    acc_t em1[kBlockElems];                                          // a block's log p_y, then p_y - 1
     if (C <= kShortRowBwd) {
-      // the rows [begin, end) of dz are contiguous: fill with z - lse, exponentiate in place, then scale
-      for (int64_t n = begin; n < end; ++n) {
-        const acc_t l = lse[n];
-        for (int64_t c = 0; c < C; ++c) dz[n * C + c] = z[n * C + c] - l;
-      }
-      vec_exp_inplace(dz + begin * C, (end - begin) * C);            // softmax_c
-      for (int64_t n = begin; n < end; ++n) {
-        scalar_t* out = dz + n * C;
-        const int64_t y = target[n];
-        const acc_t g = y == ignore_index ? (acc_t)0 : weight(n);
-        for (int64_t c = 0; c < C; ++c) out[c] = (out[c] - smooth) * g;  // (softmax_c - eps/C) w_n
-        if (y != ignore_index) out[y] -= hit * g;                    // - (1 - eps) w_n at the target
+      // the rows of dz are contiguous: a block of them is filled with (z - m) - log s and
+      // exponentiated in place, the block's target entries go through expm1, then all are scaled
+      const int64_t R = kBlockElems / C;
+      for (int64_t r0 = begin; r0 < end; r0 += R) {
+        const int64_t rows = std::min(R, end - r0);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t n = r0 + r, y = target[n];
+          const acc_t m = row_max_in[n], l = log_s_in[n];
+          for (int64_t c = 0; c < C; ++c) dz[n * C + c] = (z[n * C + c] - m) - l;  // log p_c
+          em1[r] = y == ignore_index ? (acc_t)0 : dz[n * C + y];
+        }
+        vec_map_inplace(dz + r0 * C, rows * C, [](Vec<acc_t> v) { return v.exp(); });  // p_c
+        vec_map_inplace(em1, rows, [](Vec<acc_t> v) { return v.expm1(); });          // p_y - 1
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t n = r0 + r, y = target[n];
+          scalar_t* out = dz + n * C;
+          if (y == ignore_index) {
+            std::fill(out, out + C, (scalar_t)0);
+            continue;
+          }
+          const acc_t g = weight(n);
+          for (int64_t c = 0; c < C; ++c) out[c] = (out[c] - smooth) * g;  // (p_c - eps/C) w_n
+          out[y] = (em1[r] + at_target) * g;                              // (p_y - q_y) w_n
+        }
       }
       return;
     }
-  }
-  for (int64_t n = begin; n < end; ++n) {
-    const int64_t y = target[n];
-    scalar_t* out = dz + n * C;
-    if (y == ignore_index) {
-      std::fill(out, out + C, (scalar_t)0);
-      continue;
-    }
-    const scalar_t* row = z + n * C;
-    const acc_t g = weight(n), l = lse[n];
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      row_softmax_minus(row, out, C, l, smooth, g);                  // (softmax_c - eps/C) w_n
-      out[y] -= hit * g;                                             // - (1 - eps) w_n at the target
-    } else {
-      for (int64_t c = 0; c < C; ++c) {
-        acc_t p = std::exp((acc_t)row[c] - l);                       // softmax_c
-        out[c] = (scalar_t)((p - smooth - (c == y ? hit : (acc_t)0)) * g);  // (p - q) w_n
+    // long rows one at a time in vectors; a block's target entries then go through expm1 together
+    for (int64_t r0 = begin; r0 < end; r0 += kBlockElems) {
+      const int64_t rows = std::min(kBlockElems, end - r0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t n = r0 + r, y = target[n];
+        scalar_t* out = dz + n * C;
+        if (y == ignore_index) {
+          std::fill(out, out + C, (scalar_t)0);
+          em1[r] = 0;
+          continue;
+        }
+        const scalar_t* row = z + n * C;
+        const acc_t m = row_max_in[n], l = log_s_in[n];
+        row_softmax_minus(row, out, C, m, l, smooth, weight(n));     // (p_c - eps/C) w_n
+        em1[r] = (row[y] - m) - l;                                   // log p_y
       }
+      vec_map_inplace(em1, rows, [](Vec<acc_t> v) { return v.expm1(); });  // p_y - 1
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t n = r0 + r, y = target[n];
+        if (y != ignore_index) dz[n * C + y] = (em1[r] + at_target) * weight(n);  // (p_y - q_y) w_n
+      }
+    }
+  } else {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t y = target[n];
+      scalar_t* out = dz + n * C;
+      if (y == ignore_index) {
+        std::fill(out, out + C, (scalar_t)0);
+        continue;
+      }
+      const scalar_t* row = z + n * C;
+      const acc_t g = weight(n), m = row_max_in[n], l = log_s_in[n];
+      for (int64_t c = 0; c < C; ++c)
+        out[c] = (scalar_t)((std::exp(((acc_t)row[c] - m) - l) - smooth) * g);  // (p_c - eps/C) w_n
+      out[y] = (scalar_t)((std::expm1(((acc_t)row[y] - m) - l) + at_target) * g);  // (p_y - q_y) w_n
     }
   }
 }
@@ -184,6 +250,7 @@ static int64_t count_kept(const int64_t* target, int64_t N, int64_t ignore_index
   return count;
 }
 
+// Returns the loss and the (2, N) row statistics the backward reads: m_n, then log s_n.
 std::tuple<at::Tensor, at::Tensor> xent_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                 int64_t ignore_index, double label_smoothing, int64_t reduction) {
   check_xent_inputs(logits, target, label_smoothing, at::kCPU);
@@ -193,35 +260,35 @@ std::tuple<at::Tensor, at::Tensor> xent_fwd_cpu(const at::Tensor& logits, const 
   check_targets(t, N, C, ignore_index);
   auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto rows = maybe_poison(at::empty({N}, logits.options().dtype(acc)));
-  auto lse = maybe_poison(at::empty({N}, logits.options().dtype(acc)));
+  auto stats = maybe_poison(at::empty({2, N}, logits.options().dtype(acc)));
   at::Tensor loss = rows;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "xent_fwd_cpu", [&] {
     using acc_t = typename XAcc<scalar_t>::type;
     const scalar_t* z = logits.data_ptr<scalar_t>();
     acc_t* l = rows.data_ptr<acc_t>();
-    acc_t* s = lse.data_ptr<acc_t>();
+    acc_t* m = stats.data_ptr<acc_t>();                              // stats[0]: the row max
+    acc_t* log_s = m + N;                                            // stats[1]: log sum_c e^{z_c - m}
     at::parallel_for(0, N, xent_grain(C), [&](int64_t begin, int64_t end) {
-      xent_fwd_rows<scalar_t>(z, t, l, s, begin, end, C, ignore_index, label_smoothing);
+      xent_fwd_rows<scalar_t>(z, t, l, m, log_s, begin, end, C, ignore_index, label_smoothing);
     });
     if (reduction != kReduceNone) {
-      double total = 0;                                              // in row order: the same sum on any thread count
-      for (int64_t n = 0; n < N; ++n) total += l[n];
+      double total = row_order_sum(l, N);                            // the same on any thread count
       if (reduction == kReduceMean) total /= (double)std::max<int64_t>(1, count_kept(t, N, ignore_index));
       loss = at::empty({}, logits.options().dtype(acc));
       loss.data_ptr<acc_t>()[0] = (acc_t)total;
     }
   });
-  return {loss, lse};
+  return {loss, stats};
 }
 
 at::Tensor xent_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
-                        const at::Tensor& lse, int64_t ignore_index, double label_smoothing, int64_t reduction) {
+                        const at::Tensor& stats, int64_t ignore_index, double label_smoothing, int64_t reduction) {
   check_xent_inputs(logits, target, label_smoothing, at::kCPU);
   check_reduction(reduction);
   const int64_t N = logits.size(0), C = logits.size(1);
   auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const bool per_row = reduction == kReduceNone;
-  check_xent_backward_inputs(grad, lse, logits, acc, reduction);
+  check_xent_backward_inputs(grad, stats, logits, acc, reduction);
   const int64_t* t = target.data_ptr<int64_t>();
   auto dz = maybe_poison(at::empty_like(logits));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "xent_bwd_cpu", [&] {
@@ -230,10 +297,11 @@ at::Tensor xent_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const 
     acc_t w_all = per_row ? (acc_t)0 : grad.data_ptr<acc_t>()[0];
     if (reduction == kReduceMean) w_all /= (acc_t)std::max<int64_t>(1, count_kept(t, N, ignore_index));
     const scalar_t* z = logits.data_ptr<scalar_t>();
-    const acc_t* l = lse.data_ptr<acc_t>();
+    const acc_t* m = stats.data_ptr<acc_t>();
+    const acc_t* log_s = m + N;
     scalar_t* d = dz.data_ptr<scalar_t>();
     at::parallel_for(0, N, xent_grain(C), [&](int64_t begin, int64_t end) {
-      xent_bwd_rows<scalar_t>(w, w_all, z, t, l, d, begin, end, C, ignore_index, label_smoothing);
+      xent_bwd_rows<scalar_t>(w, w_all, z, t, m, log_s, d, begin, end, C, ignore_index, label_smoothing);
     });
   });
   return dz;

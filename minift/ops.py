@@ -119,10 +119,12 @@ def _register() -> None:
     def _(logits, target, ignore_index, label_smoothing, reduction):
         n = logits.shape[0]
         loss_shape = (n,) if reduction == _REDUCTIONS["none"] else ()
-        return logits.new_empty(loss_shape, dtype=_acc_dtype(logits)), logits.new_empty((n,), dtype=_acc_dtype(logits))
+        # the loss, and the row statistics (row max, log sum exp(z - max)) the backward reads
+        return (logits.new_empty(loss_shape, dtype=_acc_dtype(logits)),
+                logits.new_empty((2, n), dtype=_acc_dtype(logits)))
 
     @torch.library.register_fake("minift::xent_bwd")
-    def _(grad, logits, target, lse, ignore_index, label_smoothing, reduction):
+    def _(grad, logits, target, stats, ignore_index, label_smoothing, reduction):
         return torch.empty_like(logits)
 
     @torch.library.register_fake("minift::dropout_fwd")
