@@ -118,16 +118,36 @@ inline double row_gap_sum(const T* x, int64_t n, T m) {
   }
 }
 
-// y_i = (exp((x_i - m) - log_s) - b) * g: a softmax row minus a constant, scaled. The max m and
-// log_s = log sum_i exp(x_i - m) are subtracted one after the other, never added first: m + log_s
-// would round log_s away when |m| is large (|m| = 1e8 in float32 loses it entirely).
+// y_i = (a exp((x_i - m) - log_s) - b_i) * g: a softmax row, scaled, minus b_i = b[i] (or the
+// constant b0 when b is null), scaled again. The max m and log_s = log sum_i exp(x_i - m) are
+// subtracted one after the other, never added first: m + log_s would round log_s away when |m| is
+// large (|m| = 1e8 in float32 loses it entirely).
 template <typename T>
-inline void row_softmax_minus(const T* x, T* y, int64_t n, T m, T log_s, T b, T g) {
-  const Vec<T> vm(m), vl(log_s), vb(b), vg(g);
+inline void row_softmax_minus(const T* x, T* y, int64_t n, T m, T log_s, T a, T b0, const T* b, T g) {
+  const Vec<T> vm(m), vl(log_s), va(a), vb0(b0), vg(g);
   int64_t i = 0;
-  for (; i + Vec<T>::size() <= n; i += Vec<T>::size())
-    ((((Vec<T>::loadu(x + i) - vm) - vl).exp() - vb) * vg).store(y + i);
-  for (; i < n; ++i) y[i] = (std::exp((x[i] - m) - log_s) - b) * g;
+  for (; i + Vec<T>::size() <= n; i += Vec<T>::size()) {
+    const Vec<T> vb = b == nullptr ? vb0 : Vec<T>::loadu(b + i);
+    ((va * ((Vec<T>::loadu(x + i) - vm) - vl).exp() - vb) * vg).store(y + i);
+  }
+  for (; i < n; ++i) y[i] = (a * std::exp((x[i] - m) - log_s) - (b == nullptr ? b0 : b[i])) * g;
+}
+
+// sum_i w_i (m - x_i), in double: float32 terms exactly, float64 ones compensated.
+template <typename T>
+inline double row_weighted_gap_sum(const T* x, const T* w, int64_t n, T m) {
+  if constexpr (std::is_same_v<T, double>) {
+    CompensatedSum total;
+    for (int64_t i = 0; i < n; ++i) total.add(w[i] * (m - x[i]));
+    return total.sum();
+  } else {
+    double lane[4] = {0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+      for (int j = 0; j < 4; ++j) lane[j] += (double)w[i + j] * ((double)m - (double)x[i + j]);
+    for (int j = 0; i < n; ++i, ++j) lane[j] += (double)w[i] * ((double)m - (double)x[i]);
+    return (lane[0] + lane[1]) + (lane[2] + lane[3]);
+  }
 }
 
 // sum_i x_i y_i

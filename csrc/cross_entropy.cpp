@@ -70,13 +70,23 @@ static double row_order_sum(const T* x, int64_t n) {
   return total.sum();
 }
 
+// The per-class weights of a weighted loss, in the accumulation type (w == nullptr: every w_c = 1).
+template <typename acc_t>
+struct ClassWeights {
+  const acc_t* w = nullptr;  // (C,) w_c
+  double sum = 0;            // S_w = sum_c w_c
+  const acc_t* b = nullptr;  // (C,) (eps / C) w_c, the backward's smoothing term (set by the backward)
+};
+
 // loss, m and log s of rows [begin, end), whose targets are already checked.
 template <typename scalar_t>
-static void xent_fwd_rows(const scalar_t* z, const int64_t* target, typename XAcc<scalar_t>::type* loss,
-                          typename XAcc<scalar_t>::type* row_max_out, typename XAcc<scalar_t>::type* log_s_out,
-                          int64_t begin, int64_t end, int64_t C, int64_t ignore_index, double eps) {
+static void xent_fwd_rows(const scalar_t* z, const int64_t* target, ClassWeights<typename XAcc<scalar_t>::type> cw,
+                          typename XAcc<scalar_t>::type* loss, typename XAcc<scalar_t>::type* row_max_out,
+                          typename XAcc<scalar_t>::type* log_s_out, int64_t begin, int64_t end, int64_t C,
+                          int64_t ignore_index, double eps) {
   using acc_t = typename XAcc<scalar_t>::type;
-  // gap = sum_c (m - z_c), only needed (and only computed) when eps > 0
+  // gap = sum_c (m - z_c), or sum_c w_c (m - z_c) with class weights: only needed (and only
+  // computed) when eps > 0
   auto finish = [&](int64_t n, acc_t m, acc_t log_s, double gap) {
     row_max_out[n] = m;
     log_s_out[n] = log_s;
@@ -86,14 +96,28 @@ static void xent_fwd_rows(const scalar_t* z, const int64_t* target, typename XAc
       return;
     }
     const acc_t nll = (m - (acc_t)z[n * C + y]) + log_s;              // -log p_y = (m - z_y) + log s
-    if (eps == 0) {
-      loss[n] = nll;
+    if (cw.w == nullptr) {
+      if (eps == 0) {
+        loss[n] = nll;
+        return;
+      }
+      const acc_t smooth = log_s + (acc_t)(gap / (double)C);         // log s + (1/C) sum_c (m - z_c)
+      loss[n] = (acc_t)(1.0 - eps) * nll + (acc_t)eps * smooth;
       return;
     }
-    const acc_t smooth = log_s + (acc_t)(gap / (double)C);           // log s + (1/C) sum_c (m - z_c)
-    loss[n] = (acc_t)(1.0 - eps) * nll + (acc_t)eps * smooth;
+    const acc_t wy = cw.w[y];
+    if (eps == 0) {
+      loss[n] = wy * nll;                                            // w_y (-log p_y)
+      return;
+    }
+    const double smooth = cw.sum * (double)log_s + gap;              // sum_c w_c (-log p_c)
+    loss[n] = (acc_t)((1.0 - eps) * (double)wy * (double)nll + eps / (double)C * smooth);
   };
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    auto gap_of = [&](const scalar_t* row, acc_t m) {
+      if (eps == 0) return 0.0;
+      return cw.w == nullptr ? row_gap_sum(row, C, m) : row_weighted_gap_sum(row, cw.w, C, m);
+    };
     if (C <= kShortRowFwd) {
       acc_t buf[kBlockElems], maxes[kBlockElems], rs[kBlockElems];
       double gaps[kBlockElems];
@@ -111,7 +135,7 @@ static void xent_fwd_rows(const scalar_t* z, const int64_t* target, typename XAc
           for (int64_t c = 0; c < C; ++c) buf[r * C + c] = row[c] - m;  // z_c - m <= 0
           buf[r * C + k] = -std::numeric_limits<acc_t>::infinity();  // e^-inf = 0: the 1 that r = s - 1 leaves out
           maxes[r] = m;
-          gaps[r] = eps > 0 ? row_gap_sum(row, C, m) : 0.0;          // sum_c (m - z_c)
+          gaps[r] = gap_of(row, m);
         }
         vec_map_inplace(buf, rows * C, [](Vec<acc_t> v) { return v.exp(); });  // e^{z - m}, the block at once
         for (int64_t r = 0; r < rows; ++r) {
@@ -127,8 +151,7 @@ static void xent_fwd_rows(const scalar_t* z, const int64_t* target, typename XAc
     for (int64_t n = begin; n < end; ++n) {
       const scalar_t* row = z + n * C;
       const acc_t m = row_max(row, C);
-      const double gap = eps > 0 ? row_gap_sum(row, C, m) : 0.0;
-      finish(n, m, (acc_t)std::log1p(row_exp_sum_minus_one(row, C, m)), gap);
+      finish(n, m, (acc_t)std::log1p(row_exp_sum_minus_one(row, C, m)), gap_of(row, m));
     }
   } else {
     for (int64_t n = begin; n < end; ++n) {
@@ -140,7 +163,7 @@ static void xent_fwd_rows(const scalar_t* z, const int64_t* target, typename XAc
         const acc_t x = (acc_t)row[c];
         if (x == m) ties += 1;
         else s += (double)std::exp(x - m);
-        gap += (double)m - (double)x;
+        gap += (cw.w == nullptr ? 1.0 : (double)cw.w[c]) * ((double)m - (double)x);
       }
       finish(n, m, (acc_t)std::log1p(s + ties), gap);
     }
@@ -148,15 +171,25 @@ static void xent_fwd_rows(const scalar_t* z, const int64_t* target, typename XAc
 }
 
 // dz of rows [begin, end); w == nullptr means every row has the weight w_all.
+//   dz_c = (a_n p_c - b_c) w_n,   dz_y = (a_n (p_y - 1) + t_n) w_n
+// with a_n = 1, b_c = eps/C, t_n = eps (1 - 1/C) without class weights, and with them
+//   a_n = (1 - eps) w_y + (eps/C) S_w,   b_c = (eps/C) w_c,   t_n = (eps/C) (S_w - w_y)
+// (the gradient of (1 - eps) w_y (-log p_y) + (eps/C) sum_c w_c (-log p_c); t_n = a_n - b_y - (1 - eps) w_y).
 template <typename scalar_t>
 static void xent_bwd_rows(const typename XAcc<scalar_t>::type* w, typename XAcc<scalar_t>::type w_all,
-                          const scalar_t* z, const int64_t* target, const typename XAcc<scalar_t>::type* row_max_in,
-                          const typename XAcc<scalar_t>::type* log_s_in, scalar_t* dz, int64_t begin, int64_t end,
-                          int64_t C, int64_t ignore_index, double eps) {
+                          const scalar_t* z, const int64_t* target, ClassWeights<typename XAcc<scalar_t>::type> cw,
+                          const typename XAcc<scalar_t>::type* row_max_in, const typename XAcc<scalar_t>::type* log_s_in,
+                          scalar_t* dz, int64_t begin, int64_t end, int64_t C, int64_t ignore_index, double eps) {
   using acc_t = typename XAcc<scalar_t>::type;
-  // q_c = eps/C off the target; p_y - q_y = (p_y - 1) + eps (1 - 1/C) at it
   const acc_t smooth = (acc_t)(eps / (double)C), at_target = (acc_t)(eps - eps / (double)C);
   auto weight = [&](int64_t n) { return w == nullptr ? w_all : w[n]; };
+  auto factor = [&](int64_t y) {                                     // a_n
+    return cw.w == nullptr ? (acc_t)1 : (acc_t)((1.0 - eps) * (double)cw.w[y] + eps / (double)C * cw.sum);
+  };
+  auto target_term = [&](int64_t y) {                                // t_n
+    return cw.w == nullptr ? at_target : (acc_t)(eps / (double)C * (cw.sum - (double)cw.w[y]));
+  };
+  auto b_of = [&](int64_t c) { return cw.b == nullptr ? smooth : cw.b[c]; };
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     acc_t em1[kBlockElems];                                          // a block's log p_y, then p_y - 1
     if (C <= kShortRowBwd) {
@@ -180,9 +213,9 @@ static void xent_bwd_rows(const typename XAcc<scalar_t>::type* w, typename XAcc<
             std::fill(out, out + C, (scalar_t)0);
             continue;
           }
-          const acc_t g = weight(n);
-          for (int64_t c = 0; c < C; ++c) out[c] = (out[c] - smooth) * g;  // (p_c - eps/C) w_n
-          out[y] = (em1[r] + at_target) * g;                              // (p_y - q_y) w_n
+          const acc_t g = weight(n), a = factor(y);
+          for (int64_t c = 0; c < C; ++c) out[c] = (a * out[c] - b_of(c)) * g;  // (a_n p_c - b_c) w_n
+          out[y] = (a * em1[r] + target_term(y)) * g;                       // (a_n (p_y - 1) + t_n) w_n
         }
       }
       return;
@@ -200,13 +233,13 @@ static void xent_bwd_rows(const typename XAcc<scalar_t>::type* w, typename XAcc<
         }
         const scalar_t* row = z + n * C;
         const acc_t m = row_max_in[n], l = log_s_in[n];
-        row_softmax_minus(row, out, C, m, l, smooth, weight(n));     // (p_c - eps/C) w_n
+        row_softmax_minus(row, out, C, m, l, factor(y), smooth, cw.b, weight(n));  // (a_n p_c - b_c) w_n
         em1[r] = (row[y] - m) - l;                                   // log p_y
       }
       vec_map_inplace(em1, rows, [](Vec<acc_t> v) { return v.expm1(); });  // p_y - 1
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t n = r0 + r, y = target[n];
-        if (y != ignore_index) dz[n * C + y] = (em1[r] + at_target) * weight(n);  // (p_y - q_y) w_n
+        if (y != ignore_index) dz[n * C + y] = (factor(y) * em1[r] + target_term(y)) * weight(n);
       }
     }
   } else {
@@ -218,10 +251,10 @@ static void xent_bwd_rows(const typename XAcc<scalar_t>::type* w, typename XAcc<
         continue;
       }
       const scalar_t* row = z + n * C;
-      const acc_t g = weight(n), m = row_max_in[n], l = log_s_in[n];
+      const acc_t g = weight(n), m = row_max_in[n], l = log_s_in[n], a = factor(y);
       for (int64_t c = 0; c < C; ++c)
-        out[c] = (scalar_t)((std::exp(((acc_t)row[c] - m) - l) - smooth) * g);  // (p_c - eps/C) w_n
-      out[y] = (scalar_t)((std::expm1(((acc_t)row[y] - m) - l) + at_target) * g);  // (p_y - q_y) w_n
+        out[c] = (scalar_t)((a * std::exp(((acc_t)row[c] - m) - l) - b_of(c)) * g);  // (a_n p_c - b_c) w_n
+      out[y] = (scalar_t)((a * std::expm1(((acc_t)row[y] - m) - l) + target_term(y)) * g);
     }
   }
 }
@@ -244,16 +277,28 @@ static void check_targets(const int64_t* target, int64_t N, int64_t C, int64_t i
               ", got ", bad < N ? target[bad] : 0, " at row ", bad);
 }
 
-static int64_t count_kept(const int64_t* target, int64_t N, int64_t ignore_index) {
-  int64_t count = 0;
-  for (int64_t n = 0; n < N; ++n) count += target[n] != ignore_index;
-  return count;
+// The mean's divisor: the number of rows not ignored, or with class weights the sum of their
+// targets' weights w_y, as in F.cross_entropy. A divisor of 0 (every row ignored) makes the mean 0,
+// where F.cross_entropy gives NaN.
+template <typename acc_t>
+static double mean_divisor(const int64_t* target, int64_t N, int64_t ignore_index, const acc_t* cw) {
+  double total = 0;
+  for (int64_t n = 0; n < N; ++n)
+    if (target[n] != ignore_index) total += cw == nullptr ? 1.0 : (double)cw[target[n]];
+  return total;
+}
+
+// The class weights in the accumulation type acc (a copy only when the logits are float16/bfloat16).
+static at::Tensor class_weights(const std::optional<at::Tensor>& weight, at::ScalarType acc) {
+  return weight.has_value() ? weight->to(acc).contiguous() : at::Tensor();
 }
 
 // Returns the loss and the (2, N) row statistics the backward reads: m_n, then log s_n.
 std::tuple<at::Tensor, at::Tensor> xent_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                                int64_t ignore_index, double label_smoothing, int64_t reduction) {
+                                                const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                double label_smoothing, int64_t reduction) {
   check_xent_inputs(logits, target, label_smoothing, at::kCPU);
+  check_xent_weight(weight, logits);
   check_reduction(reduction);
   const int64_t N = logits.size(0), C = logits.size(1);
   const int64_t* t = target.data_ptr<int64_t>();
@@ -261,19 +306,28 @@ std::tuple<at::Tensor, at::Tensor> xent_fwd_cpu(const at::Tensor& logits, const 
   auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto rows = maybe_poison(at::empty({N}, logits.options().dtype(acc)));
   auto stats = maybe_poison(at::empty({2, N}, logits.options().dtype(acc)));
+  auto w_acc = class_weights(weight, acc);
   at::Tensor loss = rows;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "xent_fwd_cpu", [&] {
     using acc_t = typename XAcc<scalar_t>::type;
     const scalar_t* z = logits.data_ptr<scalar_t>();
+    ClassWeights<acc_t> cw;
+    if (w_acc.defined()) {
+      cw.w = w_acc.data_ptr<acc_t>();
+      cw.sum = row_order_sum(cw.w, C);
+    }
     acc_t* l = rows.data_ptr<acc_t>();
     acc_t* m = stats.data_ptr<acc_t>();                              // stats[0]: the row max
     acc_t* log_s = m + N;                                            // stats[1]: log sum_c e^{z_c - m}
     at::parallel_for(0, N, xent_grain(C), [&](int64_t begin, int64_t end) {
-      xent_fwd_rows<scalar_t>(z, t, l, m, log_s, begin, end, C, ignore_index, label_smoothing);
+      xent_fwd_rows<scalar_t>(z, t, cw, l, m, log_s, begin, end, C, ignore_index, label_smoothing);
     });
     if (reduction != kReduceNone) {
       double total = row_order_sum(l, N);                            // the same on any thread count
-      if (reduction == kReduceMean) total /= (double)std::max<int64_t>(1, count_kept(t, N, ignore_index));
+      if (reduction == kReduceMean) {
+        const double divisor = mean_divisor(t, N, ignore_index, cw.w);
+        total = divisor != 0 ? total / divisor : 0.0;
+      }
       loss = at::empty({}, logits.options().dtype(acc));
       loss.data_ptr<acc_t>()[0] = (acc_t)total;
     }
@@ -282,8 +336,10 @@ std::tuple<at::Tensor, at::Tensor> xent_fwd_cpu(const at::Tensor& logits, const 
 }
 
 at::Tensor xent_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
-                        const at::Tensor& stats, int64_t ignore_index, double label_smoothing, int64_t reduction) {
+                        const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index,
+                        double label_smoothing, int64_t reduction) {
   check_xent_inputs(logits, target, label_smoothing, at::kCPU);
+  check_xent_weight(weight, logits);
   check_reduction(reduction);
   const int64_t N = logits.size(0), C = logits.size(1);
   auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -291,17 +347,29 @@ at::Tensor xent_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const 
   check_xent_backward_inputs(grad, stats, logits, acc, reduction);
   const int64_t* t = target.data_ptr<int64_t>();
   auto dz = maybe_poison(at::empty_like(logits));
+  auto w_acc = class_weights(weight, acc);
+  // (eps / C) w_c, the smoothing part of q_c with class weights
+  auto b_acc = w_acc.defined() ? w_acc * (label_smoothing / (double)C) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "xent_bwd_cpu", [&] {
     using acc_t = typename XAcc<scalar_t>::type;
+    ClassWeights<acc_t> cw;
+    if (w_acc.defined()) {
+      cw.w = w_acc.data_ptr<acc_t>();
+      cw.sum = row_order_sum(cw.w, C);
+      cw.b = b_acc.data_ptr<acc_t>();
+    }
     const acc_t* w = per_row ? grad.data_ptr<acc_t>() : nullptr;
     acc_t w_all = per_row ? (acc_t)0 : grad.data_ptr<acc_t>()[0];
-    if (reduction == kReduceMean) w_all /= (acc_t)std::max<int64_t>(1, count_kept(t, N, ignore_index));
+    if (reduction == kReduceMean) {
+      const double divisor = mean_divisor(t, N, ignore_index, cw.w);
+      w_all = divisor != 0 ? (acc_t)((double)w_all / divisor) : (acc_t)0;
+    }
     const scalar_t* z = logits.data_ptr<scalar_t>();
     const acc_t* m = stats.data_ptr<acc_t>();
     const acc_t* log_s = m + N;
     scalar_t* d = dz.data_ptr<scalar_t>();
     at::parallel_for(0, N, xent_grain(C), [&](int64_t begin, int64_t end) {
-      xent_bwd_rows<scalar_t>(w, w_all, z, t, m, log_s, d, begin, end, C, ignore_index, label_smoothing);
+      xent_bwd_rows<scalar_t>(w, w_all, z, t, cw, m, log_s, d, begin, end, C, ignore_index, label_smoothing);
     });
   });
   return dz;

@@ -26,11 +26,13 @@ TORCH_LIBRARY(minift, m) {
   // reads: row 0 a shift a_n, row 1 b_n = log sum_c exp(z_nc - a_n), so that log p_nc =
   // (z_nc - a_n) - b_n; float32 (float64 for float64). The CPU kernel takes a_n = max_c z_nc; the
   // CUDA kernels (for now) a_n = the log-sum-exp and b_n = 0 (see cuda/cuda_ops.cpp).
-  m.def("xent_fwd(Tensor logits, Tensor target, int ignore_index, float label_smoothing, int reduction) "
-        "-> (Tensor, Tensor)");
+  // weight: optional per-class weights (C,) in the logits' dtype, as F.cross_entropy(weight=...).
+  m.def("xent_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, "
+        "int reduction) -> (Tensor, Tensor)");
   // grad: dL/d(loss), (N,) for none and () otherwise. Returns dlogits (N, C) = (softmax - smoothed
-  // one-hot) * the row's weight (grad_n, grad, or grad / number of rows not ignored).
-  m.def("xent_bwd(Tensor grad, Tensor logits, Tensor target, Tensor stats, int ignore_index, "
+  // one-hot) * the row's weight (grad_n, grad, or grad / number of rows not ignored), with class
+  // weights as derived in cross_entropy.cpp (the mean then divides by the kept targets' weights).
+  m.def("xent_bwd(Tensor grad, Tensor logits, Tensor target, Tensor? weight, Tensor stats, int ignore_index, "
         "float label_smoothing, int reduction) -> Tensor");
   // AdamW's update of one parameter in place (CPU): param, exp_avg, exp_avg_sq are written.
   m.def("adamw_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, float lr, "

@@ -369,65 +369,84 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, generat
 # ------------------------------------------------------------------------------------------
 
 
-def _ce_weights(target, C, ignore_index, reduction, dtype):
-    """Per-row weight w_n: 1 (sum/none) or 1/N_valid (mean), 0 for ignored rows."""
-    valid = target != ignore_index                                  # (N,)
-    w = valid.to(dtype)
-    if reduction == "mean":
-        w = w / valid.sum().clamp(min=1)     # all rows ignored: loss 0 (torch's own gives NaN)
-    return valid, w
+def _ce_targets(logits, target, ignore_index, label_smoothing, reduction, weight):
+    r"""The smoothed, weighted target distribution q (N, C) and each row's scale r_n (N,).
 
-
-def cross_entropy_forward(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
-    r"""Softmax cross-entropy of logits (N, C) against class indices (N,).
-
-    \log p_c = z_c - \log\sum_k e^{z_k}   (log-sum-exp taken after subtracting the max: stable at |z|=1e4)
-    l_n = -\sum_c q_c \log p_c,   q = (1-\epsilon) onehot(y_n) + \epsilon / C   (label smoothing \epsilon)
-    Rows with y_n = ignore_index contribute 0; "mean" divides by the number of other rows.
+    q_{nc} = (1-\epsilon) w_{y_n} [c = y_n] + (\epsilon/C) w_c   (w_c = 1 without class weights),
+    0 for an ignored row. r_n = 1 for "none" and "sum"; for "mean" r_n = 1/W with
+    W = \sum_n w_{y_n} over the rows not ignored (their number without class weights), and 0 when
+    W = 0 (every row ignored: loss 0, where torch's own gives NaN).
     """
     N, C = logits.shape
-    valid, w = _ce_weights(target, C, ignore_index, reduction, logits.dtype)
-    logp = logits - torch.logsumexp(logits, -1, keepdim=True)       # (N, C)
+    valid = target != ignore_index                                  # (N,)
     safe_t = target.masked_fill(~valid, 0)
-    nll = -logp.gather(1, safe_t[:, None]).squeeze(1)               # (N,)  -log p_y
-    smooth = -logp.mean(-1)                                         # (N,)  -(1/C) sum_c log p_c
-    per_row = (1.0 - label_smoothing) * nll + label_smoothing * smooth
-    per_row = per_row * valid
+    w = torch.ones(C, dtype=logits.dtype, device=logits.device) if weight is None else weight.to(logits.dtype)
+    wy = w[safe_t] * valid                                          # (N,)  w_{y_n}, 0 when ignored
+    q = (label_smoothing / C) * w.expand(N, C) * valid[:, None]     # (N, C)  (eps/C) w_c
+    q = q.scatter_add(1, safe_t[:, None], ((1.0 - label_smoothing) * wy)[:, None])  # + (1-eps) w_y at y
+    r = torch.ones(N, dtype=logits.dtype, device=logits.device)
+    if reduction == "mean":
+        W = wy.sum()
+        r = r / W if W != 0 else r * 0
+    return q, r
+
+
+def _log_softmax(z):
+    r"""\log p_c = (z_c - m) - \log\sum_k e^{z_k - m}, m = \max_k z_k: the max and the log of the sum
+    subtracted one after the other (m + \log\sum would round the second away at |z| = 1e8 in float32)."""
+    d = z - z.amax(-1, keepdim=True)                                # (N, C)  z_c - m <= 0
+    return d - torch.log(torch.exp(d).sum(-1, keepdim=True))
+
+
+def cross_entropy_forward(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean", weight=None):
+    r"""Softmax cross-entropy of logits (N, C) against class indices (N,), with optional class weights.
+
+    \log p_c = (z_c - m) - \log\sum_k e^{z_k - m}   (m the row max: stable at any |z|)
+    l_n = -\sum_c q_{nc} \log p_{nc},   q_{nc} = (1-\epsilon) w_{y_n} [c = y_n] + (\epsilon/C) w_c
+    with label smoothing \epsilon and class weights w (1 without them). This is F.cross_entropy's
+    meaning of weight= with label_smoothing=: the hit term weighted by the target's w_{y_n}, the
+    smoothing term by each class's w_c. Rows with y_n = ignore_index contribute 0; "mean" divides
+    the sum by W = \sum_n w_{y_n} over the other rows (their number without class weights).
+    """
+    q, r = _ce_targets(logits, target, ignore_index, label_smoothing, reduction, weight)
+    per_row = -(q * _log_softmax(logits)).sum(-1)                   # (N,)  l_n = -sum_c q_nc log p_nc
     if reduction == "none":
         return per_row
-    return (per_row * w).sum() if reduction == "mean" else per_row.sum()
+    return (per_row * r).sum()
 
 
-def cross_entropy_backward(dloss, logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
-    r"""dl_n/dz_c = p_c - q_c  (softmax minus the smoothed one-hot target), times the row weight.
+def cross_entropy_backward(dloss, logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                           weight=None):
+    r"""dl_n/dz_c = a_n p_c - q_{nc},   a_n = \sum_k q_{nk} = (1-\epsilon) w_{y_n} + (\epsilon/C) \sum_k w_k,
+    times the row's scale (1, or 1/W for "mean") and dloss.
 
-    From l = -\sum_c q_c (z_c - \log\sum_k e^{z_k}) and \sum_c q_c = 1:
-    dl/dz_c = -q_c + p_c.  For "mean" each row is scaled by 1/N_valid; ignored rows get 0.
+    From l_n = -\sum_k q_{nk} \log p_k and d\log p_k/dz_c = [k = c] - p_c:
+    dl_n/dz_c = -\sum_k q_{nk} ([k = c] - p_c) = -q_{nc} + p_c \sum_k q_{nk}.
+    Without class weights \sum_k q_{nk} = 1 and this is softmax minus the smoothed one-hot, p - q.
+    Ignored rows have q = 0, hence a_n = 0 and a zero gradient.
     """
-    N, C = logits.shape
-    valid, w = _ce_weights(target, C, ignore_index, reduction, logits.dtype)
+    q, r = _ce_targets(logits, target, ignore_index, label_smoothing, reduction, weight)
     p = torch.softmax(logits, -1)                                   # (N, C)
-    q = torch.full_like(p, label_smoothing / C)
-    q.scatter_add_(1, target.masked_fill(~valid, 0)[:, None],
-                   torch.full((N, 1), 1.0 - label_smoothing, dtype=p.dtype, device=p.device))
-    scale = dloss * valid if reduction == "none" else dloss * w     # (N,)
-    return (p - q) * scale[:, None]                                 # dz = (p - q) * w_n * dloss
+    a = q.sum(-1, keepdim=True)                                     # (N, 1)  a_n = sum_k q_nk
+    scale = dloss * r                                               # (N,)  dloss_n (none), or dloss r_n
+    return (a * p - q) * scale[:, None]                             # dz = (a_n p - q_n) r_n dloss
 
 
 class CrossEntropy(Function):
     @staticmethod
-    def forward(ctx, logits, target, ignore_index, label_smoothing, reduction):
-        ctx.save_for_backward(logits, target)
+    def forward(ctx, logits, target, ignore_index, label_smoothing, reduction, weight):
+        ctx.save_for_backward(logits, target, weight)
         ctx.args = (ignore_index, label_smoothing, reduction)
-        return cross_entropy_forward(logits, target, *ctx.args)
+        return cross_entropy_forward(logits, target, *ctx.args, weight=weight)
 
     @staticmethod
     def backward(ctx, dloss):
-        logits, target = ctx.saved_tensors
-        return cross_entropy_backward(dloss, logits, target, *ctx.args), None, None, None, None
+        logits, target, weight = ctx.saved_tensors
+        dz = cross_entropy_backward(dloss, logits, target, *ctx.args, weight=weight)
+        return dz, None, None, None, None, None
 
 
-def check_cross_entropy_args(logits, target, label_smoothing, reduction):
+def check_cross_entropy_args(logits, target, label_smoothing, reduction, weight=None):
     if logits.dim() != 2:
         raise ValueError(f"cross_entropy: expected logits of shape (N, C), got {tuple(logits.shape)}")
     if target.dim() != 1 or target.shape[0] != logits.shape[0]:
@@ -438,11 +457,19 @@ def check_cross_entropy_args(logits, target, label_smoothing, reduction):
         raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must lie in [0, 1], got {label_smoothing}")
+    if weight is not None:
+        if weight.shape != (logits.shape[1],):
+            raise ValueError(f"cross_entropy: expected weight of shape ({logits.shape[1]},), one per class, "
+                             f"got {tuple(weight.shape)}")
+        if weight.dtype != logits.dtype:
+            raise TypeError(f"cross_entropy: expected weight of dtype {logits.dtype} like the logits, got {weight.dtype}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError("cross_entropy: the class weights get no gradient; pass weight.detach()")
 
 
-def cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
-    check_cross_entropy_args(logits, target, label_smoothing, reduction)
-    return CrossEntropy.apply(logits, target, ignore_index, label_smoothing, reduction)
+def cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean", weight=None):
+    check_cross_entropy_args(logits, target, label_smoothing, reduction, weight)
+    return CrossEntropy.apply(logits, target, ignore_index, label_smoothing, reduction, weight)
 
 
 # ------------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def _register() -> None:
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     @torch.library.register_fake("minift::xent_fwd")
-    def _(logits, target, ignore_index, label_smoothing, reduction):
+    def _(logits, target, weight, ignore_index, label_smoothing, reduction):
         n = logits.shape[0]
         loss_shape = (n,) if reduction == _REDUCTIONS["none"] else ()
         # the loss, and the row statistics (row max, log sum exp(z - max)) the backward reads
@@ -124,7 +124,7 @@ def _register() -> None:
                 logits.new_empty((2, n), dtype=_acc_dtype(logits)))
 
     @torch.library.register_fake("minift::xent_bwd")
-    def _(grad, logits, target, stats, ignore_index, label_smoothing, reduction):
+    def _(grad, logits, target, weight, stats, ignore_index, label_smoothing, reduction):
         return torch.empty_like(logits)
 
     @torch.library.register_fake("minift::dropout_fwd")
@@ -221,15 +221,21 @@ def dropout_mask(B, H, Tq, Tk, p, seed, offset=0, device="cpu"):
 
 
 def softmax_cross_entropy(logits, target, ignore_index: int = -100, label_smoothing: float = 0.0,
-                          reduction: str = "mean"):
+                          reduction: str = "mean", weight=None):
     """Cross-entropy of logits (N, C) against int64 targets (N,), fused: loss and gradient in one
     pass over the logits each. "mean" averages over non-ignored rows (0 when every row is ignored,
-    where F.cross_entropy gives NaN); the loss is float32 (float64 for float64 logits)."""
+    where F.cross_entropy gives NaN); the loss is float32 (float64 for float64 logits).
+
+    weight: optional per-class weights (C,) in the logits' dtype, with F.cross_entropy's meaning:
+    row n's loss is (1 - eps) w_{y_n} (-log p_{y_n}) + (eps/C) sum_c w_c (-log p_c), and "mean"
+    divides the sum by sum_n w_{y_n} over the rows not ignored. It gets no gradient. The CUDA
+    kernels take no weight yet and say so."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"softmax_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not extension_available():
-        return F.cross_entropy(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                               reduction=reduction)
-    loss, _ = torch.ops.minift.xent_fwd(logits.contiguous(), target.contiguous(), int(ignore_index),
+        return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index,
+                               label_smoothing=label_smoothing, reduction=reduction)
+    loss, _ = torch.ops.minift.xent_fwd(logits.contiguous(), target.contiguous(),
+                                        None if weight is None else weight.contiguous(), int(ignore_index),
                                         float(label_smoothing), _REDUCTIONS[reduction])
     return loss

@@ -91,9 +91,17 @@ at::Tensor dropout_mask_cuda(const at::Tensor& like, int64_t B, int64_t H, int64
 // log-sum-exp in one number, lse = m + log s: the forward writes it into row 0 (a_n = lse) and
 // row 1 is zero (b_n = 0), and the backward reads row 0 as its lse. That keeps the kernels' old
 // accuracy (log s rounded away at |z| >= 1e8 in float32) until they compute the CPU's formulas.
+// The CUDA kernels take no class weights yet: a weighted call stops here with a message.
+static void refuse_class_weights(const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK(!weight.has_value(), "softmax_cross_entropy on CUDA: per-class weights are not implemented in the "
+              "CUDA kernels yet; use F.cross_entropy(weight=...) on the GPU, or run the loss on the CPU");
+}
+
 std::tuple<at::Tensor, at::Tensor> xent_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                                 int64_t ignore_index, double label_smoothing, int64_t reduction) {
+                                                 const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                 double label_smoothing, int64_t reduction) {
   check_xent_inputs(logits, target, label_smoothing, at::kCUDA);
+  refuse_class_weights(weight);
   check_reduction(reduction);
   auto dt = cuda_dtype(logits, "softmax_cross_entropy");
   const int64_t N = logits.size(0), C = logits.size(1);
@@ -111,8 +119,10 @@ std::tuple<at::Tensor, at::Tensor> xent_fwd_cuda(const at::Tensor& logits, const
 }
 
 at::Tensor xent_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
-                         const at::Tensor& stats, int64_t ignore_index, double label_smoothing, int64_t reduction) {
+                         const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index,
+                         double label_smoothing, int64_t reduction) {
   check_xent_inputs(logits, target, label_smoothing, at::kCUDA);
+  refuse_class_weights(weight);
   check_reduction(reduction);
   check_xent_backward_inputs(grad, stats, logits, at::kFloat, reduction);
   auto dt = cuda_dtype(logits, "softmax_cross_entropy");
