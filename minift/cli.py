@@ -25,7 +25,7 @@ def cmd_doctor(args) -> int:
     import torch
 
     import minift
-    from . import ops
+    from . import ops, selfcheck
     status = ops.extension_status()
     print(f"minift {minift.__version__}, Python {platform.python_version()}, torch {torch.__version__}")
     mode = status["mode"] or "fallback (plain PyTorch ops)"
@@ -33,7 +33,10 @@ def cmd_doctor(args) -> int:
     print(f"  why: {status['reason']}")
     if status["mode"] is not None:
         print(f"  CPU kernels: {torch.ops.minift.cpu_kernel_info()}")
-    print(f"  CUDA kernels: {'built' if status['cuda'] else 'not built'}")
+        if status["cuda"]:
+            print("  CUDA kernels: built")
+        else:
+            print(f"  CPU kernels only: CUDA kernels {status['cuda_build']}")
     cxx = shutil.which("c++") or shutil.which("g++")
     print(f"C++ compiler: {_tool_version([cxx, '--version']) if cxx else 'not found'}")
     nvcc = shutil.which("nvcc")
@@ -44,7 +47,15 @@ def cmd_doctor(args) -> int:
         p = torch.cuda.get_device_properties(i)
         print(f"GPU {i}: {p.name}, {p.total_memory / 2 ** 30:.0f} GiB, compute capability {p.major}.{p.minor}")
     print(f"CPU threads used by torch: {torch.get_num_threads()}")
-    return 0
+    if status["mode"] is None:
+        return 0
+    rows = selfcheck.run()
+    print("\nself-check: each compiled kernel against float64, beside PyTorch's own error "
+          "(limit = 2 x PyTorch's error + 4 eps)")
+    print(selfcheck.format_table(rows))
+    failed = [r for r in rows if not r.passed]
+    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
 
 
 def cmd_gradcheck(args) -> int:
@@ -73,11 +84,9 @@ def _setup_distributed():
     return torch.device("cpu")
 
 
-def _resolve_impl(impl: str) -> str:
-    if impl != "auto":
-        return impl
-    from .ops import extension_available
-    return "fused" if extension_available() else "torch"
+def _resolve_impl(impl: str, device="cpu") -> str:
+    from .ops import resolve_impl
+    return resolve_impl(impl, device)
 
 
 def _build_model(model_path, dataset, impl, **overrides):
@@ -108,7 +117,7 @@ def cmd_finetune(args) -> int:
     say = print if is_main() else (lambda *a, **k: None)
     say(f"task {dataset.name}: {dataset.sizes()}, {len(dataset.labels)} labels")
     logging.getLogger("minift").setLevel(logging.INFO)
-    model = _build_model(args.model, dataset, _resolve_impl(args.impl))
+    model = _build_model(args.model, dataset, _resolve_impl(args.impl, device))
     say(model.load_report.summary())
     tokenizer = minift.Tokenizer.from_pretrained(args.model)
     say(peft.apply(model, freeze=args.freeze, train_top_layers=args.train_top_layers, lora_rank=args.lora))

@@ -290,6 +290,42 @@ def dropout(x, p, training=True, generator=None):
 # ------------------------------------------------------------------------------------------
 
 
+def key_padding_keep(mask, name: str = "key padding mask"):
+    """A key-padding mask as bool, True = keep: the one convention of every attention in minift.
+
+    Accepted: bool, or numbers that are all 0 or 1 (any dtype), 1 = a real token to attend to,
+    0 = padding, as Hugging Face's ``attention_mask``. Refused: anything else, in particular an
+    *additive* mask (0 = attend, -1e4 or -inf = padding, as ``F.scaled_dot_product_attention`` reads
+    a float mask): read as keep = nonzero it would silently attend to the padding only.
+    """
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    if mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
+        lo, hi = mask.min().item(), mask.max().item()
+        hint = (" It looks like an additive mask (0 = attend, large negative = padding): pass "
+                "(mask == 0) instead." if hi <= 0 and lo < 0 else "")
+        raise ValueError(f"{name}: expected bool or 0/1 values (1 = attend, 0 = padding), "
+                         f"got {mask.dtype} values in [{lo:g}, {hi:g}].{hint}")
+    return mask != 0
+
+
+def naive_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, training=True):
+    """softmax(q k^T * scale + mask) v in plain PyTorch ops (PyTorch's autograd, the oracle);
+    rows whose keys are all masked give 0. Also the fallback of minift.ops.fused_attention."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    key_padding_mask = key_padding_keep(key_padding_mask)
+    s = (q @ k.transpose(-2, -1)) * scale                                           # (B, nh, T, T)
+    if key_padding_mask is not None:
+        keep = key_padding_mask[:, None, None, :]                                   # (B, 1, 1, T)
+        s = s.masked_fill(~keep, float("-inf"))
+        p = torch.softmax(s, dim=-1).masked_fill(~keep.any(-1, keepdim=True), 0.0)  # empty rows -> 0
+    else:
+        p = torch.softmax(s, dim=-1)                                                # (B, nh, T, T)
+    if dropout_p > 0.0:
+        p = torch.nn.functional.dropout(p, dropout_p, training=training)
+    return p @ v                                                                    # (B, nh, T, D)
+
+
 def attention_probs(q, k, key_padding_mask, scale):
     """P = softmax(q k^T * scale) over the kept keys; a row with no kept key is all zeros."""
     s = (q @ k.transpose(-2, -1)) * scale                           # (B, nh, T, T)
@@ -355,8 +391,7 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, generat
         raise ValueError(f"attention: expected q, k, v of shape (B, nh, T, D), got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if key_padding_mask is not None:
-        key_padding_mask = key_padding_mask.bool()
+    key_padding_mask = key_padding_keep(key_padding_mask)
     keep = None
     if dropout_p > 0.0:
         B, nh, T, _ = q.shape

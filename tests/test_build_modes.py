@@ -80,13 +80,15 @@ def test_just_in_time_build(tmp_path):
 @pytest.mark.parametrize("name", ["attention_tc.cu", "elementwise.cu", "kernels.cu", "xent.cu"])
 def test_cuda_kernels_compile_with_nvcc(tmp_path, name):
     """The .cu files include no torch header, so nvcc compiles them without a GPU or a CUDA torch,
-    with the macros torch's CUDAExtension build adds (no implicit half/bfloat16 conversions)."""
+    with the macros torch's CUDAExtension build adds (no implicit half/bfloat16 conversions), for
+    sm_75 (T4: the tensor-core attention is compiled out there) as well as sm_80 and sm_90."""
     cu_files = sorted(p.name for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
     assert cu_files == ["attention_tc.cu", "elementwise.cu", "kernels.cu", "xent.cu"]
     torch_macros = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
     r = subprocess.run(["nvcc", "-c", str(ROOT / "csrc" / "cuda" / name), "-std=c++17", "-O3", "--use_fast_math",
-                        *torch_macros, "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+                        *torch_macros, "-gencode", "arch=compute_75,code=sm_75",
+                        "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
                         "-o", str(tmp_path / "out.o")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "out.o").stat().st_size > 10_000
