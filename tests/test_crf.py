@@ -318,6 +318,9 @@ def test_save_load_roundtrip_and_transformers_loads_it(tmp_path):
     new = set(fresh.load_report.missing_initialised)
     assert {"crf.transitions", "crf.start_transitions", "crf.end_transitions"} <= new
     assert not fresh.load_report.unexpected
+    assert fresh.crf.allowed_start.all()                     # no constraints unless asked for
+    bio = crf.BertCRFForTokenClassification.from_pretrained(plain_dir, constraints="BIO")
+    assert torch.equal(bio.crf.allowed_transitions, crf.bio_constraints(BIO_TAGS)[1])
 
 
 def test_short_training_on_ud_ewt_lowers_held_out_nll(tokenizer):
