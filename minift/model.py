@@ -388,7 +388,15 @@ class BertOnlyMLMHead(nn.Module):
 
 
 class BertForMaskedLM(BertPreTrainedModel):
-    """Masked-language-model head; its decoder shares the word-embedding matrix (weight tying)."""
+    """Masked-language-model head; its decoder shares the word-embedding matrix (weight tying).
+
+    Without labels, ``logits`` are (B, T, V): every position. With labels (-100 where a token is
+    not predicted; see minift.masking) only the N chosen positions (about 15% of the tokens) are
+    scored: their hidden states are gathered *before* the transform and the projection onto the
+    vocabulary, so the (B*T, V) logits, 30,522 floats per token, are never formed. The loss is the
+    same mean cross-entropy over the N positions as the full-sequence loss with ignore_index, and
+    ``logits`` is then (N, V), positions in row-major (sentence, token) order.
+    """
 
     # Keys Hugging Face may write for the decoder; they are the tied embedding and bias.
     tied_keys = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
@@ -402,10 +410,12 @@ class BertForMaskedLM(BertPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> HeadOutput:
         ops = get_ops(self.config.impl)
         h = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state     # (B, T, H)
-        logits = self.cls.predictions(h, self.bert.embeddings.word_embeddings.weight)  # (B, T, V)
-        loss = None
-        if labels is not None:
-            loss = ops.cross_entropy(logits.reshape(-1, self.config.vocab_size), labels.reshape(-1).long())
+        word_embeddings = self.bert.embeddings.word_embeddings.weight                   # (V, H), the tied decoder
+        if labels is None:
+            return HeadOutput(logits=self.cls.predictions(h, word_embeddings))          # (B, T, V)
+        chosen = labels != -100                                                         # (B, T)
+        logits = self.cls.predictions(h[chosen], word_embeddings)                       # (N, V)
+        loss = ops.cross_entropy(logits, labels[chosen].long())                         # mean over the N
         return HeadOutput(loss=loss, logits=logits)
 
 
