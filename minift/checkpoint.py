@@ -105,19 +105,24 @@ def earlier_run(out: str | Path) -> list[str]:
     return [name for name in RUN_OUTPUTS if (Path(out) / name).exists()]
 
 
-def start_run(out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
-    """Check OUT and lock it for a new run (``overwrite``: clearing an earlier one) or a resumed one."""
+def start_run(out: str | Path, resume: bool = False, overwrite: bool = False, clear: bool = True) -> Path:
+    """Check OUT and lock it for a new run or a resumed one. An earlier run in OUT: refused, unless
+    ``overwrite`` (then, with ``clear``, its outputs are removed now) or ``resume``."""
     if resume and overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it: choose one")
     out = check_out(out)
     acquire_lock(out)
-    found = earlier_run(out)
-    if resume:
-        resolve_checkpoint(out / "last")
-    elif found and not overwrite:
-        raise UserError(f"--out {out} holds an earlier run ({', '.join(found)}); add --overwrite to replace "
-                        f"it, --resume to continue it, or choose another --out")
-    elif found:
+    try:
+        found = earlier_run(out)
+        if resume:
+            resolve_checkpoint(out / "last")
+        elif found and not overwrite:
+            raise UserError(f"--out {out} holds an earlier run ({', '.join(found)}); add --overwrite to replace "
+                            f"it, --resume to continue it, or choose another --out")
+    except BaseException:
+        release_lock(out)
+        raise
+    if found and overwrite and clear:
         clear_run(out)
     return out
 

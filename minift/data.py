@@ -73,18 +73,6 @@ def split_by_hash(examples: list[Example], name: str, task: str, labels: list[st
     return Dataset(name, task, parts["train"], parts["dev"], parts["test"], labels)
 
 
-def __getattr__(name):
-    """Compatibility: ``data.rotten_tomatoes()`` etc. from before the registry moved to minift.tasks.
-
-    Imported on first use only, so that data never imports tasks while it loads (tasks imports data).
-    New code: ``from minift import tasks``.
-    """
-    if name in ("rotten_tomatoes", "bbc_news", "load_task", "TASKS"):
-        from . import tasks
-        return getattr(tasks, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def from_files(train, dev=None, test=None, token_task: bool = False, encoding: str = "utf-8") -> Dataset:
     """A Dataset from the user's files; labels are those of the training file.
 

@@ -140,6 +140,7 @@ class Trainer:
         self.bad_epochs = 0
         self.history = History()
         self.resumed = False
+        self.settings: dict = {}            # the caller's settings outside TrainConfig (stored in run.json)
         self.autocast_dtype = autocast_dtype(config.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self._log_file = None
@@ -240,7 +241,8 @@ class Trainer:
     def run_info(self) -> dict:
         """What a resume must agree with (stored as last/run.json)."""
         return {"config": asdict(self.cfg), "labels": self.dataset.labels, "task": self.dataset.task,
-                "problem": self.train_set.problem, "data": self.dataset.name, "epoch": self.epoch}
+                "problem": self.train_set.problem, "data": self.dataset.name, "epoch": self.epoch,
+                "settings": self.settings}
 
     def save_last(self):
         state = {"epoch": self.epoch, "optimizer": self.optimizer.state_dict(),

@@ -3,11 +3,11 @@ import random
 
 import pytest
 
-from minift import data, metrics
+from minift import data, metrics, tasks
 
 
 def test_rotten_tomatoes_split_is_the_documented_one():
-    ds = data.rotten_tomatoes()
+    ds = tasks.rotten_tomatoes()
     assert (len(ds.train), len(ds.dev), len(ds.test)) == (10207, 1267, 1278)
     assert ds.labels == ["rotten", "fresh"]
     assert all(data.split_of(e.text) == "test" for e in ds.test)
@@ -15,7 +15,7 @@ def test_rotten_tomatoes_split_is_the_documented_one():
 
 
 def test_bbc_news():
-    ds = data.bbc_news()
+    ds = tasks.bbc_news()
     assert len(ds.train) + len(ds.dev) + len(ds.test) == 2225
     assert ds.labels == ["business", "entertainment", "politics", "sports", "tech"]
 

@@ -10,27 +10,15 @@ import pytest
 import torch
 
 import minift
-from minift import data
+from minift import data, tasks
 from minift.trainer import NonFiniteLoss, TrainConfig, Trainer, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    """A small random BERT with the real vocabulary, saved in Hugging Face format, dropout off."""
-    d = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    cfg = minift.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    minift.BertModel(cfg).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def small_dataset():
-    ds = data.rotten_tomatoes()
+    ds = tasks.rotten_tomatoes()
     return data.Dataset("rt_small", "classification", ds.train[:96], ds.dev[:40], ds.test[:40], ds.labels)
 
 
@@ -145,7 +133,7 @@ def test_outputs_written(tiny_model_dir, small_dataset, tmp_path):
 
 def test_torchrun_two_processes_equal_one(tiny_model_dir, tmp_path):
     train_csv = tmp_path / "train.csv"
-    ds = data.rotten_tomatoes()
+    ds = tasks.rotten_tomatoes()
     with open(train_csv, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["text", "label"])
