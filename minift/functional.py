@@ -23,6 +23,8 @@ import math
 import torch
 from torch.autograd import Function
 
+from .config import IGNORE_INDEX
+
 # ------------------------------------------------------------------------------------------
 # linear: y = x W^T + b
 # ------------------------------------------------------------------------------------------
@@ -413,7 +415,7 @@ def _ce_weights(target, C, ignore_index, reduction, dtype):
     return valid, w
 
 
-def cross_entropy_forward(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+def cross_entropy_forward(logits, target, ignore_index=IGNORE_INDEX, label_smoothing=0.0, reduction="mean"):
     r"""Softmax cross-entropy of logits (N, C) against class indices (N,).
 
     \log p_c = z_c - \log\sum_k e^{z_k}   (log-sum-exp taken after subtracting the max: stable at |z|=1e4)
@@ -433,7 +435,7 @@ def cross_entropy_forward(logits, target, ignore_index=-100, label_smoothing=0.0
     return (per_row * w).sum() if reduction == "mean" else per_row.sum()
 
 
-def cross_entropy_backward(dloss, logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+def cross_entropy_backward(dloss, logits, target, ignore_index=IGNORE_INDEX, label_smoothing=0.0, reduction="mean"):
     r"""dl_n/dz_c = p_c - q_c  (softmax minus the smoothed one-hot target), times the row weight.
 
     From l = -\sum_c q_c (z_c - \log\sum_k e^{z_k}) and \sum_c q_c = 1:
@@ -475,7 +477,7 @@ def check_cross_entropy_args(logits, target, label_smoothing, reduction):
         raise ValueError(f"cross_entropy: label_smoothing must lie in [0, 1], got {label_smoothing}")
 
 
-def cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+def cross_entropy(logits, target, ignore_index=IGNORE_INDEX, label_smoothing=0.0, reduction="mean"):
     check_cross_entropy_args(logits, target, label_smoothing, reduction)
     return CrossEntropy.apply(logits, target, ignore_index, label_smoothing, reduction)
 

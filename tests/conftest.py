@@ -28,6 +28,18 @@ def batch(tokenizer):
     return tokenizer(texts, pairs=pairs)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A small random BERT with the real vocabulary, saved in Hugging Face format, dropout off."""
+    d = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    cfg = minift.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    minift.BertModel(cfg).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
 def small_config(**kw):
     """A random small BERT with irregular sizes, for tests that do not need real weights."""
     base = dict(vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,

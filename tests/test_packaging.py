@@ -37,7 +37,9 @@ FAKE_CUDA_TORCH = """
 import os
 if os.environ.get("MINIFT_TEST_FAKE_CUDA") == "1":
     import torch
+    import torch.utils.cpp_extension as cpp_extension
     torch.version.cuda = "13.0"
+    cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]    # a CPU torch leaves it None
 """
 
 

@@ -17,9 +17,9 @@
 # %%
 import torch
 
-from minift import data, textbook
+from minift import tasks, textbook
 
-reviews = data.rotten_tomatoes().train[:600]
+reviews = tasks.rotten_tomatoes().train[:600]
 x = textbook.bag_of_words([r.text for r in reviews], dim=64)               # (N, F) float64
 y = torch.tensor([1.0 if r.label == "fresh" else 0.0 for r in reviews], dtype=torch.float64)
 print(f"{len(reviews)} real review snippets, {int(y.sum())} fresh; features {tuple(x.shape)}")

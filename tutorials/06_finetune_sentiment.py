@@ -16,7 +16,7 @@ import tempfile
 import torch
 
 import minift
-from minift import data, metrics
+from minift import data, metrics, tasks
 from minift.trainer import TrainConfig, Trainer
 
 FAST = os.environ.get("MINIFT_TUTORIAL_FAST") == "1"
@@ -29,7 +29,7 @@ EPOCHS, LR = (2, 2e-4) if FAST else (1, 2e-4)
 # of its text (0-7 of 10 buckets: train, 8: dev, 9: test). Anyone can recompute it.
 
 # %%
-full = data.rotten_tomatoes()
+full = tasks.rotten_tomatoes()
 print("full corpus:", full.sizes())
 ds = data.Dataset("rotten_tomatoes", "classification", full.train[:N_TRAIN], full.dev[:N_EVAL],
                   full.test[:N_EVAL], full.labels)

