@@ -85,7 +85,7 @@ def _setup_distributed():
 
 
 def _resolve_impl(impl: str, device="cpu") -> str:
-    from .ops import resolve_impl
+    from .selfcheck import resolve_impl
     return resolve_impl(impl, device)
 
 

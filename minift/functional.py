@@ -544,3 +544,20 @@ def mse_loss(pred, y):
     if pred.shape != y.shape:
         raise ValueError(f"mse_loss: expected target of shape {tuple(pred.shape)}, got {tuple(y.shape)}")
     return MSELoss.apply(pred, y)
+
+
+# ------------------------------------------------------------------------------------------
+# AdamW's update (minift.optim.AdamW's loop; the compiled minift::adamw_step_ does the same)
+# ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def adamw_update_(p, g, m, v, lr, b1, b2, eps, wd, t) -> None:
+    """One AdamW step of parameter p in place, at step number t >= 1 (the formulas in minift.optim.AdamW's docstring)."""
+    m.lerp_(g, 1.0 - b1)                                        # m = b1 m + (1-b1) g
+    v.mul_(b2).addcmul_(g, g, value=1.0 - b2)                   # v = b2 v + (1-b2) g^2
+    m_hat_scale = 1.0 / (1.0 - b1 ** t)                         # mhat = m / (1 - b1^t)
+    v_hat_sqrt = (v / (1.0 - b2 ** t)).sqrt_()                  # sqrt(vhat)
+    if wd != 0.0:
+        p.mul_(1.0 - lr * wd)                                   # - eta lambda theta
+    p.addcdiv_(m, v_hat_sqrt.add_(eps), value=-lr * m_hat_scale)  # - eta mhat/(sqrt(vhat)+eps)

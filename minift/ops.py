@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .functional import key_padding_keep, naive_attention
+from .functional import adamw_update_, key_padding_keep, naive_attention
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # the xent ops' reduction argument (at::Reduction's numbers)
 
@@ -198,22 +198,6 @@ def disable(op: str, device_type: str, why: str) -> None:
     _state.verdicts.clear()
 
 
-def resolve_impl(impl: str, device) -> str:
-    """``--impl auto``: "fused" when the compiled kernels are there, after the self-check on
-    ``device`` (once per process and device; a kernel that fails it is replaced by plain PyTorch,
-    with a warning naming it), else "torch". Any other value is returned as it is."""
-    if impl != "auto":
-        return impl
-    if not extension_available():
-        return "torch"
-    from . import selfcheck
-    for row in selfcheck.ensure_checked(torch.device(device)):
-        warnings.warn(f"minift: the self-check failed the compiled {row.kernel} on {row.device} ({row.dtype}: "
-                      f"error {row.error:.2e} > limit {row.limit:.2e}); plain PyTorch runs instead",
-                      RuntimeWarning, stacklevel=2)
-    return "fused"
-
-
 def _require_extension(what: str) -> None:
     """The raw ops (for tests and teaching) have no fallback: say why they cannot run."""
     if not extension_available():
@@ -305,9 +289,8 @@ def fused_dropout(x, p: float, training: bool = True, generator=None):
 def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step) -> None:
     """One AdamW update of a parameter in place, in one pass over memory (CPU float32/float64, CUDA
     float32 in a CUDA build); elsewhere the same update in plain PyTorch ops
-    (minift.optim.adamw_update_, the loop of minift.optim.AdamW)."""
+    (minift.functional.adamw_update_, the loop of minift.optim.AdamW)."""
     if not use_compiled("adamw_step_", param, "adamw_step_"):
-        from .optim import adamw_update_
         adamw_update_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step)
         return
     torch.ops.minift.adamw_step_(param, grad.contiguous(), exp_avg, exp_avg_sq, float(lr), float(beta1),

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .functional import adamw_update_
+
 
 class SGD(torch.optim.Optimizer):
     r"""SGD with heavy-ball momentum and decoupled weight decay.
@@ -61,7 +63,7 @@ class AdamW(torch.optim.Optimizer):
     With ``fused=True``, CPU float32/float64 parameters (and CUDA float32 ones in a CUDA build) are
     updated by the compiled kernel ``minift::adamw_step_`` (csrc/optim.cpp, csrc/cuda/elementwise.cu):
     the same arithmetic in one pass over memory instead of eight. Other parameters (and a build without
-    the kernels) take ``adamw_update_`` below, with one warning (minift.ops' dispatch rule).
+    the kernels) take ``minift.functional.adamw_update_``, with one warning (minift.ops' dispatch rule).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -89,18 +91,6 @@ class AdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr, b1, b2, eps, wd, state["step"])
         return loss
-
-
-@torch.no_grad()
-def adamw_update_(p, g, m, v, lr, b1, b2, eps, wd, t) -> None:
-    """One AdamW step of parameter p in place, at step number t >= 1 (the formulas of AdamW above)."""
-    m.lerp_(g, 1.0 - b1)                                        # m = b1 m + (1-b1) g
-    v.mul_(b2).addcmul_(g, g, value=1.0 - b2)                   # v = b2 v + (1-b2) g^2
-    m_hat_scale = 1.0 / (1.0 - b1 ** t)                         # mhat = m / (1 - b1^t)
-    v_hat_sqrt = (v / (1.0 - b2 ** t)).sqrt_()                  # sqrt(vhat)
-    if wd != 0.0:
-        p.mul_(1.0 - lr * wd)                                   # - eta lambda theta
-    p.addcdiv_(m, v_hat_sqrt.add_(eps), value=-lr * m_hat_scale)  # - eta mhat/(sqrt(vhat)+eps)
 
 
 def _compiled_update():

@@ -10,20 +10,21 @@ device and dtype this runs the compiled op and PyTorch's own ops on the same sma
 so a low-precision kernel may be at most twice as far from the truth as PyTorch is (plus a few units
 in the last place, for where PyTorch happens to be exact). A kernel that raises fails too.
 
-``minift doctor`` prints the table; ``minift.ops.resolve_impl("auto", device)`` runs it once per
+``minift doctor`` prints the table; ``resolve_impl("auto", device)`` runs it once per
 process and device before the compiled kernels are used there, and replaces a kernel that fails by
 plain PyTorch. Sizes are small, so the whole check takes a fraction of a second.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from . import ops
-from .functional import naive_attention
+from .functional import adamw_update_, naive_attention
 
 
 @dataclass
@@ -118,7 +119,6 @@ def _dropout(device, dtype):
 
 
 def _adamw(device, dtype):
-    from .optim import adamw_update_
     shape = (1031,)
 
     def run(update, dt):
@@ -181,6 +181,21 @@ def ensure_checked(device) -> list[Row]:
                         f"{r.kernel} {r.dtype}: error {r.error:.2e} > limit {r.limit:.2e}{' ' + r.note if r.note else ''}")
         _checked[key] = failed
     return _checked[key]
+
+
+def resolve_impl(impl: str, device) -> str:
+    """``--impl auto``: "fused" when the compiled kernels are there, after this check on ``device``
+    (once per process and device; a kernel that fails it is replaced by plain PyTorch, with a
+    warning naming it), else "torch". Any other value is returned as it is."""
+    if impl != "auto":
+        return impl
+    if not ops.extension_available():
+        return "torch"
+    for row in ensure_checked(torch.device(device)):
+        warnings.warn(f"minift: the self-check failed the compiled {row.kernel} on {row.device} ({row.dtype}: "
+                      f"error {row.error:.2e} > limit {row.limit:.2e}); plain PyTorch runs instead",
+                      RuntimeWarning, stacklevel=2)
+    return "fused"
 
 
 def format_table(rows: list[Row]) -> str:

@@ -114,6 +114,7 @@ def test_selfcheck_catches_a_wrong_kernel_reports_it_and_auto_does_not_use_it():
         import warnings, torch, torch.nn.functional as F
         import minift.ops as ops
         from minift.cli import main
+        from minift.selfcheck import resolve_impl
         assert ops.extension_available()
         lib = torch.library.Library("minift", "IMPL")
         def off_by_one_percent(logits, target, ignore_index, smoothing, reduction):
@@ -130,7 +131,7 @@ def test_selfcheck_catches_a_wrong_kernel_reports_it_and_auto_does_not_use_it():
         assert code == 1, code
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert ops.resolve_impl("auto", "cpu") == "fused"
+            assert resolve_impl("auto", "cpu") == "fused"
             z, t = torch.randn(8, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
             loss = ops.softmax_cross_entropy(z, t)
             q = torch.randn(1, 2, 4, 8)
