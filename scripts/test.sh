@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 # Two test processes, one thread each: two cores, no oversubscription.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec "${PYTHON:-python3}" -m pytest -q -n 2 "$@" tests
+exec "${PYTHON:-python3}" -m pytest -q -n 2 --durations=15 "$@" tests
