@@ -46,7 +46,9 @@ def cuda_skip_reason() -> str | None:
 
 
 def make_extension(with_cuda: bool):
-    cxx = (["-O0", "-g"] if DEBUG else ["-O3"]) + (["-fopenmp"] if os.name != "nt" else []) + _build.cpu_flags()
+    # -g0: no debug information (Python's own build flags ask for -g), which makes the compile of
+    # these template-heavy files about 2.5x faster and the module several times smaller.
+    cxx = (["-O0", "-g"] if DEBUG else ["-O3", "-g0"]) + (["-fopenmp"] if os.name != "nt" else []) + _build.cpu_flags()
     args = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"] if os.name != "nt" else [])
     if not with_cuda:
         return CppExtension("minift._C", CPU_SOURCES, **args)
