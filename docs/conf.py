@@ -1,0 +1,55 @@
+"""Sphinx configuration of the minift course site: ``bash scripts/docs.sh`` builds it.
+
+Tutorials are the ``tutorials/NN_*.py`` scripts (jupytext percent format, Markdown cells). The
+local extension ``_ext/minift_docs.py`` turns each into a notebook that myst-nb executes into a
+page, writes the downloadable notebook whose first cell installs minift, and writes one page per
+assignment part. Math is rendered by a MathJax copy served from ``_static/mathjax`` (no network).
+"""
+import os
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+sys.path.insert(0, str(DOCS / "_ext"))
+sys.path.insert(0, str(DOCS.parent))          # the minift next to these docs, not another install
+
+import minift  # noqa: E402
+
+project = "minift"
+author = "the minift authors"
+release = version = minift.__version__
+copyright = "the minift authors"
+
+extensions = [
+    "myst_nb",                 # Markdown pages and executed notebooks (also loads myst-parser)
+    "sphinx.ext.autodoc",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+    "minift_docs",
+]
+exclude_patterns = ["_build", "_notebooks", "**.ipynb_checkpoints", "jupyter_execute"]
+
+# --- MathJax, served from this site ------------------------------------------------------------
+# scripts/docs.sh copies MathJax 3 (npm package "mathjax") into _static/mathjax.
+mathjax_path = "mathjax/tex-chtml.js"
+myst_enable_extensions = ["dollarmath", "amsmath"]
+
+# --- tutorials ---------------------------------------------------------------------------------
+# Every tutorial executes during the build; an exception in any cell fails the build.
+nb_execution_mode = os.environ.get("MINIFT_DOCS_EXECUTE", "force")
+nb_execution_raise_on_error = True
+nb_execution_timeout = 1800
+nb_execution_show_tb = True
+nb_merge_streams = True
+
+# --- API reference -----------------------------------------------------------------------------
+autodoc_member_order = "bysource"
+autodoc_default_options = {"members": True, "show-inheritance": True}
+autodoc_typehints = "description"
+
+# --- HTML --------------------------------------------------------------------------------------
+html_theme = "furo"
+html_title = f"minift {release}"
+html_static_path = ["_static"]
+html_show_sourcelink = False
+html_extra_path = ["_notebooks"]      # /notebooks/NN_*.ipynb, written by minift_docs
