@@ -1,11 +1,10 @@
 """Sphinx configuration of the minift course site: ``bash scripts/docs.sh`` builds it.
 
 Tutorials are the ``tutorials/NN_*.py`` scripts (jupytext percent format, Markdown cells). The
-local extension ``_ext/minift_docs.py`` turns each into a notebook that myst-nb executes into a
-page, writes the downloadable notebook whose first cell installs minift, and writes one page per
+local extension ``_ext/minift_docs.py`` turns each into a notebook and executes it, myst-nb
+renders it into a page; the extension also writes the downloadable notebook whose first cell installs minift, and writes one page per
 assignment part. Math is rendered by a MathJax copy served from ``_static/mathjax`` (no network).
 """
-import os
 import sys
 from pathlib import Path
 
@@ -35,11 +34,9 @@ mathjax_path = "mathjax/tex-chtml.js"
 myst_enable_extensions = ["dollarmath", "amsmath"]
 
 # --- tutorials ---------------------------------------------------------------------------------
-# Every tutorial executes during the build; an exception in any cell fails the build.
-nb_execution_mode = os.environ.get("MINIFT_DOCS_EXECUTE", "force")
-nb_execution_raise_on_error = True
-nb_execution_timeout = 1800
-nb_execution_show_tb = True
+# minift_docs executes every tutorial before Sphinx reads them (in parallel, failing the build on
+# the first cell that raises); myst-nb renders the outputs stored in those notebooks.
+nb_execution_mode = "off"
 nb_merge_streams = True
 
 # --- API reference -----------------------------------------------------------------------------

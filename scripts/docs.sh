@@ -9,12 +9,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ "${1:-}" = "--fast" ]; then export MINIFT_TUTORIAL_FAST=1; fi
-"$PY" -m pip install --disable-pip-version-check -q sphinx==9.0.4 myst-parser==5.2.0 myst-nb==1.4.0 \
-  jupytext==1.19.6 nbclient==0.11.0 nbformat==5.11.1 ipykernel==7.4.0 furo==2025.12.19
+"$PY" -m pip install --disable-pip-version-check -q -r docs/requirements.txt
 
 # MathJax 3 from the npm registry, served by the site itself: math renders with no network.
 MJ=.cache/docs-npm/node_modules/mathjax
 if [ ! -f "$MJ/es5/tex-chtml.js" ]; then
+  command -v npm >/dev/null || { echo "npm is needed once, to fetch MathJax (Debian: apt-get install npm)" >&2; exit 1; }
   npm install --prefix .cache/docs-npm --no-save --no-audit --no-fund --loglevel=error mathjax@3.2.2
 fi
 rm -rf docs/_static/mathjax && mkdir -p docs/_static/mathjax/output

@@ -1,7 +1,10 @@
 """Writes the generated sources of the course site before Sphinx reads them.
 
-- ``tutorials/NN_*.ipynb``: each ``tutorials/NN_*.py`` (jupytext percent format) as a notebook
-  that myst-nb executes into a page; after its title cell a cell links the downloadable copy.
+- ``tutorials/NN_*.ipynb``: each ``tutorials/NN_*.py`` (jupytext percent format) as a notebook,
+  executed here (a kernel per tutorial, MINIFT_DOCS_JOBS of them at a time, each in tutorials/ as
+  its working directory) and rendered by myst-nb; after its title cell a cell links the
+  downloadable copy. A cell that raises fails the build. MINIFT_DOCS_EXECUTE=off leaves the
+  pages without outputs (for work on the site's layout only).
 - ``_notebooks/notebooks/NN_*.ipynb``: the downloadable notebook: the same cells, preceded by
   one that installs minift where it is missing (Colab, a fresh Jupyter) and does nothing where
   minift is already importable.
@@ -13,7 +16,10 @@ notebooks, into DIR (default docs/_build/notebooks).
 """
 from __future__ import annotations
 
+import os
 import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import jupytext
@@ -78,15 +84,54 @@ def write_notebooks(out: Path) -> list[Path]:
     return written
 
 
-def write_tutorial_pages(out: Path) -> None:
+def tutorial_page(path: Path) -> nbformat.NotebookNode:
+    nb = read_tutorial(path)
+    link = (f"Run it yourself: download {{download}}`this tutorial as a notebook "
+            f"<../_notebooks/notebooks/{path.stem}.ipynb>` (its first cell installs minift, "
+            f"for Colab or a fresh Jupyter), or run the script `tutorials/{path.name}`.")
+    nb.cells.insert(1, nbformat.v4.new_markdown_cell(link))
+    return nb
+
+
+def execute_tutorial(path: Path) -> tuple[str, float, str | None]:
+    """Runs every cell of the tutorial's page in a fresh kernel; returns (name, seconds, error)."""
+    import nbclient
+
+    nb = tutorial_page(path)
+    start = time.perf_counter()
+    try:
+        nbclient.NotebookClient(nb, timeout=1800, kernel_name="python3",
+                                resources={"metadata": {"path": str(path.parent)}}).execute()
+        error = None
+    except Exception as e:                          # CellExecutionError carries the traceback
+        error = f"{type(e).__name__}: {e}"
+    seconds = time.perf_counter() - start
+    nb.metadata["minift"] = {"executed_seconds": round(seconds, 1),
+                             "fast": os.environ.get("MINIFT_TUTORIAL_FAST") == "1"}
+    return nbformat.writes(nb), seconds, error
+
+
+def write_tutorial_pages(out: Path, execute: bool, jobs: int, log=print) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for path in tutorial_paths():
-        nb = read_tutorial(path)
-        link = (f"Run it yourself: download {{download}}`this tutorial as a notebook "
-                f"<../_notebooks/notebooks/{path.stem}.ipynb>` (its first cell installs minift, "
-                f"for Colab or a fresh Jupyter), or run the script `tutorials/{path.name}`.")
-        nb.cells.insert(1, nbformat.v4.new_markdown_cell(link))
-        _write_if_changed(out / (path.stem + ".ipynb"), nbformat.writes(nb))
+    paths = tutorial_paths()
+    if execute:
+        # The tutorials with fast sizes are the long ones: start them first.
+        order = sorted(paths, key=lambda p: "MINIFT_TUTORIAL_FAST" not in p.read_text())
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            results = dict(zip(order, pool.map(execute_tutorial, order)))
+        failed = []
+        for path in paths:
+            text, seconds, error = results[path]
+            log(f"tutorial {path.name}: {seconds:.0f} s" + (f", FAILED\n{error}" if error else ""))
+            if error:
+                failed.append(path.name)
+                (out / (path.stem + ".ipynb")).unlink(missing_ok=True)   # no stale outputs
+            else:
+                _write_if_changed(out / (path.stem + ".ipynb"), text)
+        if failed:
+            raise RuntimeError(f"tutorials that raised: {', '.join(failed)} (tracebacks above)")
+    for path in paths if not execute else []:
+        _write_if_changed(out / (path.stem + ".ipynb"), nbformat.writes(tutorial_page(path)))
     for stale in out.glob("[0-9][0-9]_*.ipynb"):          # a tutorial renamed or removed
         if not (TUTORIALS / (stale.stem + ".py")).exists():
             stale.unlink()
@@ -152,7 +197,9 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 
 def generate(app, config=None) -> None:
-    write_tutorial_pages(DOCS / "tutorials")
+    execute = os.environ.get("MINIFT_DOCS_EXECUTE", "on") != "off"
+    jobs = int(os.environ.get("MINIFT_DOCS_JOBS", os.cpu_count() or 1))
+    write_tutorial_pages(DOCS / "tutorials", execute, jobs, log=lambda m: print(m, flush=True))
     write_notebooks(DOCS / "_notebooks" / "notebooks")
     write_assignment_pages(DOCS / "assignments")
 
