@@ -136,3 +136,21 @@ def test_downloaded_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert code[0].outputs == [], "the install cell should do nothing where minift is importable"
     printed = "".join(o.get("text", "") for c in code for o in c.outputs)
     assert "attention backward (dQ, dK, dV): matches autograd" in printed, printed[-2000:]
+
+
+def test_a_tutorial_that_raises_fails_the_build(tmp_path, monkeypatch):
+    """The site build is where CI runs the tutorials, so a false claim in one must stop it."""
+    sys.path.insert(0, str(ROOT / "docs" / "_ext"))
+    import minift_docs
+
+    tutorials = tmp_path / "tutorials"
+    tutorials.mkdir()
+    (tutorials / "01_fine.py").write_text("# %% [markdown]\n# # Fine\n\n# %%\nprint('ok')\n")
+    (tutorials / "02_false_claim.py").write_text(
+        "# %% [markdown]\n# # A false claim\n\n# %%\nx = 1\n\n# %%\nassert x == 2, 'the claim is false'\n")
+    monkeypatch.setattr(minift_docs, "TUTORIALS", tutorials)
+    out, printed = tmp_path / "out", []
+    with pytest.raises(RuntimeError, match="02_false_claim.py"):
+        minift_docs.write_tutorial_pages(out, execute=True, jobs=2, log=printed.append)
+    assert any("the claim is false" in line for line in printed)
+    assert (out / "01_fine.ipynb").exists() and not (out / "02_false_claim.ipynb").exists()

@@ -34,5 +34,8 @@ def test_tutorial_ran_in_the_site_build(built_site, path):
     assert [c["execution_count"] for c in code] == list(range(1, len(code) + 1))
     errors = [o for c in code for o in c["outputs"] if o["output_type"] == "error"]
     assert not errors, f"{path.name}: {errors[0]['ename']}: {errors[0]['evalue']}"
+    n_figures = path.read_text().count("plt.show()")
+    n_images = sum("image/png" in o.get("data", {}) for c in code for o in c["outputs"])
+    assert n_images >= n_figures, f"{path.name}: {n_figures} figures shown, {n_images} images in the page"
     page = (built_site / "_build" / "html" / "tutorials" / (path.stem + ".html")).read_text()
     assert "cell_output" in page, f"{path.name}: its page shows no output"
