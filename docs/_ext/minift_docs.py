@@ -32,7 +32,7 @@ TUTORIALS = ROOT / "tutorials"
 # minift has no published package index entry; this is where the notebook's first cell installs
 # it from. PLACEHOLDER: replace with the project's repository or a URL of its sdist
 # (``python setup.py sdist`` writes one to dist/).
-MINIFT_SOURCE = "git+https://github.com/minift/minift.git"
+MINIFT_SOURCE = "git+https://git.example.org/minift/minift.git"
 
 INSTALL_CELL = f'''\
 # Installs minift, its pretrained weights and corpora where they are missing (Colab, a fresh
@@ -52,7 +52,8 @@ if importlib.util.find_spec("minift") is None:
     # builds minift's C++ kernels against the torch above; MINIFT_NO_CUDA=1 skips the slower
     # CUDA build (minift then runs its CPU kernels, or plain PyTorch on the GPU)
     os.environ.setdefault("MINIFT_NO_CUDA", "1")
-    pip("--no-build-isolation", "{MINIFT_SOURCE}")  # placeholder address, see the docs
+    # PLACEHOLDER address: put minift's repository (or the URL of its sdist) here
+    pip("--no-build-isolation", "{MINIFT_SOURCE}")
 '''
 
 
