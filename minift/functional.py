@@ -37,11 +37,15 @@ def linear_forward(x, weight, bias):
 
 
 def linear_backward(dy, x, weight, has_bias: bool):
-    r"""y_{no} = \sum_i x_{ni} W_{oi} + b_o gives
+    r"""Linear backward. From :math:`y_{no} = \sum_i x_{ni} W_{oi} + b_o`:
 
-    dL/dx_{ni} = \sum_o dy_{no} W_{oi}     ->  dx = dy W
-    dL/dW_{oi} = \sum_n dy_{no} x_{ni}     ->  dW = dy^T x   (n runs over all leading dims)
-    dL/db_o    = \sum_n dy_{no}
+    .. math::
+
+        \frac{\partial L}{\partial x_{ni}} = \sum_o dy_{no} W_{oi} &\quad\Rightarrow\quad dx = dy\, W \\
+        \frac{\partial L}{\partial W_{oi}} = \sum_n dy_{no} x_{ni} &\quad\Rightarrow\quad dW = dy^\top x \\
+        \frac{\partial L}{\partial b_o} = \sum_n dy_{no} &
+
+    where n runs over all leading dimensions.
     """
     dx = dy @ weight                                                # (..., I)
     dy2 = dy.reshape(-1, dy.shape[-1])                              # (N, O)
@@ -77,9 +81,14 @@ def embedding_forward(ids, weight):
 
 
 def embedding_backward(dy, ids, num_embeddings: int):
-    r"""y_t = W_{id_t}: row r of W receives the sum of dy_t over every t with id_t = r.
+    r"""Embedding backward. From :math:`y_t = W_{id_t}`, row r of W receives the sum of
+    :math:`dy_t` over every t with :math:`id_t = r`:
 
-    dL/dW_r = \sum_{t: id_t = r} dy_t   (a scatter-add; repeated ids accumulate)
+    .. math::
+
+        \frac{\partial L}{\partial W_r} = \sum_{t:\, id_t = r} dy_t
+
+    (a scatter-add; repeated ids accumulate).
     """
     H = dy.shape[-1]
     dweight = torch.zeros(num_embeddings, H, dtype=dy.dtype, device=dy.device)
@@ -109,7 +118,9 @@ def embedding(ids, weight):
 
 
 def layer_norm_forward(x, weight, bias, eps):
-    r"""y = \hat x \odot w + b,  \hat x = (x - \mu) r,  \mu = mean(x),  r = 1/\sqrt{var(x) + eps}."""
+    r"""Layer norm over the last dimension:
+    :math:`y = \hat x \odot w + b`, :math:`\hat x = (x - \mu)\, r`, :math:`\mu = \operatorname{mean}(x)`,
+    :math:`r = 1/\sqrt{\operatorname{var}(x) + \epsilon}`."""
     mu = x.mean(-1, keepdim=True)                                   # (N, 1)
     rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)  # (N, 1)
     xhat = (x - mu) * rstd                                          # (N, H)
@@ -117,12 +128,23 @@ def layer_norm_forward(x, weight, bias, eps):
 
 
 def layer_norm_backward(dy, x, weight, eps):
-    r"""With g = dy \odot w (the gradient reaching \hat x) and H features,
+    r"""Layer norm backward. With :math:`g = dy \odot w` (the gradient reaching
+    :math:`\hat x`) and H features,
 
-    dL/dx = r ( g - mean(g) - \hat x \cdot mean(g \odot \hat x) )
+    .. math::
 
-    because \partial \hat x_j / \partial x_i = r (\delta_{ij} - 1/H - \hat x_i \hat x_j / H).
-    dL/dw = \sum_n dy \odot \hat x,   dL/db = \sum_n dy.
+        \frac{\partial L}{\partial x} = r \left( g - \operatorname{mean}(g)
+            - \hat x \odot \operatorname{mean}(g \odot \hat x) \right)
+
+    because
+
+    .. math::
+
+        \frac{\partial \hat x_j}{\partial x_i} = r \left(\delta_{ij} - \frac{1}{H}
+            - \frac{\hat x_i \hat x_j}{H}\right),
+        \qquad
+        \frac{\partial L}{\partial w} = \sum_n dy \odot \hat x, \qquad
+        \frac{\partial L}{\partial b} = \sum_n dy.
     """
     mu = x.mean(-1, keepdim=True)
     rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
@@ -162,12 +184,15 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def gelu_forward(x):
-    r"""GELU(x) = x \Phi(x), \Phi the standard normal CDF = (1 + erf(x/\sqrt 2)) / 2."""
+    r"""GELU: :math:`\mathrm{GELU}(x) = x\, \Phi(x)`, with :math:`\Phi` the standard normal CDF,
+    :math:`\Phi(x) = \left(1 + \operatorname{erf}(x/\sqrt 2)\right) / 2`."""
     return x * 0.5 * (1.0 + torch.erf(x * _INV_SQRT2))
 
 
 def gelu_backward(dy, x):
-    r"""d/dx [x \Phi(x)] = \Phi(x) + x \phi(x), with \phi(x) = e^{-x^2/2} / \sqrt{2\pi}."""
+    r"""GELU backward:
+    :math:`\frac{d}{dx}\left[x \Phi(x)\right] = \Phi(x) + x\, \phi(x)`, with
+    :math:`\phi(x) = e^{-x^2/2} / \sqrt{2\pi}`."""
     cdf = 0.5 * (1.0 + torch.erf(x * _INV_SQRT2))                   # Phi(x)
     pdf = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI                   # phi(x)
     return dy * (cdf + x * pdf)
@@ -194,7 +219,8 @@ def tanh_forward(x):
 
 
 def tanh_backward(dy, y):
-    r"""d tanh(x)/dx = 1 - tanh(x)^2 = 1 - y^2: the output is all the backward needs."""
+    r"""Tanh backward: :math:`\frac{d \tanh x}{dx} = 1 - \tanh^2 x = 1 - y^2`: the output
+    is all the backward needs."""
     return dy * (1.0 - y * y)
 
 
@@ -221,13 +247,19 @@ def tanh(x):
 
 
 def softmax_forward(x):
-    r"""y_j = e^{x_j - m} / \sum_k e^{x_k - m}, m = max_k x_k (subtracting m changes nothing but overflow)."""
+    r"""Softmax: :math:`y_j = e^{x_j - m} / \sum_k e^{x_k - m}` with :math:`m = \max_k x_k`
+    (subtracting m changes nothing but overflow)."""
     e = torch.exp(x - x.amax(-1, keepdim=True))
     return e / e.sum(-1, keepdim=True)
 
 
 def softmax_backward(dy, y):
-    r"""\partial y_j / \partial x_i = y_j (\delta_{ij} - y_i), so dx_i = y_i (dy_i - \sum_j dy_j y_j)."""
+    r"""Softmax backward: :math:`\partial y_j / \partial x_i = y_j (\delta_{ij} - y_i)`, so
+
+    .. math::
+
+        dx_i = y_i \Big(dy_i - \sum_j dy_j\, y_j\Big).
+    """
     return y * (dy - (dy * y).sum(-1, keepdim=True))
 
 
@@ -341,8 +373,9 @@ def attention_probs(q, k, key_padding_mask, scale):
 
 
 def attention_forward(q, k, v, key_padding_mask, scale, keep, p):
-    r"""O = \tilde P V with \tilde P = P \odot keep / (1-p) (attention dropout), P = softmax(S),
-    S = Q K^T \cdot scale + mask (-\infty at padded keys)."""
+    r"""Attention: :math:`O = \tilde P V` with :math:`\tilde P = P \odot \mathrm{keep} / (1-p)`
+    (attention dropout), :math:`P = \operatorname{softmax}(S)`,
+    :math:`S = Q K^\top \cdot \mathrm{scale} + \mathrm{mask}` (:math:`-\infty` at padded keys)."""
     P = attention_probs(q, k, key_padding_mask, scale)              # (B, nh, T, T)
     if keep is not None:
         P = P * keep / (1.0 - p)
@@ -350,15 +383,21 @@ def attention_forward(q, k, v, key_padding_mask, scale, keep, p):
 
 
 def attention_backward(dO, q, k, v, key_padding_mask, scale, keep, p):
-    r"""Backward through O = \tilde P V, \tilde P = P \odot M, P = softmax(S), S = scale Q K^T:
+    r"""Attention backward, through :math:`O = \tilde P V`, :math:`\tilde P = P \odot M`,
+    :math:`P = \operatorname{softmax}(S)`, :math:`S = \mathrm{scale}\; Q K^\top`:
 
-    dV = \tilde P^T dO
-    d\tilde P = dO V^T,   dP = d\tilde P \odot M            (M = keep / (1-p), or 1)
-    dS_{ij} = P_{ij} (dP_{ij} - D_i),  D_i = \sum_j P_{ij} dP_{ij}   (softmax backward, row by row)
-    dQ = scale \cdot dS K,   dK = scale \cdot dS^T Q
+    .. math::
+
+        dV &= \tilde P^\top dO \\
+        d\tilde P &= dO\, V^\top, \qquad dP = d\tilde P \odot M
+            \qquad (M = \mathrm{keep} / (1-p), \text{ or } 1) \\
+        dS_{ij} &= P_{ij} (dP_{ij} - D_i), \qquad D_i = \sum_j P_{ij}\, dP_{ij}
+            \qquad \text{(softmax backward, row by row)} \\
+        dQ &= \mathrm{scale} \cdot dS\, K, \qquad dK = \mathrm{scale} \cdot dS^\top Q
 
     P is recomputed from Q and K rather than saved: the fused kernel does the same, so that no
-    T x T matrix outlives the forward pass. Masked keys have P_ij = 0, hence dS_ij = 0.
+    T x T matrix outlives the forward pass. Masked keys have :math:`P_{ij} = 0`, hence
+    :math:`dS_{ij} = 0`.
     """
     P = attention_probs(q, k, key_padding_mask, scale)              # (B, nh, T, T), recomputed
     Pt = P if keep is None else P * keep / (1.0 - p)                # dropped-out probabilities
@@ -418,9 +457,16 @@ def _ce_weights(target, C, ignore_index, reduction, dtype):
 def cross_entropy_forward(logits, target, ignore_index=IGNORE_INDEX, label_smoothing=0.0, reduction="mean"):
     r"""Softmax cross-entropy of logits (N, C) against class indices (N,).
 
-    \log p_c = z_c - \log\sum_k e^{z_k}   (log-sum-exp taken after subtracting the max: stable at |z|=1e4)
-    l_n = -\sum_c q_c \log p_c,   q = (1-\epsilon) onehot(y_n) + \epsilon / C   (label smoothing \epsilon)
-    Rows with y_n = ignore_index contribute 0; "mean" divides by the number of other rows.
+    .. math::
+
+        \log p_c &= z_c - \log \sum_k e^{z_k}
+            \qquad \text{(log-sum-exp after subtracting the max: stable at } |z| = 10^4) \\
+        l_n &= -\sum_c q_c \log p_c, \qquad
+            q = (1-\epsilon)\, \mathrm{onehot}(y_n) + \epsilon / C
+            \qquad \text{(label smoothing } \epsilon)
+
+    Rows with :math:`y_n` = ``ignore_index`` contribute 0; "mean" divides by the number of
+    other rows.
     """
     N, C = logits.shape
     valid, w = _ce_weights(target, C, ignore_index, reduction, logits.dtype)
@@ -436,10 +482,16 @@ def cross_entropy_forward(logits, target, ignore_index=IGNORE_INDEX, label_smoot
 
 
 def cross_entropy_backward(dloss, logits, target, ignore_index=IGNORE_INDEX, label_smoothing=0.0, reduction="mean"):
-    r"""dl_n/dz_c = p_c - q_c  (softmax minus the smoothed one-hot target), times the row weight.
+    r"""Softmax cross-entropy backward: :math:`\partial l_n / \partial z_c = p_c - q_c`
+    (softmax minus the smoothed one-hot target), times the row weight.
 
-    From l = -\sum_c q_c (z_c - \log\sum_k e^{z_k}) and \sum_c q_c = 1:
-    dl/dz_c = -q_c + p_c.  For "mean" each row is scaled by 1/N_valid; ignored rows get 0.
+    From :math:`l = -\sum_c q_c \left(z_c - \log\sum_k e^{z_k}\right)` and :math:`\sum_c q_c = 1`:
+
+    .. math::
+
+        \frac{\partial l}{\partial z_c} = -q_c + p_c.
+
+    For "mean" each row is scaled by :math:`1/N_\text{valid}`; ignored rows get 0.
     """
     N, C = logits.shape
     valid, w = _ce_weights(target, C, ignore_index, reduction, logits.dtype)
@@ -488,14 +540,21 @@ def cross_entropy(logits, target, ignore_index=IGNORE_INDEX, label_smoothing=0.0
 
 
 def bce_with_logits_forward(z, y):
-    r"""l = -[y \log \sigma(z) + (1-y) \log(1-\sigma(z))], written stably as
-    l = \max(z, 0) - z y + \log(1 + e^{-|z|})   (finite for |z| = 1e4). Mean over all elements."""
+    r"""Binary cross-entropy on logits,
+    :math:`l = -\left[y \log \sigma(z) + (1-y) \log(1-\sigma(z))\right]`, written stably as
+
+    .. math::
+
+        l = \max(z, 0) - z y + \log\left(1 + e^{-|z|}\right)
+
+    (finite for :math:`|z| = 10^4`). Mean over all elements."""
     return (z.clamp(min=0) - z * y + torch.log1p(torch.exp(-z.abs()))).mean()
 
 
 def bce_with_logits_backward(dloss, z, y):
-    r"""dl/dz = \sigma(z) - y: the \sigma'(z) = \sigma(1-\sigma) of the chain rule cancels the
-    denominators of -(y/\sigma - (1-y)/(1-\sigma)). Divided by the element count for the mean."""
+    r"""Binary cross-entropy backward: :math:`\partial l / \partial z = \sigma(z) - y`.
+    The :math:`\sigma'(z) = \sigma(1-\sigma)` of the chain rule cancels the denominators of
+    :math:`-\left(y/\sigma - (1-y)/(1-\sigma)\right)`. Divided by the element count for the mean."""
     return dloss * (torch.sigmoid(z) - y) / z.numel()
 
 

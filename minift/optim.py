@@ -1,14 +1,17 @@
 r"""Optimizers, the learning-rate schedule and gradient clipping, written out.
 
-Fine-tuning minimises the empirical risk L(\theta) = (1/N) \sum_i l(M_\theta(x_i), y_i) by steps
+Fine-tuning minimises the empirical risk
+:math:`L(\theta) = \frac{1}{N} \sum_i l(M_\theta(x_i), y_i)` by steps
 
-    \theta \leftarrow \theta - \eta \, u(\nabla L) - \eta \lambda \theta
+.. math::
+
+    \theta \leftarrow \theta - \eta\, u(\nabla L) - \eta \lambda \theta
 
 where u is the optimizer's direction (the gradient itself, a momentum average, or Adam's
 normalised moment) and the last term is *decoupled* weight decay (Loshchilov & Hutter): it shrinks
-the weights directly instead of adding \lambda\theta to the gradient, so Adam's normalisation does
-not weaken it. The classes below subclass ``torch.optim.Optimizer`` only for its bookkeeping
-(parameter groups, ``state_dict`` for checkpoints); every update is computed here, and
+the weights directly instead of adding :math:`\lambda\theta` to the gradient, so Adam's
+normalisation does not weaken it. The classes below subclass ``torch.optim.Optimizer`` only for its
+bookkeeping (parameter groups, ``state_dict`` for checkpoints); every update is computed here, and
 ``tests/test_optim.py`` checks each against ``torch.optim``.
 """
 from __future__ import annotations
@@ -21,8 +24,10 @@ from .functional import adamw_update_
 class SGD(torch.optim.Optimizer):
     r"""SGD with heavy-ball momentum and decoupled weight decay.
 
-    b_t = \mu b_{t-1} + g_t   (b_1 = g_1; no momentum: b_t = g_t)
-    \theta_t = \theta_{t-1} - \eta b_t - \eta \lambda \theta_{t-1}
+    .. math::
+
+        b_t &= \mu\, b_{t-1} + g_t \qquad (b_1 = g_1;\ \text{no momentum: } b_t = g_t) \\
+        \theta_t &= \theta_{t-1} - \eta\, b_t - \eta \lambda\, \theta_{t-1}
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
@@ -55,10 +60,16 @@ class SGD(torch.optim.Optimizer):
 class AdamW(torch.optim.Optimizer):
     r"""Adam with bias correction and decoupled weight decay.
 
-    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t          (first moment: a running mean of gradients)
-    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2        (second moment: of squared gradients)
-    \hat m_t = m_t / (1-\beta_1^t),  \hat v_t = v_t / (1-\beta_2^t)   (undo the bias toward m_0 = v_0 = 0)
-    \theta_t = \theta_{t-1} - \eta \hat m_t / (\sqrt{\hat v_t} + \epsilon) - \eta \lambda \theta_{t-1}
+    .. math::
+
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1)\, g_t
+            \qquad \text{(first moment: a running mean of gradients)} \\
+        v_t &= \beta_2 v_{t-1} + (1-\beta_2)\, g_t^2
+            \qquad \text{(second moment: of squared gradients)} \\
+        \hat m_t &= m_t / (1-\beta_1^t), \quad \hat v_t = v_t / (1-\beta_2^t)
+            \qquad \text{(undo the bias toward } m_0 = v_0 = 0) \\
+        \theta_t &= \theta_{t-1} - \eta\, \hat m_t / \left(\sqrt{\hat v_t} + \epsilon\right)
+            - \eta \lambda\, \theta_{t-1}
 
     With ``fused=True``, CPU float32/float64 parameters (and CUDA float32 ones in a CUDA build) are
     updated by the compiled kernel ``minift::adamw_step_`` (csrc/optim.cpp, csrc/cuda/elementwise.cu):
@@ -150,7 +161,8 @@ class LRSchedule:
 
 @torch.no_grad()
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
-    r"""Rescale gradients so that their global L2 norm \sqrt{\sum_p ||g_p||^2} is at most max_norm.
+    r"""Rescale gradients so that their global L2 norm
+    :math:`\sqrt{\sum_p \lVert g_p \rVert^2}` is at most ``max_norm``.
 
     Returns the norm before clipping (non-finite when a gradient overflowed: the caller skips the step).
     """

@@ -59,3 +59,19 @@ def random_batch(config, B=3, T=11, seed=0):
     types = torch.zeros(B, T, dtype=torch.long)
     types[:, T // 2:] = 1
     return ids, mask, types
+
+
+@pytest.fixture(scope="session")
+def built_site():
+    """The course site, built once per test run with the tutorials' fast sizes: the build is where
+    the tutorials execute (a failing cell fails it). Tests that use it carry
+    ``pytest.mark.xdist_group("site")`` so that one worker builds it while the other runs the rest."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "MINIFT_TUTORIAL_FAST": "1"}
+    r = subprocess.run(["bash", "scripts/docs.sh"], cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, f"the site build failed:\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}"
+    return root / "docs"
