@@ -289,7 +289,7 @@ def fused_dropout(x, p: float, training: bool = True, generator=None):
 def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step) -> None:
     """One AdamW update of a parameter in place, in one pass over memory (CPU float32/float64, CUDA
     float32 in a CUDA build); elsewhere the same update in plain PyTorch ops
-    (minift.functional.adamw_update_, the loop of minift.optim.AdamW)."""
+    (``minift.functional.adamw_update_``, the loop of ``minift.optim.AdamW``)."""
     if not use_compiled("adamw_step_", param, "adamw_step_"):
         adamw_update_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step)
         return
