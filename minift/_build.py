@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 
 
 def cpu_flags() -> list[str]:
@@ -25,3 +26,12 @@ def cpu_flags() -> list[str]:
         # fused AdamW matches the Python loop bit for bit instead of drifting by an ulp per step
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-ffp-contract=off"]
     return []
+
+
+def first_error_line(log: str) -> str:
+    """The first line of a compiler log that reports an error (what a user needs to see first)."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    for line in lines:
+        if re.search(r"\berror\b", line, re.IGNORECASE) and not line.startswith(("FAILED:", "ninja: build stopped")):
+            return line[:300]
+    return lines[-1][:300] if lines else "no compiler output"

@@ -22,20 +22,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-
-def naive_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, training=True):
-    """softmax(q k^T * scale + mask) v in plain PyTorch ops; rows whose keys are all masked give 0."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = (q @ k.transpose(-2, -1)) * scale                                           # (B, nh, T, T)
-    if key_padding_mask is not None:
-        keep = key_padding_mask[:, None, None, :]                                   # (B, 1, 1, T)
-        s = s.masked_fill(~keep, float("-inf"))
-        p = torch.softmax(s, dim=-1).masked_fill(~keep.any(-1, keepdim=True), 0.0)  # empty rows -> 0
-    else:
-        p = torch.softmax(s, dim=-1)                                                # (B, nh, T, T)
-    if dropout_p > 0.0:
-        p = F.dropout(p, dropout_p, training=training)
-    return p @ v                                                                    # (B, nh, T, D)
+from .functional import naive_attention
 
 
 torch_ops = SimpleNamespace(

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .backends import naive_attention
+from .functional import naive_attention
 
 
 @dataclass

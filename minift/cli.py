@@ -25,7 +25,7 @@ def cmd_doctor(args) -> int:
     import torch
 
     import minift
-    from . import ops
+    from . import ops, selfcheck
     status = ops.extension_status()
     print(f"minift {minift.__version__}, Python {platform.python_version()}, torch {torch.__version__}")
     mode = status["mode"] or "fallback (plain PyTorch ops)"
@@ -33,7 +33,10 @@ def cmd_doctor(args) -> int:
     print(f"  why: {status['reason']}")
     if status["mode"] is not None:
         print(f"  CPU kernels: {torch.ops.minift.cpu_kernel_info()}")
-    print(f"  CUDA kernels: {'built' if status['cuda'] else 'not built'}")
+        if status["cuda"]:
+            print("  CUDA kernels: built")
+        else:
+            print(f"  CPU kernels only: CUDA kernels {status['cuda_build']}")
     cxx = shutil.which("c++") or shutil.which("g++")
     print(f"C++ compiler: {_tool_version([cxx, '--version']) if cxx else 'not found'}")
     nvcc = shutil.which("nvcc")
@@ -44,7 +47,15 @@ def cmd_doctor(args) -> int:
         p = torch.cuda.get_device_properties(i)
         print(f"GPU {i}: {p.name}, {p.total_memory / 2 ** 30:.0f} GiB, compute capability {p.major}.{p.minor}")
     print(f"CPU threads used by torch: {torch.get_num_threads()}")
-    return 0
+    if status["mode"] is None:
+        return 0
+    rows = selfcheck.run()
+    print("\nself-check: each compiled kernel against float64, beside PyTorch's own error "
+          "(limit = 2 x PyTorch's error + 4 eps)")
+    print(selfcheck.format_table(rows))
+    failed = [r for r in rows if not r.passed]
+    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
 
 
 def cmd_gradcheck(args) -> int:
@@ -73,20 +84,146 @@ def _setup_distributed():
     return torch.device("cpu")
 
 
-def _resolve_impl(impl: str) -> str:
-    if impl != "auto":
-        return impl
-    from .ops import extension_available
-    return "fused" if extension_available() else "torch"
+def _resolve_impl(impl: str, device="cpu") -> str:
+    from .selfcheck import resolve_impl
+    return resolve_impl(impl, device)
+
+
+def _device(name):
+    """``--device`` checked (None: the GPU when there is one, else the CPU)."""
+    import torch
+
+    from .errors import UserError
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine has no usable CUDA GPU (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: there are {torch.cuda.device_count()} GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def _model_config(model_path):
+    """The BertConfig of ``--model`` (config.json only, no weights): for checks before loading."""
+    from .pretrained import read_config, resolve
+    return read_config(resolve(model_path))
 
 
 def _build_model(model_path, dataset, impl, **overrides):
     import minift
+    from .data import SINGLE_LABEL
     cls = minift.BertForTokenClassification if dataset.task == "token" else minift.BertForSequenceClassification
+    if dataset.task != "token" and dataset.problem != SINGLE_LABEL:
+        overrides["problem_type"] = dataset.problem
     return cls.from_pretrained(model_path, impl=impl, id2label=dict(enumerate(dataset.labels)), **overrides)
 
 
+def _train_config(args):
+    """TrainConfig from the flags; with --resume, the run's own config, which given flags must equal."""
+    import dataclasses
+    from pathlib import Path
+
+    from . import checkpoint
+    from .config import TrainConfig
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name) is not None}
+    if not args.resume:
+        return TrainConfig(**given), None
+    info = checkpoint.read_run_info(Path(args.out) / "last" if args.resume == "last" else args.resume)
+    saved = TrainConfig(**info["config"])
+    changed = saved.differences(dataclasses.replace(saved, **given))
+    if changed:
+        from .errors import UserError
+        raise UserError(f"--resume continues the run with the settings it was started with; these flags "
+                        f"would change it: {'; '.join(changed)}. Leave them out, or start a new run "
+                        f"(--overwrite, or another --out)")
+    return dataclasses.replace(saved, **given), info
+
+
+def _check_finetune_args(args):
+    """Every flag and combination, before anything heavy loads. Returns (TrainConfig, run info or None)."""
+    from . import tasks
+    from .errors import UserError
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: choose one")
+    if not args.train:
+        for name in ("dev", "test"):
+            if getattr(args, name):
+                raise UserError(f"--{name} needs --train (your own data); the bundled tasks bring their splits")
+        if args.token_task:
+            raise UserError("--token-task needs --train (a CoNLL file); for the bundled tagger use --task pos")
+        tasks.check_task(args.task or "sentiment")
+    elif args.task:
+        raise UserError("--task and --train: choose one (a bundled task, or your files)")
+    cfg, info = _train_config(args)
+    cfg.check()
+    model_cfg = _model_config(args.model)
+    if args.max_length is None and info is None and cfg.max_length > model_cfg.max_position_embeddings:
+        cfg.max_length = model_cfg.max_position_embeddings   # the default, capped by a small model's limit
+    cfg.check_model(model_cfg)
+    n = model_cfg.num_hidden_layers
+    if sum((args.freeze is not None, args.train_top_layers is not None, args.lora != 0)) > 1:
+        raise UserError("--freeze, --train-top-layers and --lora are alternatives: choose one")
+    if args.train_top_layers is not None and not 0 <= args.train_top_layers <= n:
+        raise UserError(f"--train-top-layers: expected 0..{n} (the model has {n} layers), got {args.train_top_layers}")
+    if args.lora < 0:
+        raise UserError(f"--lora: expected a rank >= 0 (0: off), got {args.lora}")
+    if info is not None:
+        settings = _run_settings(args)
+        saved = info.get("settings", {})
+        changed = [f"--{k.replace('_', '-')} {settings[k]} (the run has {saved[k]})"
+                   for k in settings if k in saved and saved[k] != settings[k]]
+        if changed:
+            raise UserError(f"--resume continues the run as it was started; these differ: {'; '.join(changed)}")
+    return cfg, info
+
+
+def _run_settings(args) -> dict:
+    """The flags outside TrainConfig that a resumed run must repeat (stored in last/run.json)."""
+    return {"model": str(args.model), "task": args.task, "freeze": args.freeze,
+            "train_top_layers": args.train_top_layers, "lora": args.lora, "impl": args.impl}
+
+
+def _resume_hint(args, argv) -> str:
+    import shlex
+    from pathlib import Path
+    last = Path(args.out) / "last"
+    if not (last / "trainer_state.pt").is_file() and not (last.with_name("last.old") / "trainer_state.pt").is_file():
+        return f"interrupted before the first checkpoint (written after epoch 1); nothing to resume in {args.out}"
+    from .checkpoint import read_run_info
+    epoch = read_run_info(last)["epoch"]
+    words = [w for w in argv if w != "--overwrite"]
+    if "--resume" not in words:
+        words.append("--resume")
+    return (f"interrupted; the checkpoint after epoch {epoch} is in {last}. Continue with:\n"
+            f"  minift {shlex.join(words)}")
+
+
 def cmd_finetune(args) -> int:
+    from . import checkpoint
+    from .trainer import autocast_dtype, is_main
+
+    cfg, info = _check_finetune_args(args)                  # every flag, before the model loads
+    device = _setup_distributed()
+    if args.device is not None:
+        device = _device(args.device)
+    autocast_dtype(cfg.precision, device)
+    if is_main():   # lock the folder now; an earlier run is cleared (--overwrite) only when training starts
+        checkpoint.start_run(args.out, resume=bool(args.resume), overwrite=args.overwrite, clear=False)
+    try:
+        return _finetune(args, cfg, info, device)
+    finally:
+        if is_main():
+            checkpoint.release_lock(args.out)
+
+
+def _finetune(args, cfg, info, device) -> int:
     import logging
     import time
 
@@ -94,31 +231,28 @@ def cmd_finetune(args) -> int:
     import torch.distributed as dist
 
     import minift
-    from . import data, metrics, peft
-    from .trainer import NonFiniteLoss, TrainConfig, Trainer, is_main
-
-    device = _setup_distributed()
-    if args.device is not None:
-        device = torch.device(args.device)
-    torch.manual_seed(args.seed)
+    from . import data, metrics, peft, tasks
+    from .trainer import NonFiniteLoss, Trainer, check_resumable, is_main
+    torch.manual_seed(cfg.seed)
     if args.train:
-        dataset = data.from_files(args.train, args.dev, args.test, token_task=args.token_task)
+        dataset = data.from_files(args.train, args.dev, args.test, token_task=args.token_task, encoding=args.encoding)
     else:
-        dataset = data.load_task(args.task)
+        dataset = tasks.load_task(args.task or "sentiment")
+    if info is not None and info.get("labels") is not None and info["labels"] != dataset.labels:
+        check_resumable({"labels": info["labels"], "config": info["config"]}, cfg, dataset.labels, args.out)
     say = print if is_main() else (lambda *a, **k: None)
-    say(f"task {dataset.name}: {dataset.sizes()}, {len(dataset.labels)} labels")
+    say(f"task {dataset.name}: {dataset.sizes()}, {len(dataset.labels)} labels"
+        + ("" if dataset.test else " (no test set: no test metric)"))
     logging.getLogger("minift").setLevel(logging.INFO)
-    model = _build_model(args.model, dataset, _resolve_impl(args.impl))
+    model = _build_model(args.model, dataset, _resolve_impl(args.impl, device))
     say(model.load_report.summary())
     tokenizer = minift.Tokenizer.from_pretrained(args.model)
     say(peft.apply(model, freeze=args.freeze, train_top_layers=args.train_top_layers, lora_rank=args.lora))
-    cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                      max_length=args.max_length, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
-                      clip=args.clip, seed=args.seed, patience=args.patience, precision=args.precision,
-                      max_train_examples=args.max_train_examples, progress=not args.no_progress)
-    trainer = Trainer(model, tokenizer, dataset, cfg, args.out, device=device, log=say)
+    trainer = Trainer(model, tokenizer, dataset, cfg, args.out, device=device, log=say, overwrite=args.overwrite)
+    trainer.settings = _run_settings(args)
     if args.resume:
         trainer.resume(None if args.resume == "last" else args.resume)
+        say("resuming with the run's own settings (flags that would change them are refused)")
     say(f"training on {device} ({trainer.world} process(es)), impl={model.config.impl}, "
         f"{trainer.steps_per_epoch} steps per epoch, writing to {args.out}")
     t0 = time.time()
@@ -127,56 +261,77 @@ def cmd_finetune(args) -> int:
     except NonFiniteLoss as e:
         print(f"minift finetune: error: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        if is_main():
+            print(f"\nminift finetune: {_resume_hint(args, args.argv)}", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if is_main():
-        print(f"\ntest report ({dataset.name}, best epoch by dev accuracy):")
-        print(metrics.format_report(result["test_report"]))
-        print(f"\ndev accuracy {result['dev_accuracy']:.4f}  test accuracy {result['test_accuracy']:.4f}  "
-              f"wall time {time.time() - t0:.0f} s")
-        print(f"wrote {args.out}/best (Hugging Face format), metrics.json, train_log.jsonl, training.png")
+        if "test_report" in result:
+            print(f"\ntest report ({dataset.name}, best epoch by dev score):")
+            print(metrics.format_report(result["test_report"]))
+        shown = "  ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in result.items()
+                          if k.startswith(("dev_", "test_")) and isinstance(v, float))
+        print(f"\n{shown}  wall time {time.time() - t0:.0f} s")
+        written = [n for n in ("best", "metrics.json", "train_log.jsonl", "training.png")
+                   if (trainer.out / n).exists()]
+        print(f"wrote in {args.out}: {', '.join(written)}")
     return 0
 
 
 def _load_finetuned(model_dir, impl="torch"):
     """A model saved by `minift finetune` (or any HF BERT classifier): its head from config.json."""
-    import json
-    from pathlib import Path
-
     import minift
-    cfg = json.loads((Path(model_dir) / "config.json").read_text()) if (Path(model_dir) / "config.json").is_file() else {}
-    arch = (cfg.get("architectures") or ["BertForSequenceClassification"])[0]
+    from .errors import UserError
+    from .pretrained import resolve
+    cfg = _model_config(model_dir)                           # names a missing folder, file or bad JSON
+    path = resolve(model_dir)
+    import json
+    raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    arch = (raw.get("architectures") or ["BertForSequenceClassification"])[0]
     if arch not in ("BertForSequenceClassification", "BertForTokenClassification"):
-        raise ValueError(f"{model_dir}: expected a sequence or token classification model, got {arch}")
-    if not cfg.get("id2label"):
-        raise ValueError(f"{model_dir}: config.json has no id2label; expected a fine-tuned classifier")
-    model = getattr(minift, arch).from_pretrained(model_dir, impl=impl)
-    return model, minift.Tokenizer.from_pretrained(model_dir), arch == "BertForTokenClassification"
+        raise UserError(f"{path}: expected a sequence or token classification model, got {arch}")
+    if not cfg.id2label:
+        raise UserError(f"{path / 'config.json'}: has no id2label; expected a fine-tuned classifier "
+                        f"(the best/ folder that minift finetune writes)")
+    model = getattr(minift, arch).from_pretrained(path, impl=impl)
+    return model, minift.Tokenizer.from_pretrained(path), arch == "BertForTokenClassification"
 
 
 def cmd_evaluate(args) -> int:
     import json
 
-    import torch
-
-    from . import data, metrics
+    from . import data, metrics, tasks
+    from .errors import UserError
     from .trainer import predict_labels
-    model, tok, token_task = _load_finetuned(args.model, _resolve_impl(args.impl))
+    if args.test and args.task:
+        raise UserError("--task and --test: choose one (a bundled task's split, or your file)")
+    if not args.test:
+        tasks.check_task(args.task or "sentiment")
+    if args.max_length < 2:
+        raise UserError(f"--max-length: expected an integer >= 2, got {args.max_length}")
+    device = _device(args.device)
+    model, tok, token_task = _load_finetuned(args.model, _resolve_impl(args.impl, device))
+    if args.max_length > model.config.max_position_embeddings:
+        raise UserError(f"--max-length: the model reads at most {model.config.max_position_embeddings} tokens, "
+                        f"got {args.max_length}")
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if args.test:
         read = data.read_conll if token_task else data.read_classification_file
-        examples, name = read(args.test), args.test
+        examples, name = read(args.test, encoding=args.encoding), args.test
     else:
-        examples, name = getattr(data.load_task(args.task), args.split), f"{args.task} ({args.split})"
+        task = args.task or "sentiment"
+        examples, name = getattr(tasks.load_task(task), args.split), f"{task} ({args.split})"
     data.check_labels(examples, labels, str(name))
     encode = data.encode_tokens if token_task else data.encode_classification
     enc = encode(tok, examples, labels, args.max_length)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     pred, gold = predict_labels(model, enc, tok.pad_token_id, 128, device, token_task)
     report = metrics.classification_report(pred, gold, labels)
-    print(f"{name}: {len(examples)} examples" + (f", {enc.num_truncated} truncated" if enc.num_truncated else ""))
+    print(f"{name}: {len(examples)} examples on {device}"
+          + (f", {enc.num_truncated} truncated" if enc.num_truncated else ""))
     print(metrics.format_report(report))
     if args.json:
         with open(args.json, "w") as f:
@@ -184,29 +339,50 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_predict(args) -> int:
-    import torch
+def _read_stdin(encoding: str) -> list[tuple[int, str]]:
+    from .errors import UserError
+    raw = sys.stdin.buffer.read()
+    try:
+        text = raw.decode("utf-8-sig" if encoding.lower() in ("utf-8", "utf8") else encoding)
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"standard input, line {line}: not valid {encoding} (byte 0x{raw[e.start]:02x}); "
+                        f"give its encoding with --encoding") from None
+    return list(enumerate(text.replace("\r\n", "\n").split("\n"), 1))
 
+
+def cmd_predict(args) -> int:
     from . import data
+    from .errors import UserError
     from .trainer import predict_labels
-    model, tok, token_task = _load_finetuned(args.model, _resolve_impl(args.impl))
+    device = _device(args.device)
+    if args.texts and args.file:
+        raise UserError("give texts as arguments or --file, not both")
     if args.texts:
+        for i, t in enumerate(args.texts, 1):
+            if not t.strip():
+                raise UserError(f"text {i} is empty; nothing to label")
         texts = args.texts
-    elif args.file:
-        with open(args.file, encoding="utf-8") as f:
-            texts = [line.rstrip("\n") for line in f if line.strip()]
     else:
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        lines = (list(enumerate(data.read_text(args.file, args.encoding).split("\n"), 1)) if args.file
+                 else _read_stdin(args.encoding))
+        texts = [t for _, t in lines if t.strip()]           # blank lines separate nothing: skipped
     if not texts:
-        raise ValueError("no input: give texts as arguments, --file FILE, or lines on standard input")
+        raise UserError("no input: give texts as arguments, --file FILE, or lines on standard input")
+    model, tok, token_task = _load_finetuned(args.model, _resolve_impl(args.impl, device))
     names = model.config.id2label
+    limit = model.config.max_position_embeddings
     if token_task:
         examples = [data.Example(t.split(), ["?"] * len(t.split())) for t in texts]
-        enc = data.encode_tokens(tok, examples, ["?"], 512)
+        enc = data.encode_tokens(tok, examples, ["?"], limit)
     else:
         examples = [data.Example(t, "?") for t in texts]
-        enc = data.encode_classification(tok, examples, ["?"], 512)
-    pred, _, prob = predict_labels(model, enc, tok.pad_token_id, 64, torch.device("cpu"), token_task, return_probs=True)
+        enc = data.encode_classification(tok, examples, ["?"], limit)
+    if enc.num_truncated:
+        print(f"minift predict: warning: {enc.num_truncated} of {len(texts)} text(s) are longer than the "
+              f"model's {limit} tokens; only their beginning was read", file=sys.stderr)
+    model.to(device)
+    pred, _, prob = predict_labels(model, enc, tok.pad_token_id, 64, device, token_task, return_probs=True)
     for ex, p, pr in zip(examples, pred, prob):
         if token_task:
             print(" ".join(f"{w}/{names[t]}" for w, t in zip(ex.text, p)))
@@ -263,56 +439,71 @@ def _add_impl_argument(p) -> None:
                    help="auto: fused when the compiled kernels are available, else torch")
 
 
+def _add_train_config_options(p) -> None:
+    """One flag per TrainConfig field, its default and help text read from the dataclass.
+
+    The flags default to None so that a run can tell what was given (for --resume); the
+    TrainConfig fills in the rest."""
+    import dataclasses
+
+    from .config import TrainConfig, flag
+    for f in dataclasses.fields(TrainConfig):
+        text = f"{f.metadata['help']} (default: {f.default})"
+        if isinstance(f.default, bool):
+            p.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_const", const=False,
+                           default=None, help=f"no {text}")
+        else:
+            p.add_argument(flag(f.name), type=type(f.default), default=None, choices=f.metadata.get("choices"),
+                           help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minift", description="minift: BERT fine-tuning, every step visible.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("doctor", help="report the build mode, versions and the GPU")
     p.set_defaults(run=cmd_doctor)
-    p = sub.add_parser("finetune", help="fine-tune a pretrained model (default: MiniLM on Rotten Tomatoes)")
-    p.add_argument("--task", default="sentiment", help="sentiment (default), topic, pos")
+    p = sub.add_parser("finetune", help="fine-tune a pretrained model (default: MiniLM on Rotten Tomatoes)",
+                       description="Fine-tune a model and write the run to --out. A folder that holds an earlier "
+                                   "run is not reused unless --overwrite (replace it) or --resume (continue it) "
+                                   "is given. --resume continues with the run's own settings: a flag that would "
+                                   "change them is refused.")
+    p.add_argument("--task", default=None, help="a bundled task: sentiment (default), topic, pos")
     p.add_argument("--train", help="your training file: CSV/JSONL (text,label[,text_pair]) or CoNLL with --token-task")
     p.add_argument("--dev", help="your dev file (default: a hash-chosen 10%% of --train)")
-    p.add_argument("--test", help="your test file")
+    p.add_argument("--test", help="your test file (none: no test metric)")
     p.add_argument("--token-task", action="store_true", help="the files are CoNLL token tagging data")
+    p.add_argument("--encoding", default="utf-8", help="the encoding of your files (default: utf-8; a BOM is fine)")
     p.add_argument("--model", default="minilm", help="a Hugging Face-format directory or 'minilm'")
-    p.add_argument("--out", default="runs/finetune", help="output directory")
-    p.add_argument("--epochs", type=float, default=1.5,
-                   help="passes over the training data; a fraction trains part of the last one (1.5)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--patience", type=int, default=0, help="early stopping patience in epochs (0: off)")
+    p.add_argument("--out", default="runs/finetune", help="the run folder (default: runs/finetune)")
+    p.add_argument("--overwrite", action="store_true", help="replace the earlier run in --out (files you put there stay)")
+    p.add_argument("--resume", nargs="?", const="last",
+                   help="continue the run in --out from OUT/last (or a given checkpoint) with its own settings")
+    _add_train_config_options(p)
     _add_impl_argument(p)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if there is one)")
     p.add_argument("--freeze", choices=["encoder"], help="train the classifier only (a linear probe)")
     p.add_argument("--train-top-layers", type=int, default=None, help="train only the top K encoder layers")
     p.add_argument("--lora", type=int, default=0, help="LoRA rank on query/value (0: off)")
-    p.add_argument("--resume", nargs="?", const="last", help="resume from OUT/last (or a given checkpoint)")
-    p.add_argument("--max-train-examples", type=int, default=0, help="use only the first N training examples")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_finetune)
     p = sub.add_parser("evaluate", help="evaluate a fine-tuned model on a task's split or a test file")
     p.add_argument("--model", required=True, help="a directory written by minift finetune (OUT/best)")
-    p.add_argument("--task", default="sentiment")
+    p.add_argument("--task", default=None, help="a bundled task (default: sentiment)")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--test", help="a CSV/JSONL (or CoNLL for token models) file instead of a task")
+    p.add_argument("--encoding", default="utf-8", help="the encoding of --test (default: utf-8)")
     p.add_argument("--max-length", type=int, default=128)
     _add_impl_argument(p)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if there is one)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.set_defaults(run=cmd_evaluate)
     p = sub.add_parser("predict", help="label texts with a fine-tuned model (arguments, --file or stdin)")
     p.add_argument("--model", required=True)
     p.add_argument("texts", nargs="*", help="texts to label (token models: words separated by spaces)")
-    p.add_argument("--file", help="one text per line")
+    p.add_argument("--file", help="one text per line (blank lines are skipped)")
+    p.add_argument("--encoding", default="utf-8", help="the encoding of --file or standard input (default: utf-8)")
     _add_impl_argument(p)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if there is one)")
     p.set_defaults(run=cmd_predict)
     p = sub.add_parser("assignment", help="course assignments: list, export a student copy, grade it")
     p.add_argument("action", choices=["list", "export", "grade"])
@@ -331,14 +522,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run a sub-command. A user's mistake: one line on stderr, exit 2. Ctrl-C: exit 130. A bug:
+    its traceback (so that it can be reported and fixed)."""
+    from .errors import UserError
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return int(args.run(args) or 0)
-    except (FileNotFoundError, ValueError, TypeError, KeyError) as e:
+    except (UserError, OSError) as e:
         if args.debug:
             raise
-        print(f"minift {args.command}: error: {e}", file=sys.stderr)
+        if isinstance(e, OSError) and e.filename is not None and e.strerror:
+            message = f"{e.filename}: {e.strerror}"
+        else:
+            message = " ".join(str(e).split("\n"))
+        print(f"minift {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nminift {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

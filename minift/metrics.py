@@ -95,3 +95,28 @@ def entity_f1(pred_seqs: list[list[str]], gold_seqs: list[list[str]]) -> dict:
            "per_type": {k: dict(zip(("precision", "recall", "f1"), _prf(*v)), support=v[2])
                         for k, v in sorted(per.items())}}
     return out
+
+
+def multi_label_scores(pred: list[set[int]], gold: list[set[int]], num_labels: int) -> dict:
+    """Multi-label: exact match (the whole set right), micro-F1 (all (example, class) decisions
+    pooled) and macro-F1 (the mean over classes of each class's F1)."""
+    if len(pred) != len(gold):
+        raise ValueError(f"multi_label_scores: {len(pred)} predictions for {len(gold)} label sets")
+    exact = sum(p == g for p, g in zip(pred, gold)) / max(1, len(gold))
+    tp = sum(len(p & g) for p, g in zip(pred, gold))
+    micro = _prf(tp, sum(len(p) for p in pred), sum(len(g) for g in gold))[2]
+    per_class = [_prf(sum(c in p and c in g for p, g in zip(pred, gold)), sum(c in p for p in pred),
+                      sum(c in g for g in gold))[2] for c in range(num_labels)]
+    return {"exact_match": exact, "micro_f1": micro, "macro_f1": sum(per_class) / max(1, num_labels)}
+
+
+def regression_scores(pred: list[float], gold: list[float]) -> dict:
+    """Mean squared error and Pearson's r = cov(p, y) / (std(p) std(y)) (0 when either is constant)."""
+    n = len(gold)
+    if len(pred) != n or n == 0:
+        raise ValueError(f"regression_scores: {len(pred)} predictions for {n} targets")
+    mse = sum((p - g) ** 2 for p, g in zip(pred, gold)) / n
+    mp, mg = sum(pred) / n, sum(gold) / n
+    cov = sum((p - mp) * (g - mg) for p, g in zip(pred, gold))
+    sp, sg = sum((p - mp) ** 2 for p in pred) ** 0.5, sum((g - mg) ** 2 for g in gold) ** 0.5
+    return {"mse": mse, "pearson": cov / (sp * sg) if sp > 0 and sg > 0 else 0.0}

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .backends import get_ops
-from .config import IMPLS, BertConfig
+from .config import IGNORE_INDEX, IMPLS, BertConfig
+from .functional import key_padding_keep
 
 
 @dataclass
@@ -271,7 +272,7 @@ class BertModel(BertPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        key_padding_mask = attention_mask.bool()                                     # (B, T), True = keep
+        key_padding_mask = key_padding_keep(attention_mask, "attention_mask")       # (B, T), True = keep
         x = self.embeddings(input_ids, token_type_ids)                               # (B, T, H)
         h = self.encoder(x, key_padding_mask)                                        # (B, T, H)
         pooled = self.pooler(h) if self.pooler is not None else None                  # (B, H)
@@ -311,30 +312,50 @@ class BertForSequenceClassification(BertPreTrainedModel):
             return "single_label_classification"
         return "multi_label_classification"
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> HeadOutput:
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                reduction: str = "mean") -> HeadOutput:
         ops = get_ops(self.config.impl)
         pooled = self.bert(input_ids, attention_mask, token_type_ids).pooler_output   # (B, H)
         pooled = ops.dropout(pooled, _classifier_dropout(self.config), self.training)
         logits = dense(ops, self.classifier, pooled)      # (B, C)
-        loss = None
-        if labels is not None:
-            kind = self.problem_type(labels)
-            if kind == "regression":
-                loss = ops.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1))
-            elif kind == "single_label_classification":
-                loss = ops.cross_entropy(logits, labels.view(-1).long())
-            elif kind == "multi_label_classification":
-                if tuple(labels.shape) != tuple(logits.shape):
-                    raise ValueError(f"multi-label labels: expected shape {tuple(logits.shape)}, "
-                                     f"got {tuple(labels.shape)}")
-                loss = ops.bce_with_logits(logits, labels.to(logits.dtype))
-            else:
-                raise ValueError(f"problem_type: unknown {kind!r}")
+        loss = None if labels is None else self.loss(logits, labels, reduction)
         return HeadOutput(loss=loss, logits=logits)
+
+    def loss(self, logits, labels, reduction: str = "mean"):
+        """The loss of ``problem_type``, in at least float32. "mean": Hugging Face's (the mean over examples of
+        each example's loss); "sum": the sum over the batch's examples of the same per-example loss,
+        so that micro-batches and processes add up to one big batch exactly."""
+        _check_reduction(reduction)
+        ops = get_ops(self.config.impl)
+        logits = _at_least_fp32(logits)                   # (B, C)
+        B = logits.shape[0]
+        kind = self.problem_type(labels)
+        if kind == "single_label_classification":
+            return ops.cross_entropy(logits, labels.view(-1).long(), reduction=reduction)
+        if kind == "regression":                         # per example: the mean of (z - y)^2 over outputs
+            loss = ops.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(logits.squeeze(-1).shape))
+        elif kind == "multi_label_classification":       # per example: the mean over its C labels
+            if tuple(labels.shape) != tuple(logits.shape):
+                raise ValueError(f"multi-label labels: expected shape {tuple(logits.shape)}, "
+                                 f"got {tuple(labels.shape)}")
+            loss = ops.bce_with_logits(logits, labels.to(logits.dtype))
+        else:
+            raise ValueError(f"problem_type: unknown {kind!r}")
+        return loss * B if reduction == "sum" else loss  # these ops average; the sum is B means
+
+
+def _at_least_fp32(logits):
+    """Losses are computed in float32 (or float64), also from fp16/bf16 logits under autocast."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
 
 
 class BertForTokenClassification(BertPreTrainedModel):
-    """A linear layer on every token vector; labels of -100 (sub-words, padding) are ignored."""
+    """A linear layer on every token vector; labels of IGNORE_INDEX (sub-words, padding) are ignored."""
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
@@ -343,15 +364,21 @@ class BertForTokenClassification(BertPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> HeadOutput:
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                reduction: str = "mean") -> HeadOutput:
         ops = get_ops(self.config.impl)
         h = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state     # (B, T, H)
         h = ops.dropout(h, _classifier_dropout(self.config), self.training)
         logits = dense(ops, self.classifier, h)          # (B, T, C)
-        loss = None
-        if labels is not None:
-            loss = ops.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1).long())
+        loss = None if labels is None else self.loss(logits, labels, reduction)
         return HeadOutput(loss=loss, logits=logits)
+
+    def loss(self, logits, labels, reduction: str = "mean"):
+        """Cross-entropy over the scored tokens, in at least float32: their mean, or ("sum") their sum."""
+        _check_reduction(reduction)
+        ops = get_ops(self.config.impl)
+        return ops.cross_entropy(_at_least_fp32(logits).reshape(-1, self.num_labels), labels.reshape(-1).long(),
+                                 reduction=reduction)     # (B*T, C) against (B*T,)
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -387,7 +414,15 @@ class BertOnlyMLMHead(nn.Module):
 
 
 class BertForMaskedLM(BertPreTrainedModel):
-    """Masked-language-model head; its decoder shares the word-embedding matrix (weight tying)."""
+    """Masked-language-model head; its decoder shares the word-embedding matrix (weight tying).
+
+    Without labels, ``logits`` are (B, T, V): every position. With labels (-100 where a token is
+    not predicted; see minift.masking) only the N chosen positions (about 15% of the tokens) are
+    scored: their hidden states are gathered *before* the transform and the projection onto the
+    vocabulary, so the (B*T, V) logits, 30,522 floats per token, are never formed. The loss is the
+    same mean cross-entropy over the N positions as the full-sequence loss with ignore_index, and
+    ``logits`` is then (N, V), positions in row-major (sentence, token) order.
+    """
 
     # Keys Hugging Face may write for the decoder; they are the tied embedding and bias.
     tied_keys = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
@@ -398,13 +433,17 @@ class BertForMaskedLM(BertPreTrainedModel):
         self.cls = BertOnlyMLMHead(config)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> HeadOutput:
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                reduction: str = "mean") -> HeadOutput:
         ops = get_ops(self.config.impl)
         h = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state     # (B, T, H)
-        logits = self.cls.predictions(h, self.bert.embeddings.word_embeddings.weight)  # (B, T, V)
-        loss = None
-        if labels is not None:
-            loss = ops.cross_entropy(logits.reshape(-1, self.config.vocab_size), labels.reshape(-1).long())
+        word_embeddings = self.bert.embeddings.word_embeddings.weight                   # (V, H), the tied decoder
+        if labels is None:
+            return HeadOutput(logits=self.cls.predictions(h, word_embeddings))          # (B, T, V)
+        _check_reduction(reduction)
+        chosen = labels != IGNORE_INDEX                                                 # (B, T)
+        logits = self.cls.predictions(h[chosen], word_embeddings)                       # (N, V)
+        loss = ops.cross_entropy(logits, labels[chosen].long(), reduction=reduction)    # over the N chosen
         return HeadOutput(loss=loss, logits=logits)
 
 
@@ -428,6 +467,6 @@ class BertForQuestionAnswering(BertPreTrainedModel):
             # Positions outside the sequence (answer truncated away) are ignored, as in HF.
             T = start_logits.shape[1]
             start, end = start_positions.clamp(0, T), end_positions.clamp(0, T)
-            start, end = start.masked_fill(start == T, -100), end.masked_fill(end == T, -100)
+            start, end = start.masked_fill(start == T, IGNORE_INDEX), end.masked_fill(end == T, IGNORE_INDEX)
             loss = (ops.cross_entropy(start_logits, start) + ops.cross_entropy(end_logits, end)) / 2
         return HeadOutput(loss=loss, start_logits=start_logits, end_logits=end_logits)

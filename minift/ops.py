@@ -1,4 +1,4 @@
-"""The compiled kernels of minift._C as PyTorch custom ops, and what happens when they are missing.
+"""The compiled kernels of minift._C as PyTorch custom ops, and the one rule for when they run.
 
 The C++ side (csrc/) defines the ``minift`` operator library: ``attention_fwd``/``attention_bwd``,
 ``xent_fwd``/``xent_bwd`` (with the reduction inside the op), ``dropout_fwd``, ``dropout_mask`` and
@@ -7,9 +7,14 @@ them, in this order:
 
 1. ahead of time: ``minift._C``, compiled by ``pip install --no-build-isolation -e .``;
 2. just in time: ``torch.utils.cpp_extension.load`` compiles csrc/ with ninja on first use
-   (into the torch extensions cache, so only once);
-3. neither: ``fused_attention`` and ``softmax_cross_entropy`` run plain PyTorch ops instead, and
-   one warning says why. ``minift doctor`` reports which of the three is active.
+   (into the torch extensions cache, so only once); if the CUDA part fails, the CPU part alone;
+3. neither: every op below runs plain PyTorch, and says why.
+
+**One dispatch rule** for every public op (``fused_attention``, ``softmax_cross_entropy``,
+``fused_dropout``, ``adamw_step_``): the compiled kernel runs when one is registered for the
+input's device and takes its dtype, and the self-check (minift.selfcheck) has not failed it on
+that device; otherwise the plain-PyTorch path runs, with one warning per (op, device) naming the
+reason. ``extension_status()`` only reads the load state; ``minift doctor`` prints it.
 
 Each op has a fake (meta) implementation registered here, so torch.compile and
 ``torch.library.opcheck`` can trace it. The backward of each forward op is wired up in C++
@@ -20,78 +25,183 @@ cross-entropy kernels themselves on a small batch.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-_state = {"mode": None, "reason": "", "registered": False}
+from .functional import adamw_update_, key_padding_keep, naive_attention
+
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # the xent ops' reduction argument (at::Reduction's numbers)
 
+_F32, _F64, _F16, _BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+# The dtypes each compiled kernel takes, by device type (csrc/*.cpp and csrc/cuda/cuda_ops.cpp).
+KERNEL_DTYPES = {
+    "cpu": {"attention_fwd": {_F32, _F64, _F16, _BF16}, "xent_fwd": {_F32, _F64, _F16, _BF16},
+            "dropout_fwd": {_F32, _F64, _F16, _BF16}, "adamw_step_": {_F32, _F64}},
+    "cuda": {"attention_fwd": {_F32, _F16, _BF16}, "xent_fwd": {_F32, _F16, _BF16},
+             "dropout_fwd": {_F32, _F16, _BF16}, "adamw_step_": {_F32}},
+}
 
-def _source_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "csrc"
+
+@dataclass
+class LoadState:
+    """Everything this module knows about the compiled kernels, in one place."""
+    mode: str | None = None          # "ahead-of-time" | "just-in-time" | None (plain PyTorch)
+    reason: str = ""                 # why that mode
+    cuda_build: str = ""             # why there are or are not CUDA kernels (from the build)
+    loaded: bool = False             # whether loading was attempted
+    disabled: dict = field(default_factory=dict)   # (op, device type) -> why the self-check failed it
+    warned: set = field(default_factory=set)       # (op, device type) already warned about
+    verdicts: dict = field(default_factory=dict)   # (op, device type, dtype) -> None (use it) | reason
 
 
-def _jit_build() -> None:
+_state = LoadState()
+
+
+def source_dir() -> Path:
+    """The C++/CUDA sources: csrc/ beside the package in a source tree, minift/_csrc/ in a wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "csrc", here / "_csrc"):
+        if (candidate / "module.cpp").is_file():
+            return candidate
+    return here.parent / "csrc"
+
+
+def _jit_build() -> str:
+    """Compile csrc/ with ninja; returns what happened to the CUDA kernels."""
     from torch.utils.cpp_extension import CUDA_HOME, load
 
-    from ._build import cpu_flags
-    src = _source_dir()
-    sources = sorted(glob.glob(str(src / "*.cpp")))
-    flags, cuda_flags = ["-O3", "-fopenmp", *cpu_flags()], []
-    if torch.cuda.is_available() and CUDA_HOME is not None:
-        sources += sorted(glob.glob(str(src / "cuda" / "*.cu"))) + sorted(glob.glob(str(src / "cuda" / "*.cpp")))
-        flags.append("-DMINIFT_WITH_CUDA")
-        cuda_flags = ["-O3", "--use_fast_math", "-DMINIFT_WITH_CUDA"]
-    load(name="minift_jit", sources=sources, extra_cflags=flags, extra_cuda_cflags=cuda_flags,
-         extra_ldflags=["-fopenmp"], extra_include_paths=[str(src)], is_python_module=False, verbose=False)
+    from ._build import cpu_flags, first_error_line
+    src = source_dir()
+    cpu_sources = sorted(glob.glob(str(src / "*.cpp")))
+    flags = ["-O3", "-fopenmp", *cpu_flags()]
+    common = dict(name="minift_jit", extra_ldflags=["-fopenmp"], extra_include_paths=[str(src)],
+                  is_python_module=False, verbose=False)
+    if not torch.cuda.is_available():
+        load(sources=cpu_sources, extra_cflags=flags, **common)
+        return "not built: no GPU is visible to torch"
+    if CUDA_HOME is None or os.environ.get("MINIFT_NO_CUDA") == "1":
+        load(sources=cpu_sources, extra_cflags=flags, **common)
+        return "not built: " + ("MINIFT_NO_CUDA=1" if CUDA_HOME is not None else "nvcc was not found (set CUDA_HOME)")
+    cuda_sources = sorted(glob.glob(str(src / "cuda" / "*.cu"))) + sorted(glob.glob(str(src / "cuda" / "*.cpp")))
+    try:
+        load(sources=cpu_sources + cuda_sources, extra_cflags=[*flags, "-DMINIFT_WITH_CUDA"],
+             extra_cuda_cflags=["-O3", "--use_fast_math", "-DMINIFT_WITH_CUDA"], **common)
+        return "built"
+    except Exception as e:  # a CUDA compile error must not cost the CPU kernels
+        load(sources=cpu_sources, extra_cflags=flags, **common)
+        return f"not built: the CUDA build failed ({first_error_line(str(e))})"
 
 
-def _load() -> tuple[str | None, str]:
+def _read_build_info() -> str:
+    """What the ahead-of-time build recorded about CUDA (setup.py writes minift/_build_info.json)."""
+    try:
+        info = json.loads((Path(__file__).resolve().parent / "_build_info.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "unknown (no build record)"
+    return "built" if info.get("cuda") == "built" else f"not built: {info.get('detail', info.get('cuda'))}"
+
+
+def _load() -> None:
+    if _state.loaded:
+        return
+    _state.loaded = True
     if os.environ.get("MINIFT_NO_EXTENSION") == "1":
-        return None, "disabled by MINIFT_NO_EXTENSION=1"
-    try:
-        from . import _C  # noqa: F401  (importing registers the ops)
-        return "ahead-of-time", "minift._C was compiled at install time"
-    except ImportError as e:
-        aot_error = str(e).splitlines()[0]
-    if not (_source_dir() / "module.cpp").is_file():
-        return None, f"minift._C is not built ({aot_error}) and the sources csrc/ are not beside the package"
-    try:
-        _jit_build()
-        return "just-in-time", f"minift._C is not built ({aot_error}); compiled csrc/ with ninja on first use"
-    except Exception as e:  # a missing compiler or ninja, a compile error: report and fall back
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return None, f"minift._C is not built ({aot_error}) and the just-in-time build failed: {first}"
+        _state.reason = "disabled by MINIFT_NO_EXTENSION=1"
+    else:
+        try:
+            from . import _C  # noqa: F401  (importing registers the ops)
+            _state.mode, _state.reason = "ahead-of-time", "minift._C was compiled at install time"
+            _state.cuda_build = _read_build_info()
+        except ImportError as e:
+            aot_error = str(e).splitlines()[0]
+            if not (source_dir() / "module.cpp").is_file():
+                _state.reason = f"minift._C is not built ({aot_error}) and the sources csrc/ are not beside the package"
+            else:
+                try:
+                    _state.cuda_build = _jit_build()
+                    _state.mode = "just-in-time"
+                    _state.reason = f"minift._C is not built ({aot_error}); compiled csrc/ with ninja on first use"
+                except Exception as e:  # a missing compiler or ninja, a compile error: report and fall back
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    _state.reason = f"minift._C is not built ({aot_error}) and the just-in-time build failed: {first}"
+    if _state.mode is None:
+        warnings.warn(f"minift: the compiled kernels are not available ({_state.reason}); "
+                      "impl='fused' runs plain PyTorch ops instead", RuntimeWarning, stacklevel=4)
+    else:
+        _register()
 
 
 def extension_status() -> dict:
-    """{"mode": "ahead-of-time" | "just-in-time" | None, "reason": str, "cuda": bool}."""
-    if _state["mode"] is None and not _state["reason"]:
-        _state["mode"], _state["reason"] = _load()
-        if _state["mode"] is None:
-            warnings.warn(f"minift: the compiled kernels are not available ({_state['reason']}); "
-                          "impl='fused' runs plain PyTorch ops instead", RuntimeWarning, stacklevel=3)
-        else:
-            _register()
-    cuda = _state["mode"] is not None and _has_kernel("attention_fwd", torch.device("cuda"))
-    return {"mode": _state["mode"], "reason": _state["reason"], "cuda": cuda}
+    """{"mode": "ahead-of-time" | "just-in-time" | None, "reason": str, "cuda": bool, "cuda_build": str,
+    "disabled": {(op, device type): why}}: a read of the load state."""
+    _load()
+    cuda = _state.mode is not None and _registered("attention_fwd", "cuda")
+    return {"mode": _state.mode, "reason": _state.reason, "cuda": cuda,
+            "cuda_build": "built" if cuda else (_state.cuda_build or "not built"),
+            "disabled": dict(_state.disabled)}
 
 
 def extension_available() -> bool:
-    if _state["mode"] is not None:  # the common case, on every op call: no dispatcher query
+    """Whether minift._C is loaded (CPU kernels at least)."""
+    if not _state.loaded:
+        _load()
+    return _state.mode is not None
+
+
+def _registered(op: str, device_type: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"minift::{op}", device_type.upper())
+
+
+def why_not_compiled(op: str, t: torch.Tensor) -> str | None:
+    """None when the compiled ``op`` runs for tensors like ``t``; else the reason it does not."""
+    key = (op, t.device.type, t.dtype)
+    if key in _state.verdicts:
+        return _state.verdicts[key]
+    if not extension_available():
+        why = f"the compiled kernels are not available: {_state.reason}"
+    elif not _registered(op, t.device.type):
+        why = f"minift._C has no {t.device.type} kernel for it"
+        if t.device.type == "cuda":
+            why += f" (CUDA kernels {extension_status()['cuda_build']})"
+    elif t.dtype not in KERNEL_DTYPES.get(t.device.type, {}).get(op, ()):
+        why = f"its {t.device.type} kernel takes no {t.dtype}"
+    elif (op, t.device.type) in _state.disabled:
+        why = f"the self-check failed it on {t.device.type}: {_state.disabled[(op, t.device.type)]}"
+    else:
+        why = None
+    _state.verdicts[key] = why
+    return why
+
+
+def use_compiled(op: str, t: torch.Tensor, public_name: str | None = None) -> bool:
+    """The dispatch rule: True when the compiled ``op`` runs for ``t``; otherwise warn once per
+    (op, device) with the reason, and the caller runs plain PyTorch."""
+    why = why_not_compiled(op, t)
+    if why is None:
         return True
-    return extension_status()["mode"] is not None
+    if (op, t.device.type) not in _state.warned:
+        _state.warned.add((op, t.device.type))
+        warnings.warn(f"minift: {public_name or op} runs plain PyTorch on {t.device.type} ({t.dtype}): {why}",
+                      RuntimeWarning, stacklevel=3)
+    return False
+
+
+def disable(op: str, device_type: str, why: str) -> None:
+    """Stop using a compiled kernel on a device (the self-check calls this when a kernel fails)."""
+    _state.disabled[(op, device_type)] = why
+    _state.verdicts.clear()
 
 
 def _require_extension(what: str) -> None:
-    """The raw ops have no fallback: say why they cannot run."""
-    status = extension_status()
-    if status["mode"] is None:
-        raise RuntimeError(f"{what} needs the compiled kernels, which are not available: {status['reason']}")
+    """The raw ops (for tests and teaching) have no fallback: say why they cannot run."""
+    if not extension_available():
+        raise RuntimeError(f"{what} needs the compiled kernels, which are not available: {_state.reason}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -103,10 +213,6 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _register() -> None:
-    if _state["registered"]:
-        return
-    _state["registered"] = True
-
     @torch.library.register_fake("minift::attention_fwd")
     def _(q, k, v, key_padding_mask, dropout_p, scale, seed, offset):
         return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_acc_dtype(q))
@@ -155,60 +261,50 @@ def fused_attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, scal
     """softmax(q k^T * scale + mask) v without materialising the T x T matrix.
 
     q (B, H, Tq, D), k and v (B, H, Tk, D) in float32/float64/float16/bfloat16 (made contiguous
-    here); key_padding_mask (B, Tk) bool with True = keep; a row with no kept key gives 0. Attention
-    dropout draws its mask from Philox bits seeded from torch's generator, and the backward pass
-    regenerates the same mask. Returns (B, H, Tq, D).
+    here); key_padding_mask (B, Tk), bool or 0/1, 1 = keep (an additive float mask is refused: see
+    minift.functional.key_padding_keep); a row with no kept key gives 0. Attention dropout draws its
+    mask from Philox bits seeded from torch's generator, and the backward pass regenerates the same
+    mask. Returns (B, H, Tq, D).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not extension_available():
-        from .backends import naive_attention
-        return naive_attention(q, k, v, key_padding_mask, dropout_p, scale)
-    mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
+    keep = key_padding_keep(key_padding_mask)
+    if not use_compiled("attention_fwd", q, "fused_attention"):
+        return naive_attention(q, k, v, keep, dropout_p, scale)
+    mask = None if keep is None else keep.contiguous()
     out, _ = torch.ops.minift.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), mask,
                                             float(dropout_p), scale, _seed(dropout_p, generator), 0)
     return out
 
 
-_kernels: dict = {}  # (op, device type) -> has a kernel
-
-
-def _has_kernel(op: str, device: torch.device) -> bool:
-    """Whether the compiled op has a kernel for this device (CUDA ones exist only in CUDA builds)."""
-    if device.type == "cpu":
-        return extension_available()
-    key = (op, device.type)
-    if key not in _kernels:
-        _kernels[key] = extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"minift::{op}", device.type.upper())
-    return _kernels[key]
-
-
 def fused_dropout(x, p: float, training: bool = True, generator=None):
     """Inverted dropout with Philox bits, drawn in parallel: the same result as F.dropout in
     distribution, several times faster on the CPU (PyTorch draws its mask on one thread), and the
-    same mask on the CPU and the GPU for the same seed. float64 on the GPU, or without the compiled
-    kernels, it is F.dropout."""
+    same mask on the CPU and the GPU for the same seed."""
     if not training or p <= 0.0:
         return x
-    if not _has_kernel("dropout_fwd", x.device) or (x.device.type != "cpu" and x.dtype == torch.float64):
+    if not use_compiled("dropout_fwd", x, "fused_dropout"):
         return F.dropout(x, p, training=True)
     y, _ = torch.ops.minift.dropout_fwd(x.contiguous(), float(p), _seed(p, generator), 0)
     return y
 
 
 def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step) -> None:
-    """One AdamW update of a parameter in place, in one pass over memory: CPU float32/float64, or
-    CUDA float32 in a CUDA build."""
-    _require_extension("adamw_step_")
-    torch.ops.minift.adamw_step_(param, grad, exp_avg, exp_avg_sq, float(lr), float(beta1), float(beta2),
-                                 float(eps), float(weight_decay), int(step))
+    """One AdamW update of a parameter in place, in one pass over memory (CPU float32/float64, CUDA
+    float32 in a CUDA build); elsewhere the same update in plain PyTorch ops
+    (``minift.functional.adamw_update_``, the loop of ``minift.optim.AdamW``)."""
+    if not use_compiled("adamw_step_", param, "adamw_step_"):
+        adamw_update_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step)
+        return
+    torch.ops.minift.adamw_step_(param, grad.contiguous(), exp_avg, exp_avg_sq, float(lr), float(beta1),
+                                 float(beta2), float(eps), float(weight_decay), int(step))
 
 
 def attention_with_lse(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, seed=0, offset=0):
     """The raw forward op: (O, row log-sum-exp), with an explicit Philox seed and offset."""
     _require_extension("attention_with_lse")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
+    keep = key_padding_keep(key_padding_mask)
+    mask = None if keep is None else keep.contiguous()
     return torch.ops.minift.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), mask,
                                           float(dropout_p), scale, int(seed), int(offset))
 
@@ -228,11 +324,10 @@ def softmax_cross_entropy(logits, target, ignore_index: int = -100, label_smooth
 
     weight: optional per-class weights (C,) in the logits' dtype, with F.cross_entropy's meaning:
     row n's loss is (1 - eps) w_{y_n} (-log p_{y_n}) + (eps/C) sum_c w_c (-log p_c), and "mean"
-    divides the sum by sum_n w_{y_n} over the rows not ignored. It gets no gradient. The CUDA
-    kernels take no weight yet and say so."""
-    if reduction not in ("mean", "sum", "none"):
+    divides the sum by sum_n w_{y_n} over the rows not ignored. It gets no gradient."""
+    if reduction not in _REDUCTIONS:
         raise ValueError(f"softmax_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not extension_available():
+    if not use_compiled("xent_fwd", logits, "softmax_cross_entropy"):
         return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index,
                                label_smoothing=label_smoothing, reduction=reduction)
     loss, _ = torch.ops.minift.xent_fwd(logits.contiguous(), target.contiguous(),

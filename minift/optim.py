@@ -1,26 +1,33 @@
 r"""Optimizers, the learning-rate schedule and gradient clipping, written out.
 
-Fine-tuning minimises the empirical risk L(\theta) = (1/N) \sum_i l(M_\theta(x_i), y_i) by steps
+Fine-tuning minimises the empirical risk
+:math:`L(\theta) = \frac{1}{N} \sum_i l(M_\theta(x_i), y_i)` by steps
 
-    \theta \leftarrow \theta - \eta \, u(\nabla L) - \eta \lambda \theta
+.. math::
+
+    \theta \leftarrow \theta - \eta\, u(\nabla L) - \eta \lambda \theta
 
 where u is the optimizer's direction (the gradient itself, a momentum average, or Adam's
 normalised moment) and the last term is *decoupled* weight decay (Loshchilov & Hutter): it shrinks
-the weights directly instead of adding \lambda\theta to the gradient, so Adam's normalisation does
-not weaken it. The classes below subclass ``torch.optim.Optimizer`` only for its bookkeeping
-(parameter groups, ``state_dict`` for checkpoints); every update is computed here, and
+the weights directly instead of adding :math:`\lambda\theta` to the gradient, so Adam's
+normalisation does not weaken it. The classes below subclass ``torch.optim.Optimizer`` only for its
+bookkeeping (parameter groups, ``state_dict`` for checkpoints); every update is computed here, and
 ``tests/test_optim.py`` checks each against ``torch.optim``.
 """
 from __future__ import annotations
 
 import torch
 
+from .functional import adamw_update_
+
 
 class SGD(torch.optim.Optimizer):
     r"""SGD with heavy-ball momentum and decoupled weight decay.
 
-    b_t = \mu b_{t-1} + g_t   (b_1 = g_1; no momentum: b_t = g_t)
-    \theta_t = \theta_{t-1} - \eta b_t - \eta \lambda \theta_{t-1}
+    .. math::
+
+        b_t &= \mu\, b_{t-1} + g_t \qquad (b_1 = g_1;\ \text{no momentum: } b_t = g_t) \\
+        \theta_t &= \theta_{t-1} - \eta\, b_t - \eta \lambda\, \theta_{t-1}
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
@@ -53,14 +60,21 @@ class SGD(torch.optim.Optimizer):
 class AdamW(torch.optim.Optimizer):
     r"""Adam with bias correction and decoupled weight decay.
 
-    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t          (first moment: a running mean of gradients)
-    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2        (second moment: of squared gradients)
-    \hat m_t = m_t / (1-\beta_1^t),  \hat v_t = v_t / (1-\beta_2^t)   (undo the bias toward m_0 = v_0 = 0)
-    \theta_t = \theta_{t-1} - \eta \hat m_t / (\sqrt{\hat v_t} + \epsilon) - \eta \lambda \theta_{t-1}
+    .. math::
+
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1)\, g_t
+            \qquad \text{(first moment: a running mean of gradients)} \\
+        v_t &= \beta_2 v_{t-1} + (1-\beta_2)\, g_t^2
+            \qquad \text{(second moment: of squared gradients)} \\
+        \hat m_t &= m_t / (1-\beta_1^t), \quad \hat v_t = v_t / (1-\beta_2^t)
+            \qquad \text{(undo the bias toward } m_0 = v_0 = 0) \\
+        \theta_t &= \theta_{t-1} - \eta\, \hat m_t / \left(\sqrt{\hat v_t} + \epsilon\right)
+            - \eta \lambda\, \theta_{t-1}
 
     With ``fused=True``, CPU float32/float64 parameters (and CUDA float32 ones in a CUDA build) are
     updated by the compiled kernel ``minift::adamw_step_`` (csrc/optim.cpp, csrc/cuda/elementwise.cu):
-    the same arithmetic in one pass over memory instead of eight. Other parameters take the loop below.
+    the same arithmetic in one pass over memory instead of eight. Other parameters (and a build without
+    the kernels) take ``minift.functional.adamw_update_``, with one warning (minift.ops' dispatch rule).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -69,45 +83,30 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"AdamW: expected lr, eps, weight_decay >= 0 and 0 <= betas < 1, "
                              f"got lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self._compiled_step = None                  # fused=True: minift.ops.adamw_step_
-        if fused:
-            from .ops import _has_kernel, _require_extension, adamw_step_
-            _require_extension("AdamW(fused=True)")
-            self._compiled_step, self._has_kernel = adamw_step_, _has_kernel
-
-    def _compiled_for(self, p) -> bool:
-        """The compiled update takes CPU float32/float64 and CUDA float32 parameters (CUDA builds)."""
-        if p.device.type == "cpu":
-            return p.dtype in (torch.float32, torch.float64)
-        return p.dtype == torch.float32 and self._has_kernel("adamw_step_", p.device)
+        self.fused = fused                          # the compiled update, minift.ops.adamw_step_
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        update = _compiled_update() if self.fused else adamw_update_
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p)                  # m_0 = 0
                     state["exp_avg_sq"] = torch.zeros_like(p)               # v_0 = 0
                 state["step"] += 1
-                t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-                if self._compiled_step and self._compiled_for(p):
-                    self._compiled_step(p, g.contiguous(), m, v, lr, b1, b2, eps, wd, t)   # the same, compiled
-                    continue
-                m.lerp_(g, 1.0 - b1)                                        # m = b1 m + (1-b1) g
-                v.mul_(b2).addcmul_(g, g, value=1.0 - b2)                   # v = b2 v + (1-b2) g^2
-                m_hat_scale = 1.0 / (1.0 - b1 ** t)                         # mhat = m / (1 - b1^t)
-                v_hat_sqrt = (v / (1.0 - b2 ** t)).sqrt_()                  # sqrt(vhat)
-                if wd != 0.0:
-                    p.mul_(1.0 - lr * wd)                                   # - eta lambda theta
-                p.addcdiv_(m, v_hat_sqrt.add_(eps), value=-lr * m_hat_scale)  # - eta mhat/(sqrt(vhat)+eps)
+                update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr, b1, b2, eps, wd, state["step"])
         return loss
+
+
+def _compiled_update():
+    from .ops import adamw_step_    # the compiled kernel where it applies, else adamw_update_
+    return adamw_step_
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float):
@@ -162,7 +161,8 @@ class LRSchedule:
 
 @torch.no_grad()
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
-    r"""Rescale gradients so that their global L2 norm \sqrt{\sum_p ||g_p||^2} is at most max_norm.
+    r"""Rescale gradients so that their global L2 norm
+    :math:`\sqrt{\sum_p \lVert g_p \rVert^2}` is at most ``max_norm``.
 
     Returns the norm before clipping (non-finite when a gradient overflowed: the caller skips the step).
     """

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from .errors import UserError
+
 
 def _head_names(model) -> list[str]:
     return [n for n, _ in model.named_children() if n != "bert"]
@@ -30,16 +32,16 @@ def add_lora(layer: nn.Linear, rank: int, alpha: float | None = None) -> None:
 
 def apply(model, freeze: str | None = None, train_top_layers: int | None = None, lora_rank: int = 0) -> str:
     """Set requires_grad for the chosen scheme; returns a one-line summary of what trains."""
-    chosen = sum(x is not None and x is not False and x != 0 for x in (freeze, train_top_layers, lora_rank))
+    chosen = sum((freeze is not None, train_top_layers is not None, bool(lora_rank)))
     if chosen > 1:
-        raise ValueError("choose one of --freeze, --train-top-layers, --lora")
+        raise UserError("choose one of --freeze, --train-top-layers, --lora")
     n_layers = model.config.num_hidden_layers
     if freeze is not None and freeze != "encoder":
-        raise ValueError(f"freeze: expected 'encoder', got {freeze!r}")
+        raise UserError(f"freeze: expected 'encoder', got {freeze!r}")
     if train_top_layers is not None and not 0 <= train_top_layers <= n_layers:
-        raise ValueError(f"train_top_layers: expected 0..{n_layers}, got {train_top_layers}")
+        raise UserError(f"train_top_layers: expected 0..{n_layers}, got {train_top_layers}")
     if lora_rank < 0:
-        raise ValueError(f"lora rank: expected >= 0, got {lora_rank}")
+        raise UserError(f"lora rank: expected >= 0, got {lora_rank}")
     if freeze or train_top_layers is not None or lora_rank:
         for p in model.bert.parameters():
             p.requires_grad_(False)

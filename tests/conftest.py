@@ -28,6 +28,18 @@ def batch(tokenizer):
     return tokenizer(texts, pairs=pairs)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A small random BERT with the real vocabulary, saved in Hugging Face format, dropout off."""
+    d = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    cfg = minift.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    minift.BertModel(cfg).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
 def small_config(**kw):
     """A random small BERT with irregular sizes, for tests that do not need real weights."""
     base = dict(vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
@@ -47,3 +59,19 @@ def random_batch(config, B=3, T=11, seed=0):
     types = torch.zeros(B, T, dtype=torch.long)
     types[:, T // 2:] = 1
     return ids, mask, types
+
+
+@pytest.fixture(scope="session")
+def built_site():
+    """The course site, built once per test run with the tutorials' fast sizes: the build is where
+    the tutorials execute (a failing cell fails it). Tests that use it carry
+    ``pytest.mark.xdist_group("site")`` so that one worker builds it while the other runs the rest."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "MINIFT_TUTORIAL_FAST": "1"}
+    r = subprocess.run(["bash", "scripts/docs.sh"], cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, f"the site build failed:\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}"
+    return root / "docs"

@@ -3,11 +3,12 @@ import random
 
 import pytest
 
-from minift import data, metrics
+from minift import data, metrics, tasks
+from minift.config import IGNORE_INDEX
 
 
 def test_rotten_tomatoes_split_is_the_documented_one():
-    ds = data.rotten_tomatoes()
+    ds = tasks.rotten_tomatoes()
     assert (len(ds.train), len(ds.dev), len(ds.test)) == (10207, 1267, 1278)
     assert ds.labels == ["rotten", "fresh"]
     assert all(data.split_of(e.text) == "test" for e in ds.test)
@@ -15,7 +16,7 @@ def test_rotten_tomatoes_split_is_the_documented_one():
 
 
 def test_bbc_news():
-    ds = data.bbc_news()
+    ds = tasks.bbc_news()
     assert len(ds.train) + len(ds.dev) + len(ds.test) == 2225
     assert ds.labels == ["business", "entertainment", "politics", "sports", "tech"]
 
@@ -77,10 +78,10 @@ def test_first_subword_gets_the_tag(tokenizer):
     enc = data.encode_tokens(tokenizer, ex, ["ADJ", "ADV", "PUNCT"], max_length=32)
     toks = tokenizer.backend.encode(["Gratuitously", "violent", "."], is_pretokenized=True)
     tags = enc.labels[0]
-    assert tags[0] == -100 and tags[-1] == -100                       # [CLS], [SEP]
+    assert tags[0] == IGNORE_INDEX and tags[-1] == IGNORE_INDEX                      # [CLS], [SEP]
     firsts = [i for i, w in enumerate(toks.word_ids) if w is not None and (i == 0 or toks.word_ids[i - 1] != w)]
     assert [tags[i] for i in firsts] == [1, 0, 2]
-    assert sum(t != -100 for t in tags) == 3                          # one scored position per word
+    assert sum(t != IGNORE_INDEX for t in tags) == 3                        # one scored position per word
 
 
 def test_classification_report_by_hand():

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 from minift import functional as RF
-from minift.backends import naive_attention
+from minift.functional import naive_attention
 
 f64 = dict(dtype=torch.float64)
 

@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from minift import data, gradcheck, textbook
+from minift import gradcheck, tasks, textbook
 from minift import functional as RF
 from minift.cli import main
 
 
 @pytest.fixture(scope="module")
 def reviews():
-    ds = data.rotten_tomatoes()
+    ds = tasks.rotten_tomatoes()
     train = ds.train[:400]
     x = textbook.bag_of_words([e.text for e in train])
     y = torch.tensor([1.0 if e.label == "fresh" else 0.0 for e in train], dtype=torch.float64)

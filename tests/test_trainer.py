@@ -10,27 +10,15 @@ import pytest
 import torch
 
 import minift
-from minift import data
+from minift import data, tasks
 from minift.trainer import NonFiniteLoss, TrainConfig, Trainer, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    """A small random BERT with the real vocabulary, saved in Hugging Face format, dropout off."""
-    d = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    cfg = minift.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    minift.BertModel(cfg).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def small_dataset():
-    ds = data.rotten_tomatoes()
+    ds = tasks.rotten_tomatoes()
     return data.Dataset("rt_small", "classification", ds.train[:96], ds.dev[:40], ds.test[:40], ds.labels)
 
 
@@ -71,6 +59,12 @@ def test_resume_equals_uninterrupted(tiny_model_dir, small_dataset, tmp_path):
     assert m_full["test_accuracy"] == m_res["test_accuracy"]
     assert m_full["dev_accuracy"] == m_res["dev_accuracy"]
     assert [e["dev_accuracy"] for e in m_full["history"]] == [e["dev_accuracy"] for e in m_res["history"]]
+    # train_log.jsonl holds one run's history: the resumed log has the uninterrupted one's lines, no repeats
+    def log(run):
+        return [(r.get("step"), r["epoch"], r.get("loss"), r.get("dev_accuracy"))
+                for r in map(json.loads, (tmp_path / run / "train_log.jsonl").read_text().splitlines())]
+    assert log("killed") == log("full")
+    assert [e for _, e, _, acc in log("killed") if acc is not None] == [1, 2, 3]
 
 
 def test_checkpoint_write_is_atomic(tiny_model_dir, small_dataset, tmp_path, monkeypatch):
@@ -145,7 +139,7 @@ def test_outputs_written(tiny_model_dir, small_dataset, tmp_path):
 
 def test_torchrun_two_processes_equal_one(tiny_model_dir, tmp_path):
     train_csv = tmp_path / "train.csv"
-    ds = data.rotten_tomatoes()
+    ds = tasks.rotten_tomatoes()
     with open(train_csv, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["text", "label"])
@@ -199,3 +193,64 @@ def test_fractional_epochs_train_part_of_the_last_one(tiny_model_dir, small_data
     for bad in (0, -1, float("nan")):
         with pytest.raises(ValueError, match="epochs: expected a positive number"):
             make_trainer(tiny_model_dir, small_dataset, tmp_path / "bad", epochs=bad)
+
+
+def _reframed(problem):
+    """Real review snippets, reframed: regression (fresh 1.0 / rotten 0.0) or multi-label
+    ({fresh?, negation?}: the snippet says "not" or "n't")."""
+    ds = tasks.rotten_tomatoes()
+
+    def label(ex):
+        if problem == data.REGRESSION:
+            return 1.0 if ex.label == "fresh" else 0.0
+        words = ex.text.lower().replace("n't", " not ").split()
+        return [name for name, yes in (("fresh", ex.label == "fresh"), ("negation", "not" in words)) if yes]
+
+    def part(rows):
+        return [data.Example(ex.text, label(ex)) for ex in rows]
+    labels = ["score"] if problem == data.REGRESSION else ["fresh", "negation"]
+    return data.Dataset(f"rt_{problem}", "classification", part(ds.train[:96]), part(ds.dev[:40]),
+                        part(ds.test[:40]), labels, problem=problem)
+
+
+@pytest.mark.parametrize("problem", ["regression", "multi_label_classification"])
+def test_regression_and_multi_label_train_through_the_heads_loss(tiny_model_dir, tmp_path, problem):
+    import torch.nn.functional as F
+    ds = _reframed(problem)
+    torch.manual_seed(0)
+    model = minift.BertForSequenceClassification.from_pretrained(
+        tiny_model_dir, id2label=dict(enumerate(ds.labels)), problem_type=problem)
+    tok = minift.Tokenizer.from_pretrained(tiny_model_dir)
+    tr = Trainer(model, tok, ds, TrainConfig(lr=3e-3, epochs=6, batch_size=16, grad_accum=2, progress=False,
+                                             max_length=64), tmp_path, log=lambda *a: None)
+    everything = data.collate(tr.train_set, list(range(len(ds.train))))
+
+    def oracle(indices):    # the textbook loss of the batch, by torch.nn.functional on the same model
+        b = data.collate(tr.train_set, indices)
+        with torch.no_grad():
+            z = model(b["input_ids"], b["attention_mask"], b["token_type_ids"]).logits
+        if problem == data.REGRESSION:
+            return F.mse_loss(z.squeeze(-1), b["labels"]).item()
+        return F.binary_cross_entropy_with_logits(z, b["labels"]).item()
+    first = list(range(16))
+    expected, start = oracle(first), oracle(list(range(len(ds.train))))
+    assert abs(tr.train_step(first) - expected) <= 1e-6                 # two micro-batches, summed
+    m = tr.fit()
+    assert oracle(list(range(len(ds.train)))) < start - 0.02, "training lowers the training loss"
+    # The stored dev metrics equal an independent computation from the best model's outputs.
+    b = data.collate(tr.dev_set, list(range(len(ds.dev))))
+    with torch.no_grad():
+        z = model.eval()(b["input_ids"], b["attention_mask"], b["token_type_ids"]).logits
+    if problem == data.REGRESSION:
+        assert abs(m["dev_mse"] - F.mse_loss(z.squeeze(-1), b["labels"]).item()) <= 1e-6
+        p, y = z.squeeze(-1).double(), b["labels"].double()
+        r = torch.corrcoef(torch.stack([p, y]))[0, 1].item()
+        assert abs(m["dev_pearson"] - r) <= 1e-6
+    else:
+        pred, gold = torch.sigmoid(z) > 0.5, b["labels"] > 0.5
+        assert m["dev_exact_match"] == (pred == gold).all(1).float().mean().item()
+        tp = (pred & gold).sum().item()
+        micro = 2 * tp / (pred.sum().item() + gold.sum().item())
+        assert abs(m["dev_micro_f1"] - micro) <= 1e-12
+    assert json.loads((tmp_path / "metrics.json").read_text())["problem"] == problem
+    assert everything["labels"].dtype == torch.float32

@@ -69,6 +69,24 @@ for t, w in sorted(zip(toks, P[0, 0, 0].tolist()), key=lambda tw: -tw[1])[:5]:
     print(f"  {t:>10s} {w:.3f}")
 
 # %% [markdown]
+# ## Every head at once
+# Row i of each map is token i's distribution over the keys j (each row sums to 1). The twelve
+# heads of layer 0 ask twelve different questions of the same sentence: some look at the next or
+# previous token, some at [CLS] or [SEP], some at tokens like themselves.
+
+# %%
+import matplotlib.pyplot as plt
+
+fig, axes = plt.subplots(3, 4, figsize=(13, 10.5), constrained_layout=True)
+for h, ax in enumerate(axes.flat):
+    ax.imshow(P[0, h].numpy(), cmap="viridis", vmin=0, vmax=1)            # (T, T)
+    ax.set_title(f"head {h}")
+    ax.set_xticks(range(T), toks, rotation=90, fontsize=7)
+    ax.set_yticks(range(T), toks, fontsize=7)
+fig.suptitle("Layer 0 of MiniLM: P = softmax(Q K^T / sqrt(D)) per head (rows: queries, columns: keys)")
+plt.show()
+
+# %% [markdown]
 # ## The padding mask
 # A batch pads short sentences to the longest with [PAD] tokens. Without a mask, real tokens
 # would attend to the padding and their outputs would depend on how long the *other* sentences

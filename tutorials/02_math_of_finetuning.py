@@ -17,9 +17,9 @@
 # %%
 import torch
 
-from minift import data, textbook
+from minift import tasks, textbook
 
-reviews = data.rotten_tomatoes().train[:600]
+reviews = tasks.rotten_tomatoes().train[:600]
 x = textbook.bag_of_words([r.text for r in reviews], dim=64)               # (N, F) float64
 y = torch.tensor([1.0 if r.label == "fresh" else 0.0 for r in reviews], dtype=torch.float64)
 print(f"{len(reviews)} real review snippets, {int(y.sum())} fresh; features {tuple(x.shape)}")
@@ -106,6 +106,61 @@ print(f"10 steps on the copied loss: it falls {bad_history[0]:.3f} -> {bad_histo
       f"while the mean prediction on negatives rises {M_before[y == 0].mean():.3f} -> {M_after[y == 0].mean():.3f}")
 assert bad_history[-1] < bad_history[0] and M_after[y == 0].mean() > M_before[y == 0].mean()
 assert textbook.bce(M_after, y) > textbook.bce(M_before, y), "the true risk got worse"
+
+# %% [markdown]
+# ## The landscape, and where the copied loss leads
+# Left: the loss of one negative example (y = 0) as a function of the prediction M. The correct
+# loss -log(1 - M) has its minimum at M = 0; the copied log(1 - M) falls without bound as M -> 1.
+# Middle: the true risk L as a function of two of the network's parameters (the output bias b2
+# and the first output weight w2[0]), the others fixed at the trained values: a smooth bowl with
+# the trained point at its bottom. Right: gradient descent on each loss from the same start,
+# measured by the *true* risk: the correct derivation descends, the copied one climbs away (a few
+# steps further, M reaches 1 in floating point and the copied loss is NaN).
+
+# %%
+import matplotlib.pyplot as plt
+
+m = torch.linspace(0.001, 0.999, 200, dtype=torch.float64)
+zeros = torch.zeros_like(m)
+per_example = [textbook.bce(m[i:i + 1], zeros[i:i + 1]).item() for i in range(len(m))]
+per_example_wrong = [textbook.wrong_sign_bce(m[i:i + 1], zeros[i:i + 1]).item() for i in range(len(m))]
+
+b2s = torch.linspace(trained["b2"].item() - 4, trained["b2"].item() + 4, 41)
+w20s = torch.linspace(trained["w2"][0].item() - 4, trained["w2"][0].item() + 4, 41)
+risk = torch.empty(len(w20s), len(b2s))
+for i, w20 in enumerate(w20s):
+    for j, b2 in enumerate(b2s):
+        w2_ = trained["w2"].clone()
+        w2_[0] = w20
+        p_ = {**trained, "w2": w2_, "b2": trained["b2"] * 0 + b2}
+        risk[i, j] = textbook.bce(textbook.forward(x, p_)[1], y)
+
+true_risk = {"correct loss": [], "copied loss": []}
+for label, loss_fn in (("correct loss", textbook.bce), ("copied loss", textbook.wrong_sign_bce)):
+    p_ = params
+    for step in range(25):
+        true_risk[label].append(textbook.bce(textbook.forward(x, p_)[1], y).item())
+        p_, _ = textbook.train(x, y, p_, loss_fn, lr=0.5, steps=1)
+
+fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+axes[0].plot(m, per_example, label="correct: -log(1 - M)")
+axes[0].plot(m, per_example_wrong, label="copied: log(1 - M)")
+axes[0].set(xlabel="prediction M for a negative example (y = 0)", ylabel="loss", title="one example")
+axes[0].legend()
+cs = axes[1].contourf(b2s, w20s, risk, levels=30, cmap="viridis")
+axes[1].plot(trained["b2"].item(), trained["w2"][0].item(), "r*", markersize=12, label="trained")
+axes[1].set(xlabel="b2", ylabel="w2[0]", title="true risk L around the trained parameters")
+axes[1].legend()
+fig.colorbar(cs, ax=axes[1])
+for label, values in true_risk.items():
+    axes[2].plot(values, label=label)
+axes[2].set(xlabel="gradient step (lr 0.5)", ylabel="true risk (binary cross-entropy)",
+            title="descending each loss")
+axes[2].legend()
+plt.show()
+assert true_risk["correct loss"][-1] < true_risk["correct loss"][0]
+assert true_risk["copied loss"][-1] > true_risk["copied loss"][0], "the copied loss diverges"
+assert risk.min() >= risk[20, 20] - 0.05, "the trained point sits near the bottom of the bowl"
 
 # %% [markdown]
 # ## Discussion

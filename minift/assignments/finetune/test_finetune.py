@@ -1,13 +1,13 @@
 import torch
 
 import minift
-from minift import data
+from minift import data, tasks
 from finetune import train
 
 
 def test_reaches_target_accuracy():
     torch.manual_seed(0)
-    ds = data.rotten_tomatoes()
+    ds = tasks.rotten_tomatoes()
     tok = minift.Tokenizer.from_pretrained("minilm")
     model = minift.BertForSequenceClassification.from_pretrained("minilm", num_labels=2)
     train_set = data.encode_classification(tok, ds.train[:640], ds.labels, 64)
