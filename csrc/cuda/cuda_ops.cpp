@@ -130,10 +130,11 @@ at::Tensor xent_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const
   c10::cuda::CUDAGuard guard(logits.device());
   auto dz = maybe_poison(at::empty_like(logits));
   // the mean's g / count, one float on the GPU; the other reductions read grad directly
-  auto weight = reduction == kReduceMean ? at::empty({1}, logits.options().dtype(at::kFloat)) : at::Tensor();
+  auto mean_scale = reduction == kReduceMean ? at::empty({1}, logits.options().dtype(at::kFloat)) : at::Tensor();
   // row 0 of stats is the lse that xent_fwd_cuda wrote (its row 1 is 0)
   check_cuda(cuda::xent_bwd(dt, grad.data_ptr<float>(), logits.data_ptr(), target.data_ptr<int64_t>(),
-                            stats.data_ptr<float>(), dz.data_ptr(), weight.defined() ? weight.data_ptr<float>() : nullptr,
+                            stats.data_ptr<float>(), dz.data_ptr(),
+                            mean_scale.defined() ? mean_scale.data_ptr<float>() : nullptr,
                             N, C, ignore_index,
                             (float)label_smoothing, (int)reduction, c10::cuda::getCurrentCUDAStream()),
              "softmax_cross_entropy backward");
