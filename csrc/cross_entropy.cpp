@@ -16,6 +16,11 @@
 // The reduction: "none" returns loss_n, "sum" sum_n loss_n, "mean" that sum over the number of rows
 // whose target is not ignored (0 when every row is ignored, where F.cross_entropy gives NaN); the
 // sum runs in row order in double with Neumaier's compensation, the same on any thread count.
+// With class weights w (F.cross_entropy's weight=, finite and >= 0, S_w = sum_c w_c):
+//   loss_n = (1 - eps) w_y nll + (eps/C) sum_c w_c (-log p_c),
+//   sum_c w_c (-log p_c) = S_w log s + sum_c w_c (m - z_c),
+// and "mean" divides by sum_n w_{y_n} over the rows not ignored; the backward's formulas are above
+// xent_bwd_rows.
 // Backward, given g = dL/d(output): w_n = g_n ("none"), g ("sum") or g / count ("mean"), and
 //   dz_c = (p_c - q_c) w_n,   p_c = e^{(z_c - m) - log s},   q_c = eps/C + (1 - eps)[c = y]
 // (m and log s subtracted one after the other), and at the target
@@ -170,11 +175,14 @@ static void xent_fwd_rows(const scalar_t* z, const int64_t* target, ClassWeights
   }
 }
 
-// dz of rows [begin, end); w == nullptr means every row has the weight w_all.
-//   dz_c = (a_n p_c - b_c) w_n,   dz_y = (a_n (p_y - 1) + t_n) w_n
+// dz of rows [begin, end); w holds each row's scale g_n (g_n for "none"), w == nullptr means every
+// row has the scale w_all (g, or g / divisor for "mean"). With class weights cw.w = (w_c):
+//   dz_c = (a_n p_c - b_c) g_n,   dz_y = (a_n (p_y - 1) + t_n) g_n
 // with a_n = 1, b_c = eps/C, t_n = eps (1 - 1/C) without class weights, and with them
-//   a_n = (1 - eps) w_y + (eps/C) S_w,   b_c = (eps/C) w_c,   t_n = (eps/C) (S_w - w_y)
-// (the gradient of (1 - eps) w_y (-log p_y) + (eps/C) sum_c w_c (-log p_c); t_n = a_n - b_y - (1 - eps) w_y).
+//   a_n = (1 - eps) w_y + (eps/C) S_w,   b_c = (eps/C) w_c,   t_n = (eps/C) (S_w - w_y),
+// the gradient of (1 - eps) w_y (-log p_y) + (eps/C) sum_c w_c (-log p_c): with q_c = b_c +
+// (1 - eps) w_y [c = y] it is a_n p_c - q_c, a_n = sum_c q_c, and at the target
+// a_n p_y - q_y = a_n (p_y - 1) + (a_n - b_y - (1 - eps) w_y) = a_n (p_y - 1) + t_n.
 template <typename scalar_t>
 static void xent_bwd_rows(const typename XAcc<scalar_t>::type* w, typename XAcc<scalar_t>::type w_all,
                           const scalar_t* z, const int64_t* target, ClassWeights<typename XAcc<scalar_t>::type> cw,
@@ -293,6 +301,14 @@ static at::Tensor class_weights(const std::optional<at::Tensor>& weight, at::Sca
   return weight.has_value() ? weight->to(acc).contiguous() : at::Tensor();
 }
 
+// The weights' values (check_xent_weight in checks.h has checked their shape, dtype and device).
+template <typename acc_t>
+static void check_weight_values(const acc_t* w, int64_t C) {
+  for (int64_t c = 0; c < C; ++c)
+    TORCH_CHECK(std::isfinite(w[c]) && w[c] >= 0, "softmax_cross_entropy: expected finite class weights >= 0, got weight[",
+                c, "] = ", w[c]);
+}
+
 // Returns the loss and the (2, N) row statistics the backward reads: m_n, then log s_n.
 std::tuple<at::Tensor, at::Tensor> xent_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                 const std::optional<at::Tensor>& weight, int64_t ignore_index,
@@ -314,6 +330,7 @@ std::tuple<at::Tensor, at::Tensor> xent_fwd_cpu(const at::Tensor& logits, const 
     ClassWeights<acc_t> cw;
     if (w_acc.defined()) {
       cw.w = w_acc.data_ptr<acc_t>();
+      check_weight_values(cw.w, C);
       cw.sum = row_order_sum(cw.w, C);
     }
     acc_t* l = rows.data_ptr<acc_t>();
@@ -355,6 +372,7 @@ at::Tensor xent_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const 
     ClassWeights<acc_t> cw;
     if (w_acc.defined()) {
       cw.w = w_acc.data_ptr<acc_t>();
+      check_weight_values(cw.w, C);
       cw.sum = row_order_sum(cw.w, C);
       cw.b = b_acc.data_ptr<acc_t>();
     }

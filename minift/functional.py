@@ -445,6 +445,30 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, generat
 # ------------------------------------------------------------------------------------------
 
 
+def check_class_weight(weight, logits, name="cross_entropy"):
+    """Per-class weights as F.cross_entropy(weight=...) takes them: (C,), the logits' dtype and
+    device, every entry finite and >= 0, no gradient asked of them. The error says what was
+    expected and what came. (F.cross_entropy itself accepts negative weights, and NaN.)"""
+    if weight is None:
+        return
+    C = logits.shape[-1]
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name}: expected weight to be a tensor of shape (C,) = ({C},), got {type(weight).__name__}")
+    if weight.dim() != 1 or weight.shape[0] != C:
+        raise ValueError(f"{name}: expected weight of shape (C,) = ({C},), one per class, got {tuple(weight.shape)}")
+    if weight.dtype != logits.dtype:
+        raise TypeError(f"{name}: expected weight of dtype {logits.dtype} like the logits, got {weight.dtype}")
+    if weight.device != logits.device:
+        raise ValueError(f"{name}: expected weight on {logits.device} like the logits, got {weight.device}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name}: the class weights get no gradient; pass weight.detach() "
+                         "(got a weight that requires grad)")
+    bad = ~(torch.isfinite(weight) & (weight >= 0))                 # (C,)
+    if bad.any():
+        c = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}: expected finite class weights >= 0, got weight[{c}] = {weight[c].item()}")
+
+
 def _ce_targets(logits, target, ignore_index, label_smoothing, reduction, weight):
     r"""The smoothed, weighted target distribution :math:`q` (N, C) and each row's scale
     :math:`r_n` (N,).
@@ -558,14 +582,7 @@ def check_cross_entropy_args(logits, target, label_smoothing, reduction, weight=
         raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must lie in [0, 1], got {label_smoothing}")
-    if weight is not None:
-        if weight.shape != (logits.shape[1],):
-            raise ValueError(f"cross_entropy: expected weight of shape ({logits.shape[1]},), one per class, "
-                             f"got {tuple(weight.shape)}")
-        if weight.dtype != logits.dtype:
-            raise TypeError(f"cross_entropy: expected weight of dtype {logits.dtype} like the logits, got {weight.dtype}")
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError("cross_entropy: the class weights get no gradient; pass weight.detach()")
+    check_class_weight(weight, logits)
 
 
 def cross_entropy(logits, target, ignore_index=IGNORE_INDEX, label_smoothing=0.0, reduction="mean", weight=None):
