@@ -157,7 +157,8 @@ def test_doctor_prints_the_table_all_pass(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "kernel" in out and "limit" in out and "FAIL" not in out
-    assert out.count("PASS") == sum(len(d) for d in ops.KERNEL_DTYPES["cpu"].values())
+    assert out.count("PASS") == sum(len(ops.KERNEL_DTYPES["cpu"][op]) for _, op, _, _ in selfcheck.CHECKS)
+    assert out.count("cross-entropy weighted") == len(ops.KERNEL_DTYPES["cpu"]["xent_fwd"])
 
 
 # ------------------------------------------------------------------------------------------
