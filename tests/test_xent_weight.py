@@ -1,5 +1,5 @@
-"""Per-class weights in the softmax cross-entropy (issue 17): the CPU kernel and the hand-derived
-reference (minift.functional.cross_entropy) against F.cross_entropy(weight=...),
+"""Per-class weights in the softmax cross-entropy (issue 17): the CPU kernel, the hand-derived
+reference (minift.functional.cross_entropy) and the heads' loss against F.cross_entropy(weight=...),
 whose meaning they follow: row n's loss (1 - eps) w_{y_n} (-log p_{y_n}) + (eps/C) sum_c w_c (-log p_c),
 and "mean" = sum_n loss_n / sum_n w_{y_n} over the rows not ignored. On a device whose kernel takes
 no weight (CUDA) the op runs F.cross_entropy through the dispatch rule; a bad weight is refused
@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import minift
 from minift import functional as RF
 from minift import ops
 
@@ -243,3 +244,45 @@ def test_weighted_on_cuda_runs_pytorch(monkeypatch):
     assert torch.equal(loss, F.cross_entropy(z, t, weight=w, label_smoothing=0.1, ignore_index=IGNORE))
     with pytest.raises(RuntimeError, match="per-class weights are not implemented in the CUDA kernels"):
         torch.ops.minift.xent_fwd(z, t, w, IGNORE, 0.0, 1)
+
+
+# ------------------------------------------------------------------------------------------
+# The heads' loss(..., weight=w)
+# ------------------------------------------------------------------------------------------
+
+def tiny_config(num_labels):
+    return minift.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=16, num_labels=num_labels)
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference", "fused"])
+def test_heads_loss_takes_class_weights(impl):
+    """Sequence and token classification: loss(logits, labels, reduction, weight=w) is
+    F.cross_entropy(weight=w) on the float32 logits, for a weight given in float64 or as a list
+    (moved to the logits' dtype and device by the head)."""
+    g = torch.Generator().manual_seed(5)
+    w64 = torch.tensor([0.5, 3.0, 1.25], dtype=torch.float64)
+    seq = minift.BertForSequenceClassification(tiny_config(3)).set_impl(impl)
+    tok = minift.BertForTokenClassification(tiny_config(3)).set_impl(impl)
+    logits, labels = torch.randn(6, 3, generator=g), torch.tensor([0, 1, 2, 1, 1, 0])
+    tok_logits, tok_labels = torch.randn(2, 5, 3, generator=g), torch.tensor([[0, IGNORE, 2, 1, 1], [2, 2, IGNORE, 0, 1]])
+    for reduction in ("mean", "sum"):
+        for w in (w64, w64.tolist()):
+            expect = F.cross_entropy(logits, labels, weight=w64.float(), reduction=reduction)
+            torch.testing.assert_close(seq.loss(logits, labels, reduction, weight=w), expect, rtol=1e-6, atol=0)
+            expect = F.cross_entropy(tok_logits.view(-1, 3), tok_labels.view(-1), weight=w64.float(), reduction=reduction)
+            torch.testing.assert_close(tok.loss(tok_logits, tok_labels, reduction, weight=w), expect, rtol=1e-6, atol=0)
+    bf = seq.loss(logits.bfloat16(), labels, weight=w64)              # bfloat16 logits: the loss in float32
+    assert bf.dtype == torch.float32
+    torch.testing.assert_close(bf, F.cross_entropy(logits.bfloat16().float(), labels, weight=w64.float()))
+
+
+def test_heads_loss_refuses_bad_class_weights():
+    seq = minift.BertForSequenceClassification(tiny_config(3))
+    logits, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    with pytest.raises(ValueError, match=r"weight: expected weight of shape \(C,\) = \(3,\), one per class, got \(2,\)"):
+        seq.loss(logits, labels, weight=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"weight: expected finite class weights >= 0, got weight\[1\] = -2.0"):
+        seq.loss(logits, labels, weight=[1.0, -2.0, 1.0])               # refused on every impl, "torch" too
+    with pytest.raises(ValueError, match="class weights apply to single-label classification, not to multi_label"):
+        seq.loss(logits, torch.ones(4, 3), weight=torch.ones(3))
