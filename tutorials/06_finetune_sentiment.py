@@ -21,7 +21,7 @@ from minift.trainer import TrainConfig, Trainer
 
 FAST = os.environ.get("MINIFT_TUTORIAL_FAST") == "1"
 N_TRAIN, N_EVAL = (800, 300) if FAST else (2000, 1278)
-EPOCHS, LR = (2, 2e-4) if FAST else (1, 2e-4)
+EPOCHS, LR = 1, 2e-4
 
 # %% [markdown]
 # ## The data and its split
