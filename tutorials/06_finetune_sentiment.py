@@ -99,12 +99,6 @@ import json
 
 import matplotlib.pyplot as plt
 
-# minift's trainer draws training.png with matplotlib's Agg backend, which it selects for the
-# whole process; in a notebook, draw inline again (as a plain script there is nothing to undo).
-try:
-    get_ipython().run_line_magic("matplotlib", "inline")
-except NameError:
-    pass
 
 with open(os.path.join(out_dir, "train_log.jsonl")) as f:
     log = [json.loads(line) for line in f]
