@@ -439,11 +439,14 @@ def _progress(items, desc, enabled):
 
 
 def plot_history(history: History, path: Path) -> None:
-    """Training loss per step and the first dev metric per epoch, one PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    """Training loss per step and the first dev metric per epoch, one PNG. Drawn on a Figure of its
+    own with the Agg canvas, not through pyplot: the process's backend (a notebook's inline one)
+    and its open figures are left as they were."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(10, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots(1, 2)
     steps = [r["step"] for r in history.steps]
     ax[0].plot(steps, [r["loss"] for r in history.steps], lw=0.6, alpha=0.5, label="per step")
     if len(steps) >= 20:
@@ -462,4 +465,3 @@ def plot_history(history: History, path: Path) -> None:
     ax[1].set(xlabel="epochs trained", ylabel=f"dev {name}", title=f"dev {name}", xticks=ep)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

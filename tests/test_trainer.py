@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,23 @@ def test_regression_and_multi_label_train_through_the_heads_loss(tiny_model_dir,
         assert abs(m["dev_micro_f1"] - micro) <= 1e-12
     assert json.loads((tmp_path / "metrics.json").read_text())["problem"] == problem
     assert everything["labels"].dtype == torch.float32
+
+
+def test_plot_history_leaves_the_process_backend_alone(tmp_path):
+    """training.png is drawn without pyplot: a notebook's backend (here svg) and its open figures
+    stay as they were (the plot used to switch the whole process to Agg)."""
+    code = textwrap.dedent(f"""
+        import matplotlib, matplotlib.pyplot as plt
+        from pathlib import Path
+        from minift.trainer import History, plot_history
+        plt.figure()
+        h = History(steps=[{{"step": i, "epoch": 0, "loss": 1 / (i + 1), "lr": 1e-3}} for i in range(30)],
+                    epochs=[{{"epoch": 0, "epochs_trained": 1, "dev_accuracy": 0.7}}])
+        plot_history(h, Path({str(tmp_path / "t.png")!r}))
+        print(matplotlib.get_backend(), len(plt.get_fignums()))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "MPLBACKEND": "svg"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["svg", "1"], r.stdout
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

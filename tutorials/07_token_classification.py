@@ -92,12 +92,6 @@ assert len(pred) == sum(len(s.text) for s in ds.test), "one prediction per word 
 # %%
 import matplotlib.pyplot as plt
 
-# minift's trainer draws training.png with matplotlib's Agg backend, which it selects for the
-# whole process; in a notebook, draw inline again (as a plain script there is nothing to undo).
-try:
-    get_ipython().run_line_magic("matplotlib", "inline")
-except NameError:
-    pass
 
 tags = sorted((t for t in ds.labels if rep[t]["support"] > 0), key=lambda t: -rep[t]["support"])
 ours = {t: 0 for t in tags}

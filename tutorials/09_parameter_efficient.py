@@ -115,12 +115,6 @@ assert results["full"][1] > majority + 0.05, "full fine-tuning learns the task"
 # %%
 import matplotlib.pyplot as plt
 
-# minift's trainer draws training.png with matplotlib's Agg backend, which it selects for the
-# whole process; in a notebook, draw inline again (as a plain script there is nothing to undo).
-try:
-    get_ipython().run_line_magic("matplotlib", "inline")
-except NameError:
-    pass
 
 n_trainable = {name: int(r[0].split(" of ")[0].replace(",", "")) for name, r in results.items()}
 assert n_trainable["linear probe"] < n_trainable["LoRA r=8"] < n_trainable["top 2 layers"] < n_trainable["full"]
