@@ -118,19 +118,28 @@ inline double row_gap_sum(const T* x, int64_t n, T m) {
   }
 }
 
-// y_i = (a exp((x_i - m) - log_s) - b_i) * g: a softmax row, scaled, minus b_i = b[i] (or the
-// constant b0 when b is null), scaled again. The max m and log_s = log sum_i exp(x_i - m) are
-// subtracted one after the other, never added first: m + log_s would round log_s away when |m| is
-// large (|m| = 1e8 in float32 loses it entirely).
+// y_i = (exp((x_i - m) - log_s) - b) * g: a softmax row minus a constant, scaled. The max m and
+// log_s = log sum_i exp(x_i - m) are subtracted one after the other, never added first: m + log_s
+// would round log_s away when |m| is large (|m| = 1e8 in float32 loses it entirely).
 template <typename T>
-inline void row_softmax_minus(const T* x, T* y, int64_t n, T m, T log_s, T a, T b0, const T* b, T g) {
-  const Vec<T> vm(m), vl(log_s), va(a), vb0(b0), vg(g);
+inline void row_softmax_minus(const T* x, T* y, int64_t n, T m, T log_s, T b, T g) {
+  const Vec<T> vm(m), vl(log_s), vb(b), vg(g);
   int64_t i = 0;
-  for (; i + Vec<T>::size() <= n; i += Vec<T>::size()) {
-    const Vec<T> vb = b == nullptr ? vb0 : Vec<T>::loadu(b + i);
-    ((va * ((Vec<T>::loadu(x + i) - vm) - vl).exp() - vb) * vg).store(y + i);
-  }
-  for (; i < n; ++i) y[i] = (a * std::exp((x[i] - m) - log_s) - (b == nullptr ? b0 : b[i])) * g;
+  for (; i + Vec<T>::size() <= n; i += Vec<T>::size())
+    ((((Vec<T>::loadu(x + i) - vm) - vl).exp() - vb) * vg).store(y + i);
+  for (; i < n; ++i) y[i] = (std::exp((x[i] - m) - log_s) - b) * g;
+}
+
+// y_i = (a exp((x_i - m) - log_s) - b_i) * g: the same with a scale a of the softmax and one b_i per
+// element (class weights); a p_i - b_i in one rounding (fused multiply-add), which keeps the
+// weighted gradient within PyTorch's accuracy where a != 1 adds a rounding of its own.
+template <typename T>
+inline void row_softmax_scaled_minus(const T* x, T* y, int64_t n, T m, T log_s, T a, const T* b, T g) {
+  const Vec<T> vm(m), vl(log_s), va(a), vg(g);
+  int64_t i = 0;
+  for (; i + Vec<T>::size() <= n; i += Vec<T>::size())
+    (at::vec::fmadd(va, ((Vec<T>::loadu(x + i) - vm) - vl).exp(), -Vec<T>::loadu(b + i)) * vg).store(y + i);
+  for (; i < n; ++i) y[i] = std::fma(a, std::exp((x[i] - m) - log_s), -b[i]) * g;
 }
 
 // sum_i w_i (m - x_i), in double: float32 terms exactly, float64 ones compensated.

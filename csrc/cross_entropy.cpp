@@ -183,6 +183,11 @@ static void xent_fwd_rows(const scalar_t* z, const int64_t* target, ClassWeights
 // the gradient of (1 - eps) w_y (-log p_y) + (eps/C) sum_c w_c (-log p_c): with q_c = b_c +
 // (1 - eps) w_y [c = y] it is a_n p_c - q_c, a_n = sum_c q_c, and at the target
 // a_n p_y - q_y = a_n (p_y - 1) + (a_n - b_y - (1 - eps) w_y) = a_n (p_y - 1) + t_n.
+// That form keeps the digits of a confident row (p_y = 1 - 1e-30) but cancels when t_n is most of
+// a_n, as for a target weighted 0 (q_y = 0, t_n = a_n, p_y = 1/9: a (p_y - 1) + a loses 3 bits);
+// with class weights the target entry is therefore computed in double, as a_n (p_y - 1) + t_n when
+// p_y > 1/2 and as a_n p_y - q_y otherwise (weighted_target). Without them t_n = eps (1 - 1/C) is
+// at most eps of a_n = 1, and the vectorized expm1 form stays.
 template <typename scalar_t>
 static void xent_bwd_rows(const typename XAcc<scalar_t>::type* w, typename XAcc<scalar_t>::type w_all,
                           const scalar_t* z, const int64_t* target, ClassWeights<typename XAcc<scalar_t>::type> cw,
@@ -194,8 +199,16 @@ static void xent_bwd_rows(const typename XAcc<scalar_t>::type* w, typename XAcc<
   auto factor = [&](int64_t y) {                                     // a_n
     return cw.w == nullptr ? (acc_t)1 : (acc_t)((1.0 - eps) * (double)cw.w[y] + eps / (double)C * cw.sum);
   };
-  auto target_term = [&](int64_t y) {                                // t_n
-    return cw.w == nullptr ? at_target : (acc_t)(eps / (double)C * (cw.sum - (double)cw.w[y]));
+  // a_n p_y - q_y with class weights, in double from the saved m and log s
+  auto weighted_target = [&](int64_t n, int64_t y) {
+    const double wy = cw.w[y], a = (1.0 - eps) * wy + eps / (double)C * cw.sum;
+    const double log_p = ((double)z[n * C + y] - (double)row_max_in[n]) - (double)log_s_in[n];
+    if (log_p > -0.6931471805599453) return a * std::expm1(log_p) + eps / (double)C * (cw.sum - wy);  // p_y > 1/2
+    return a * std::exp(log_p) - ((1.0 - eps) * wy + eps / (double)C * wy);
+  };
+  // the target entry of row n times its scale g: (a_n (p_y - 1) + t_n) g, p_y - 1 = em1 without weights
+  auto at_y = [&](int64_t n, int64_t y, acc_t em1_y, acc_t g) {
+    return cw.w == nullptr ? (em1_y + at_target) * g : (acc_t)(weighted_target(n, y) * (double)g);
   };
   auto b_of = [&](int64_t c) { return cw.b == nullptr ? smooth : cw.b[c]; };
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -222,8 +235,11 @@ static void xent_bwd_rows(const typename XAcc<scalar_t>::type* w, typename XAcc<
             continue;
           }
           const acc_t g = weight(n), a = factor(y);
-          for (int64_t c = 0; c < C; ++c) out[c] = (a * out[c] - b_of(c)) * g;  // (a_n p_c - b_c) w_n
-          out[y] = (a * em1[r] + target_term(y)) * g;                       // (a_n (p_y - 1) + t_n) w_n
+          if (cw.w == nullptr)
+            for (int64_t c = 0; c < C; ++c) out[c] = (out[c] - smooth) * g;           // (p_c - eps/C) g_n
+          else
+            for (int64_t c = 0; c < C; ++c) out[c] = std::fma(a, out[c], -cw.b[c]) * g;  // (a_n p_c - b_c) g_n
+          out[y] = at_y(n, y, em1[r], g);                                     // (a_n p_y - q_y) g_n
         }
       }
       return;
@@ -241,13 +257,16 @@ static void xent_bwd_rows(const typename XAcc<scalar_t>::type* w, typename XAcc<
         }
         const scalar_t* row = z + n * C;
         const acc_t m = row_max_in[n], l = log_s_in[n];
-        row_softmax_minus(row, out, C, m, l, factor(y), smooth, cw.b, weight(n));  // (a_n p_c - b_c) w_n
+        if (cw.w == nullptr)
+          row_softmax_minus(row, out, C, m, l, smooth, weight(n));                  // (p_c - eps/C) g_n
+        else
+          row_softmax_scaled_minus(row, out, C, m, l, factor(y), cw.b, weight(n));  // (a_n p_c - b_c) g_n
         em1[r] = (row[y] - m) - l;                                   // log p_y
       }
       vec_map_inplace(em1, rows, [](Vec<acc_t> v) { return v.expm1(); });  // p_y - 1
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t n = r0 + r, y = target[n];
-        if (y != ignore_index) dz[n * C + y] = (factor(y) * em1[r] + target_term(y)) * weight(n);
+        if (y != ignore_index) dz[n * C + y] = at_y(n, y, em1[r], weight(n));
       }
     }
   } else {
@@ -261,8 +280,8 @@ static void xent_bwd_rows(const typename XAcc<scalar_t>::type* w, typename XAcc<
       const scalar_t* row = z + n * C;
       const acc_t g = weight(n), m = row_max_in[n], l = log_s_in[n], a = factor(y);
       for (int64_t c = 0; c < C; ++c)
-        out[c] = (scalar_t)((a * std::exp(((acc_t)row[c] - m) - l) - b_of(c)) * g);  // (a_n p_c - b_c) w_n
-      out[y] = (scalar_t)((a * std::expm1(((acc_t)row[y] - m) - l) + target_term(y)) * g);
+        out[c] = (scalar_t)((a * std::exp(((acc_t)row[c] - m) - l) - b_of(c)) * g);  // (a_n p_c - b_c) g_n
+      out[y] = (scalar_t)at_y(n, y, std::expm1(((acc_t)row[y] - m) - l), g);
     }
   }
 }

@@ -72,15 +72,17 @@ def oracle_dtype(dtype):
     return EXT if dtype == torch.float64 else np.float64
 
 
-def xent_oracle(z, t, eps, ignore_index=IGNORE, acc=EXT):
+def xent_oracle(z, t, eps, ignore_index=IGNORE, acc=EXT, w=None):
     """Per-row loss (N,), the gradient of each row's loss (N, C) and the row's scale of terms
-    max_c (p_c + q_c) (N,), in acc, long double by default (0 for ignored rows).
+    max_c (a p_c + q_c) (N,), in acc, long double by default (0 for ignored rows).
 
-    z: float64 numpy logits (exactly the values the op sees), t: int64 targets.
-    l_n = (1 - eps)(-log p_y) + eps (-(1/C) sum_c log p_c),  dl_n/dz_c = p_c - q_c.
+    z: float64 numpy logits (exactly the values the op sees), t: int64 targets, w: class weights
+    (C,) or None (all 1). With q_c = (eps/C) w_c + (1 - eps) w_y [c = y] and a = sum_c q_c:
+    l_n = -sum_c q_c log p_c,  dl_n/dz_c = a p_c - q_c  (without weights a = 1: p_c - q_c).
     """
     z, eps = z.astype(acc), acc(eps)
     N, C = z.shape
+    w = np.ones(C, dtype=acc) if w is None else np.asarray(w, dtype=acc)
     rows = np.arange(N)
     keep = t != ignore_index
     y = np.where(keep, t, 0)
@@ -88,12 +90,16 @@ def xent_oracle(z, t, eps, ignore_index=IGNORE, acc=EXT):
     tie = d == 0
     r = np.where(tie, 0, np.exp(d)).sum(1) + (tie.sum(1) - 1)        # s - 1: all but one e^0 = 1
     logp = d - np.log1p(r)[:, None]                                  # log p_c = z_c - m - log s
-    loss = (1 - eps) * -logp[rows, y] + eps * -logp.mean(1)
+    q = np.broadcast_to(eps / C * w, (N, C)).copy()                  # (eps/C) w_c
+    others = q.copy()
+    others[rows, y] = 0
+    q[rows, y] += (1 - eps) * w[y]                                   # + (1 - eps) w_y at the target
+    loss = -(q * logp).sum(1)                                        # a sum of non-negative terms
+    a = q.sum(1)
     p = np.exp(logp)
-    grad = p - eps / C
-    grad[rows, y] = np.expm1(logp[rows, y]) + eps * (1 - acc(1) / C)  # p_y - q_y = (p_y - 1) + eps (1 - 1/C)
-    terms = p + eps / C
-    terms[rows, y] += 1 - eps
+    grad = a[:, None] * p - q
+    grad[rows, y] = a * np.expm1(logp[rows, y]) + others.sum(1)      # a p_y - q_y = a (p_y - 1) + sum_{c != y} q_c
+    terms = a[:, None] * p + q
     return np.where(keep, loss, 0), np.where(keep[:, None], grad, 0), np.where(keep, terms.max(1), 0)
 
 
@@ -179,20 +185,26 @@ def rel_err(x, ref, scale=None, acc=EXT):
     return float(e.max())
 
 
-def run_loss(fn, z, t, eps, reduction, up):
+def run_loss(fn, z, t, eps, reduction, up, weight=None):
     """loss and dlogits of fn on z, with upstream gradient up (per row for "none", else 1)."""
     zz = z.clone().requires_grad_()
-    loss = fn(zz, t, ignore_index=IGNORE, label_smoothing=eps, reduction=reduction)
+    loss = fn(zz, t, ignore_index=IGNORE, label_smoothing=eps, reduction=reduction, weight=weight)
     (dz,) = torch.autograd.grad(loss, zz, up.to(loss.dtype) if reduction == "none" else None)
     return loss.detach().double().numpy(), dz.double().numpy()
 
 
-def xent_cases(dtype, C, seed=0):
+def xent_cases(dtype, C, seed=0, weighted=False):
     """Every (family, smoothing, reduction) case of one dtype and width: a list of
-    (case name, quantity, E(ours), E(torch))."""
+    (case name, quantity, E(ours), E(torch)). weighted: with class weights, irregular in
+    [1/8, 4] and one of them 0, exact in every dtype."""
     g = torch.Generator().manual_seed(seed * 1000 + C)
     N = rows_for(C)
     acc = oracle_dtype(dtype)
+    weight, w_np = None, None
+    if weighted:
+        weight = torch.randint(1, 33, (C,), generator=g).double() / 8
+        weight[C // 2] = 0
+        w_np, weight = weight.numpy(), weight.to(dtype)
     records = []
     for name, z64, target in families(dtype, N, C, g):
         z = z64.to(dtype)
@@ -202,18 +214,20 @@ def xent_cases(dtype, C, seed=0):
         up = torch.randint(4, 17, (N,), generator=g).double() / 8    # 0.5 .. 2, exact in every dtype
         keep = (t != IGNORE).numpy()
         for eps in (0.0, 0.1):
-            loss_rows, grad_rows, terms = xent_oracle(zq, t.numpy(), eps, acc=acc)
+            loss_rows, grad_rows, terms = xent_oracle(zq, t.numpy(), eps, acc=acc, w=w_np)
+            # the mean's divisor: the kept rows, or the sum of their targets' class weights
+            kept = keep.sum() if w_np is None else w_np[t.numpy()[keep]].astype(acc).sum()
             for reduction in ("none", "mean", "sum"):
                 if reduction == "none":
                     w = up.numpy().astype(acc)                       # (N,) row weights
                     ref_loss = loss_rows
                 else:
-                    w = np.full(N, acc(1) / keep.sum() if reduction == "mean" else acc(1))
+                    w = np.full(N, acc(1) / kept if reduction == "mean" else acc(1))
                     ref_loss = loss_rows.sum() * w[0]
                 ref_grad, scale = grad_rows * w[:, None], (terms * w)[:, None]
                 errs = {}
                 for who, fn in (("ours", ops.softmax_cross_entropy), ("torch", F.cross_entropy)):
-                    loss, dz = run_loss(fn, z, t, eps, reduction, up)
+                    loss, dz = run_loss(fn, z, t, eps, reduction, up, weight)
                     errs[who] = (rel_err(loss, ref_loss, acc=acc), rel_err(dz, ref_grad, scale, acc=acc))
                 case = f"{name}, smoothing {eps:g}, {reduction}"
                 records.append((case, "loss", errs["ours"][0], errs["torch"][0]))
@@ -238,6 +252,21 @@ def test_cross_entropy_within_2x_torch(dtype, C, threads):
         pytest.skip("float64 needs an oracle finer than float64: numpy's long double is plain double here")
     threads(1)
     bad = failures(xent_cases(dtype, C), dtype)
+    assert not bad, f"{len(bad)} cases outside 2x PyTorch's error:\n" + "\n".join(bad[:40])
+
+
+WEIGHTED_SWEEP = [(dtype, C) for dtype in DTYPES for C in (2, 9, 17, 1000)]
+
+
+@pytest.mark.parametrize("dtype,C", WEIGHTED_SWEEP, ids=[f"{d}-{C}" for d, C in WEIGHTED_SWEEP])
+def test_weighted_cross_entropy_within_2x_torch(dtype, C, threads):
+    """The same sweep with class weights (F.cross_entropy's weight=, issue 17), at a width of each
+    walker: C = 2 (both short-row ones), 9 (the forward's short one, the backward's long one), 17
+    and 1000 (long rows)."""
+    if dtype == torch.float64 and not EXTENDED:
+        pytest.skip("float64 needs an oracle finer than float64: numpy's long double is plain double here")
+    threads(1)
+    bad = failures(xent_cases(dtype, C, weighted=True), dtype)
     assert not bad, f"{len(bad)} cases outside 2x PyTorch's error:\n" + "\n".join(bad[:40])
 
 
