@@ -86,16 +86,18 @@ inline void check_xent_inputs(const at::Tensor& logits, const at::Tensor& target
 }
 
 // The optional per-class weights of the cross-entropy: (C,), the logits' dtype and device, as
-// F.cross_entropy(weight=...) takes them.
+// F.cross_entropy(weight=...) takes them (the CPU kernel checks their values). ValueError and
+// TypeError in Python, as minift.functional.check_class_weight raises them.
 inline void check_xent_weight(const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
   if (!weight.has_value()) return;
   const auto& w = *weight;
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == logits.size(1), "softmax_cross_entropy: expected weight of shape (C,) = (",
-              logits.size(1), ",), one per class, got ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == logits.scalar_type(), "softmax_cross_entropy: expected weight of dtype ",
-              logits.scalar_type(), " like the logits, got ", w.scalar_type());
-  TORCH_CHECK(w.device() == logits.device(), "softmax_cross_entropy: expected weight on ", logits.device(),
-              " like the logits, got ", w.device());
+  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == logits.size(1),
+                    "softmax_cross_entropy: expected weight of shape (C,) = (", logits.size(1),
+                    ",), one per class, got ", w.sizes());
+  TORCH_CHECK_TYPE(w.scalar_type() == logits.scalar_type(), "softmax_cross_entropy: expected weight of dtype ",
+                   logits.scalar_type(), " like the logits, got ", w.scalar_type());
+  TORCH_CHECK_VALUE(w.device() == logits.device(), "softmax_cross_entropy: expected weight on ", logits.device(),
+                    " like the logits, got ", w.device());
 }
 
 // The reduction argument of xent_fwd/xent_bwd, with at::Reduction's numbering.

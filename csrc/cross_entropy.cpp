@@ -44,6 +44,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "checks.h"
 #include "cpu_vec.h"
@@ -184,10 +185,11 @@ static void xent_fwd_rows(const scalar_t* z, const int64_t* target, ClassWeights
 // (1 - eps) w_y [c = y] it is a_n p_c - q_c, a_n = sum_c q_c, and at the target
 // a_n p_y - q_y = a_n (p_y - 1) + (a_n - b_y - (1 - eps) w_y) = a_n (p_y - 1) + t_n.
 // That form keeps the digits of a confident row (p_y = 1 - 1e-30) but cancels when t_n is most of
-// a_n, as for a target weighted 0 (q_y = 0, t_n = a_n, p_y = 1/9: a (p_y - 1) + a loses 3 bits);
-// with class weights the target entry is therefore computed in double, as a_n (p_y - 1) + t_n when
-// p_y > 1/2 and as a_n p_y - q_y otherwise (weighted_target). Without them t_n = eps (1 - 1/C) is
-// at most eps of a_n = 1, and the vectorized expm1 form stays.
+// a_n, as for a target weighted 0 (q_y = 0, t_n = a_n, p_y = 1/9: a (p_y - 1) + a loses 3 bits).
+// With class weights the target entry is therefore a_n (p_y - 1) + t_n when p_y > 1/2 and
+// a_n p_y - q_y otherwise, each in one fused multiply-add (weighted_target), from p_y and p_y - 1
+// taken in vectors over a block of rows. Without them t_n = eps (1 - 1/C) is at most eps of a_n = 1
+// and the expm1 form alone serves.
 template <typename scalar_t>
 static void xent_bwd_rows(const typename XAcc<scalar_t>::type* w, typename XAcc<scalar_t>::type w_all,
                           const scalar_t* z, const int64_t* target, ClassWeights<typename XAcc<scalar_t>::type> cw,
@@ -199,20 +201,20 @@ static void xent_bwd_rows(const typename XAcc<scalar_t>::type* w, typename XAcc<
   auto factor = [&](int64_t y) {                                     // a_n
     return cw.w == nullptr ? (acc_t)1 : (acc_t)((1.0 - eps) * (double)cw.w[y] + eps / (double)C * cw.sum);
   };
-  // a_n p_y - q_y with class weights, in double from the saved m and log s
-  auto weighted_target = [&](int64_t n, int64_t y) {
+  // a_n p_y - q_y with class weights, from p_y and em1_y = p_y - 1
+  auto weighted_target = [&](int64_t y, acc_t p_y, acc_t em1_y) -> acc_t {
     const double wy = cw.w[y], a = (1.0 - eps) * wy + eps / (double)C * cw.sum;
-    const double log_p = ((double)z[n * C + y] - (double)row_max_in[n]) - (double)log_s_in[n];
-    if (log_p > -0.6931471805599453) return a * std::expm1(log_p) + eps / (double)C * (cw.sum - wy);  // p_y > 1/2
-    return a * std::exp(log_p) - ((1.0 - eps) * wy + eps / (double)C * wy);
+    if (p_y > (acc_t)0.5) return std::fma((acc_t)a, em1_y, (acc_t)(eps / (double)C * (cw.sum - wy)));  // + t_n
+    return std::fma((acc_t)a, p_y, -(acc_t)((1.0 - eps) * wy + eps / (double)C * wy));               // - q_y
   };
-  // the target entry of row n times its scale g: (a_n (p_y - 1) + t_n) g, p_y - 1 = em1 without weights
-  auto at_y = [&](int64_t n, int64_t y, acc_t em1_y, acc_t g) {
-    return cw.w == nullptr ? (em1_y + at_target) * g : (acc_t)(weighted_target(n, y) * (double)g);
+  // the target entry times the row's scale g: (a_n p_y - q_y) g
+  auto at_y = [&](int64_t y, acc_t p_y, acc_t em1_y, acc_t g) {
+    return cw.w == nullptr ? (em1_y + at_target) * g : weighted_target(y, p_y, em1_y) * g;
   };
   auto b_of = [&](int64_t c) { return cw.b == nullptr ? smooth : cw.b[c]; };
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     acc_t em1[kBlockElems];                                          // a block's log p_y, then p_y - 1
+    acc_t py[kBlockElems] = {};                                      // (with class weights) p_y
     if (C <= kShortRowBwd) {
       // the rows of dz are contiguous: a block of them is filled with (z - m) - log s and
       // exponentiated in place, the block's target entries go through expm1, then all are scaled
@@ -234,12 +236,12 @@ static void xent_bwd_rows(const typename XAcc<scalar_t>::type* w, typename XAcc<
             std::fill(out, out + C, (scalar_t)0);
             continue;
           }
-          const acc_t g = weight(n), a = factor(y);
+          const acc_t g = weight(n), a = factor(y), p_y = out[y];
           if (cw.w == nullptr)
             for (int64_t c = 0; c < C; ++c) out[c] = (out[c] - smooth) * g;           // (p_c - eps/C) g_n
           else
             for (int64_t c = 0; c < C; ++c) out[c] = std::fma(a, out[c], -cw.b[c]) * g;  // (a_n p_c - b_c) g_n
-          out[y] = at_y(n, y, em1[r], g);                                     // (a_n p_y - q_y) g_n
+          out[y] = at_y(y, p_y, em1[r], g);                                   // (a_n p_y - q_y) g_n
         }
       }
       return;
@@ -263,10 +265,14 @@ static void xent_bwd_rows(const typename XAcc<scalar_t>::type* w, typename XAcc<
           row_softmax_scaled_minus(row, out, C, m, l, factor(y), cw.b, weight(n));  // (a_n p_c - b_c) g_n
         em1[r] = (row[y] - m) - l;                                   // log p_y
       }
+      if (cw.w != nullptr) {
+        std::copy(em1, em1 + rows, py);
+        vec_map_inplace(py, rows, [](Vec<acc_t> v) { return v.exp(); });    // p_y
+      }
       vec_map_inplace(em1, rows, [](Vec<acc_t> v) { return v.expm1(); });  // p_y - 1
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t n = r0 + r, y = target[n];
-        if (y != ignore_index) dz[n * C + y] = at_y(n, y, em1[r], weight(n));
+        if (y != ignore_index) dz[n * C + y] = at_y(y, py[r], em1[r], weight(n));
       }
     }
   } else {
@@ -281,7 +287,8 @@ static void xent_bwd_rows(const typename XAcc<scalar_t>::type* w, typename XAcc<
       const acc_t g = weight(n), m = row_max_in[n], l = log_s_in[n], a = factor(y);
       for (int64_t c = 0; c < C; ++c)
         out[c] = (scalar_t)((a * std::exp(((acc_t)row[c] - m) - l) - b_of(c)) * g);  // (a_n p_c - b_c) g_n
-      out[y] = (scalar_t)at_y(n, y, std::expm1(((acc_t)row[y] - m) - l), g);
+      const acc_t log_p = ((acc_t)row[y] - m) - l;
+      out[y] = (scalar_t)at_y(y, std::exp(log_p), std::expm1(log_p), g);
     }
   }
 }
@@ -317,15 +324,16 @@ static double mean_divisor(const int64_t* target, int64_t N, int64_t ignore_inde
 
 // The class weights in the accumulation type acc (a copy only when the logits are float16/bfloat16).
 static at::Tensor class_weights(const std::optional<at::Tensor>& weight, at::ScalarType acc) {
-  return weight.has_value() ? weight->to(acc).contiguous() : at::Tensor();
+  if (!weight.has_value()) return at::Tensor();
+  return weight->scalar_type() == acc && weight->is_contiguous() ? *weight : weight->to(acc).contiguous();
 }
 
 // The weights' values (check_xent_weight in checks.h has checked their shape, dtype and device).
 template <typename acc_t>
 static void check_weight_values(const acc_t* w, int64_t C) {
   for (int64_t c = 0; c < C; ++c)
-    TORCH_CHECK(std::isfinite(w[c]) && w[c] >= 0, "softmax_cross_entropy: expected finite class weights >= 0, got weight[",
-                c, "] = ", w[c]);
+    TORCH_CHECK_VALUE(std::isfinite(w[c]) && w[c] >= 0,
+                      "softmax_cross_entropy: expected finite class weights >= 0, got weight[", c, "] = ", w[c]);
 }
 
 // Returns the loss and the (2, N) row statistics the backward reads: m_n, then log s_n.
@@ -384,16 +392,17 @@ at::Tensor xent_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const 
   const int64_t* t = target.data_ptr<int64_t>();
   auto dz = maybe_poison(at::empty_like(logits));
   auto w_acc = class_weights(weight, acc);
-  // (eps / C) w_c, the smoothing part of q_c with class weights
-  auto b_acc = w_acc.defined() ? w_acc * (label_smoothing / (double)C) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "xent_bwd_cpu", [&] {
     using acc_t = typename XAcc<scalar_t>::type;
     ClassWeights<acc_t> cw;
+    std::vector<acc_t> b;                                            // (eps / C) w_c, the smoothing part of q_c
     if (w_acc.defined()) {
       cw.w = w_acc.data_ptr<acc_t>();
       check_weight_values(cw.w, C);
       cw.sum = row_order_sum(cw.w, C);
-      cw.b = b_acc.data_ptr<acc_t>();
+      b.resize(C);
+      for (int64_t c = 0; c < C; ++c) b[c] = (acc_t)(label_smoothing / (double)C * (double)cw.w[c]);
+      cw.b = b.data();
     }
     const acc_t* w = per_row ? grad.data_ptr<acc_t>() : nullptr;
     acc_t w_all = per_row ? (acc_t)0 : grad.data_ptr<acc_t>()[0];

@@ -445,10 +445,12 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, generat
 # ------------------------------------------------------------------------------------------
 
 
-def check_class_weight(weight, logits, name="cross_entropy"):
+def check_class_weight(weight, logits, name="cross_entropy", values=True):
     """Per-class weights as F.cross_entropy(weight=...) takes them: (C,), the logits' dtype and
-    device, every entry finite and >= 0, no gradient asked of them. The error says what was
-    expected and what came. (F.cross_entropy itself accepts negative weights, and NaN.)"""
+    device, no gradient asked of them, and (``values``) every entry finite and >= 0. The error says
+    what was expected and what came. (F.cross_entropy itself accepts negative weights, and NaN.)
+    The value check reads the weights (a few tensor ops, and on a GPU a wait for it), so the fused
+    op leaves it to its CPU kernel, which raises the same ValueError."""
     if weight is None:
         return
     C = logits.shape[-1]
@@ -463,10 +465,12 @@ def check_class_weight(weight, logits, name="cross_entropy"):
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{name}: the class weights get no gradient; pass weight.detach() "
                          "(got a weight that requires grad)")
+    if not values:
+        return
     bad = ~(torch.isfinite(weight) & (weight >= 0))                 # (C,)
     if bad.any():
         c = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name}: expected finite class weights >= 0, got weight[{c}] = {weight[c].item()}")
+        raise ValueError(f"{name}: expected finite class weights >= 0, got weight[{c}] = {weight[c].item():g}")
 
 
 def _ce_targets(logits, target, ignore_index, label_smoothing, reduction, weight):

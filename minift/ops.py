@@ -338,9 +338,10 @@ def softmax_cross_entropy(logits, target, ignore_index: int = -100, label_smooth
     weighted call on the GPU runs F.cross_entropy (the dispatch rule, with its one warning)."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"softmax_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    check_class_weight(weight, logits, "softmax_cross_entropy")
+    check_class_weight(weight, logits, "softmax_cross_entropy", values=False)    # the kernel checks the values
     uses = () if weight is None else ("weight",)
     if not use_compiled("xent_fwd", logits, "softmax_cross_entropy", uses):
+        check_class_weight(weight, logits, "softmax_cross_entropy")   # F.cross_entropy takes negative weights
         return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index,
                                label_smoothing=label_smoothing, reduction=reduction)
     loss, _ = torch.ops.minift.xent_fwd(logits.contiguous(), target.contiguous(),
