@@ -4,6 +4,7 @@ whose meaning they follow: row n's loss (1 - eps) w_{y_n} (-log p_{y_n}) + (eps/
 and "mean" = sum_n loss_n / sum_n w_{y_n} over the rows not ignored. On a device whose kernel takes
 no weight (CUDA) the op runs F.cross_entropy through the dispatch rule; a bad weight is refused
 with what was expected and what came."""
+import math
 import warnings
 
 import pytest
@@ -106,6 +107,25 @@ def test_weighted_gradcheck_float64(reduction):
         for impl in (fused_ce, reference_ce):
             assert torch.autograd.gradcheck(lambda z: impl(z, t, w, eps, reduction), (z,))
         assert torch.autograd.gradgradcheck(lambda z: reference_ce(z, t, w, eps, reduction), (z,))
+
+
+@pytest.mark.parametrize("magnitude", [1e5, 1e8, 1e30])
+def test_weighted_equal_large_logits(magnitude):
+    """Issue 15's example with class weights w = (2, 1/2, 1): three equal float32 logits of any
+    magnitude have p = 1/3, so the loss is ((1 - eps) w_y + (eps/3) sum_c w_c) log 3 (the mean
+    divides by w_y = 2) and the gradient a/3 - q_c, a = sum_c q_c."""
+    w = torch.tensor([2.0, 0.5, 1.0])
+    ulp = torch.finfo(torch.float32).eps
+    for eps in (0.0, 0.1):
+        q = eps / 3 * w.double()
+        q[0] += (1 - eps) * 2.0
+        a = q.sum()
+        for reduction, scale in (("sum", 1.0), ("mean", 0.5)):
+            z = torch.full((1, 3), magnitude, requires_grad=True)
+            loss = fused_ce(z, torch.tensor([0]), w, eps, reduction)
+            (dz,) = torch.autograd.grad(loss, z)
+            assert abs(loss.item() - scale * a.item() * math.log(3)) <= 2 * ulp * loss.item()
+            assert (dz.double()[0] - scale * (a / 3 - q)).abs().max() <= 2 * ulp * a
 
 
 def test_weighted_mean_with_no_weight_left_is_zero():
