@@ -255,14 +255,16 @@ def test_cross_entropy_within_2x_torch(dtype, C, threads):
     assert not bad, f"{len(bad)} cases outside 2x PyTorch's error:\n" + "\n".join(bad[:40])
 
 
-WEIGHTED_SWEEP = [(dtype, C) for dtype in DTYPES for C in (2, 9, 17, 1000)]
+# float16 left out: PyTorch's own float16 error is too large to bind (the unweighted sweep has it)
+WEIGHTED_SWEEP = [(dtype, C) for dtype in (torch.float32, torch.float64, torch.bfloat16) for C in (2, 33, 1000)]
 
 
 @pytest.mark.parametrize("dtype,C", WEIGHTED_SWEEP, ids=[f"{d}-{C}" for d, C in WEIGHTED_SWEEP])
 def test_weighted_cross_entropy_within_2x_torch(dtype, C, threads):
-    """The same sweep with class weights (F.cross_entropy's weight=, issue 17), at a width of each
-    walker: C = 2 (both short-row ones), 9 (the forward's short one, the backward's long one), 17
-    and 1000 (long rows)."""
+    """The same sweep with class weights (F.cross_entropy's weight=, issue 17): C = 2 takes the
+    short-row walkers, 33 and 1000 the long ones. At C = 33 a target weighted 0 has p_y near 1/33,
+    where a_n (p_y - 1) + t_n would cancel five bits (without the kernel's p_y <= 1/2 branch this
+    fails in float32 and float64)."""
     if dtype == torch.float64 and not EXTENDED:
         pytest.skip("float64 needs an oracle finer than float64: numpy's long double is plain double here")
     threads(1)
