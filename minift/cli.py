@@ -47,6 +47,10 @@ def cmd_doctor(args) -> int:
         p = torch.cuda.get_device_properties(i)
         print(f"GPU {i}: {p.name}, {p.total_memory / 2 ** 30:.0f} GiB, compute capability {p.major}.{p.minor}")
     print(f"CPU threads used by torch: {torch.get_num_threads()}")
+    from .trainer import choose_precision, cpu_bf16_speed
+    speed = {"amx": "AMX-BF16 tiles", "avx512": "AVX512-BF16", "emulated": "emulated (no AMX-BF16, no AVX512-BF16)"}
+    print(f"CPU vector width: {torch.backends.cpu.get_cpu_capability()}; bf16 matrix multiplies: "
+          f"{speed[cpu_bf16_speed()]}; --precision auto on the CPU: {choose_precision('auto', 'cpu')[1]}")
     if status["mode"] is None:
         return 0
     rows = selfcheck.run()

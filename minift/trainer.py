@@ -78,17 +78,53 @@ def encode_dataset(tokenizer, dataset: D.Dataset, cfg: TrainConfig) -> dict[str,
             "test": D.encode(tokenizer, dataset.test, dataset, cfg.max_length) if dataset.test else None}
 
 
-def autocast_dtype(precision: str, device: torch.device):
-    """The autocast dtype of ``precision`` on ``device`` (None: plain fp32)."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+def cpu_bf16_speed() -> str:
+    """How this CPU runs bfloat16 matrix multiplies: "amx" (AMX-BF16 tiles: about twice fp32's
+    speed), "avx512" (AVX512-BF16 dot products: about fp32's), or "emulated" (converted to fp32 and
+    back: several times slower than fp32)."""
+    if torch.cpu._is_amx_tile_supported():
+        return "amx"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "avx512"
+    return "emulated"
+
+
+def choose_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype for ``--precision`` on ``device`` (None: plain fp32) and why, in words.
+
+    auto: bf16 on a GPU that has it; on the CPU, bf16 only where it has AMX-BF16 (the only CPU
+    kind on which bf16 matrix multiplies beat fp32), else fp32. bf16 may be asked for on any CPU
+    (the reason then warns where it is slow); fp16 needs a GPU (it needs loss scaling, which minift
+    does with CUDA's GradScaler)."""
+    device = torch.device(device)
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
     if precision == "fp32":
-        return None
-    if precision in ("bf16", "fp16"):
-        if device.type != "cuda":
-            raise UserError(f"--precision {precision}: mixed precision needs a GPU; on the CPU use fp32")
-        return torch.bfloat16 if precision == "bf16" else torch.float16
-    raise UserError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
+        return None, "fp32 (asked for)"
+    if device.type == "cuda":
+        if precision == "auto":
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16, "bf16 autocast (auto: the GPU has bf16)"
+            return None, "fp32 (auto: this GPU has no bf16)"
+        return (torch.bfloat16 if precision == "bf16" else torch.float16), f"{precision} autocast (asked for)"
+    if precision == "fp16":
+        raise UserError("--precision fp16: fp16 needs a GPU (minift scales its loss with CUDA's GradScaler); "
+                        "on the CPU use bf16 or fp32")
+    speed = cpu_bf16_speed()
+    if precision == "auto":
+        if speed == "amx":
+            return torch.bfloat16, "bf16 autocast (auto: this CPU has AMX-BF16)"
+        return None, ("fp32 (auto: this CPU has no AMX-BF16, so bf16 would not be faster; "
+                      "--precision bf16 forces it)")
+    if speed == "emulated":
+        return torch.bfloat16, ("bf16 autocast (asked for; warning: this CPU has neither AMX-BF16 nor "
+                                "AVX512-BF16, so bf16 runs several times slower than fp32 here)")
+    return torch.bfloat16, f"bf16 autocast (asked for; this CPU has {'AMX-BF16' if speed == 'amx' else 'AVX512-BF16'})"
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    """The autocast dtype of ``precision`` on ``device`` (None: plain fp32); see choose_precision."""
+    return choose_precision(precision, device)[0]
 
 
 @dataclass
@@ -141,7 +177,7 @@ class Trainer:
         self.history = History()
         self.resumed = False
         self.settings: dict = {}            # the caller's settings outside TrainConfig (stored in run.json)
-        self.autocast_dtype = autocast_dtype(config.precision, self.device)
+        self.autocast_dtype, self.precision_note = choose_precision(config.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self._log_file = None
 
@@ -274,6 +310,7 @@ class Trainer:
         if is_main():
             checkpoint.start_run(self.out, resume=self.resumed, overwrite=self.overwrite)
         t_start = time.time()
+        self.log(f"precision: {self.precision_note}")
         try:
             self._open_log()
             while self.epoch < self.num_epochs:
