@@ -425,15 +425,24 @@ def cmd_assignment(args) -> int:
 def cmd_bench(args) -> int:
     from pathlib import Path
 
+    import torch
+
     from . import bench
-    rows, header = bench.run(quick=args.quick)
-    table = bench.format_rows(rows)
+    if args.step:
+        rows, profile = bench.bench_step_cpu()
+        header = bench.run_header(torch.device("cpu"))
+        table = bench.format_rows(rows) + "\n\nProfile of minift fused's step at the real lengths:\n\n```\n" \
+            + profile.strip() + "\n```"
+    else:
+        rows, header = bench.run(quick=args.quick)
+        table = bench.format_rows(rows)
     print(header)
     print(table)
     if args.results:
         path = Path(args.results)
         with open(path, "a", encoding="utf-8") as f:
-            f.write(f"\n### `minift bench{' --quick' if args.quick else ''}`: {header}\n\n{table}\n")
+            flag = " --step" if args.step else " --quick" if args.quick else ""
+            f.write(f"\n### `minift bench{flag}`: {header}\n\n{table}\n")
         print(f"appended to {path}")
     return 0
 
@@ -518,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_assignment)
     p = sub.add_parser("bench", help="time minift's kernels and training step against PyTorch / transformers")
     p.add_argument("--quick", action="store_true", help="small sizes only (a smoke run)")
+    p.add_argument("--step", action="store_true",
+                   help="only the CPU fine-tuning step against transformers' (B=32: real lengths, T=64, T=128), "
+                        "and a profile of minift's step")
     p.add_argument("--results", help="append the table to this markdown file (e.g. benchmarks/RESULTS.md)")
     p.set_defaults(run=cmd_bench)
     p = sub.add_parser("gradcheck", help="check every hand-derived gradient against autograd (float64)")
