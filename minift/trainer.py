@@ -144,6 +144,7 @@ class Trainer:
         self.autocast_dtype = autocast_dtype(config.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self._log_file = None
+        self.thresholds: list[float] | None = None   # multi-label: per-class thresholds (None: 0.5)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
@@ -202,7 +203,7 @@ class Trainer:
                 return predict_labels(self.model, encoded, self.tokenizer.pad_token_id, self.cfg.eval_batch_size,
                                       self.device, encoded.problem == "token")
             return predict_values(self.model, encoded, self.tokenizer.pad_token_id, self.cfg.eval_batch_size,
-                                  self.device)
+                                  self.device, self.thresholds if self.thresholds is not None else 0.5)
 
     def evaluate(self, encoded: D.Encoded) -> dict:
         """The metrics of the dataset's problem type; "report" (classification) is not a number."""
@@ -351,9 +352,15 @@ class Trainer:
         if (self.out / "best" / "model.safetensors").is_file():
             self.load_best()
         dev = self.best_dev or self.evaluate(self.dev_set)   # known unless resumed after the best epoch
+        tuned = self.tune_thresholds() if self.train_set.problem == D.MULTI_LABEL else None
         test = self.evaluate(self.test_set) if self.test_set is not None else None
         metrics = {"task": self.dataset.name, "problem": self.train_set.problem,
                    **{f"dev_{k}": v for k, v in _scalars(dev).items()}}
+        if tuned is not None:
+            metrics.update({f"dev_tuned_{k}": v for k, v in _scalars(tuned).items()})
+            metrics["thresholds"] = dict(zip(self.dataset.labels, self.thresholds))
+        elif "report" in dev:
+            metrics["dev_report"] = dev["report"]
         if test is not None:
             metrics.update({f"test_{k}": v for k, v in _scalars(test).items()})
             if "report" in test:
@@ -365,6 +372,41 @@ class Trainer:
             (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
             plot_history(self.history, self.out / "training.png")
         return metrics
+
+
+    def tune_thresholds(self) -> dict:
+        """Multi-label: per class, the threshold with the best dev F1 (``metrics.choose_thresholds``),
+        kept for the test and saved as best/thresholds.json for predict and evaluate. Returns the dev
+        scores with them (optimistic: chosen on the same examples)."""
+        with self._autocast():
+            logits, gold = predict_logits(self.model, self.dev_set, self.tokenizer.pad_token_id,
+                                          self.cfg.eval_batch_size, self.device)
+        self.thresholds = M.choose_thresholds(torch.sigmoid(logits), gold)
+        if is_main() and (self.out / "best").is_dir():
+            write_thresholds(self.out / "best", self.dataset.labels, self.thresholds)
+        return self.evaluate(self.dev_set)
+
+
+THRESHOLDS = "thresholds.json"
+
+
+def write_thresholds(folder: Path, labels: list[str], thresholds: list[float]) -> None:
+    (Path(folder) / THRESHOLDS).write_text(json.dumps(
+        {"thresholds": dict(zip(labels, thresholds)),
+         "rule": "a class is predicted when its sigmoid probability > its threshold; each threshold is the one "
+                 "with the best F1 of its class on the dev set"}, indent=2) + "\n", encoding="utf-8")
+
+
+def read_thresholds(folder: Path, labels: list[str]) -> list[float] | None:
+    """The per-class thresholds saved with a multi-label model (None: no file, 0.5 for all)."""
+    path = Path(folder) / THRESHOLDS
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))["thresholds"]
+        return [float(saved[name]) for name in labels]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: expected a threshold for each class {labels} ({e!r})") from None
 
 
 def check_resumable(state: dict, cfg: TrainConfig, labels: list[str], path) -> None:
@@ -417,18 +459,27 @@ def predict_labels(model, encoded: D.Encoded, pad_id: int, batch_size: int, devi
     return (pred, gold, prob) if return_probs else (pred, gold)
 
 
-def predict_values(model, encoded: D.Encoded, pad_id: int, batch_size: int, device, threshold: float = 0.5):
-    """Multi-label: the predicted and gold sets of class ids (sigmoid > threshold); regression: the numbers."""
+@torch.no_grad()
+def predict_logits(model, encoded: D.Encoded, pad_id: int, batch_size: int, device):
+    """The logits (N, C) of every example in the order of ``encoded``, and the gold labels (N, ...)."""
     n = len(encoded.input_ids)
-    pred, gold = [None] * n, [None] * n
+    logits_out, gold_out = [None] * n, [None] * n
     for idx, logits, labels in _logits_in_order(model, encoded, pad_id, batch_size, device):
         for r, i in enumerate(idx):
-            if encoded.problem == D.MULTI_LABEL:
-                pred[i] = set(torch.nonzero(torch.sigmoid(logits[r]) > threshold).flatten().tolist())
-                gold[i] = set(torch.nonzero(labels[r] > 0.5).flatten().tolist())
-            else:
-                pred[i], gold[i] = logits[r].squeeze(-1).item(), labels[r].item()
-    return pred, gold
+            logits_out[i], gold_out[i] = logits[r], labels[r]
+    return torch.stack(logits_out), torch.stack(gold_out)
+
+
+def predict_values(model, encoded: D.Encoded, pad_id: int, batch_size: int, device, threshold=0.5):
+    """Multi-label: the predicted and gold sets of class ids (sigmoid > threshold, one number or one
+    per class); regression: the numbers."""
+    logits, labels = predict_logits(model, encoded, pad_id, batch_size, device)
+    if encoded.problem == D.MULTI_LABEL:
+        chosen = torch.sigmoid(logits) > torch.as_tensor(threshold, dtype=logits.dtype)     # (N, C)
+        pred = [set(torch.nonzero(row).flatten().tolist()) for row in chosen]
+        gold = [set(torch.nonzero(row > 0.5).flatten().tolist()) for row in labels]
+        return pred, gold
+    return logits.squeeze(-1).tolist(), labels.tolist()
 
 
 def _progress(items, desc, enabled):
