@@ -4,6 +4,7 @@ vocabulary, a few steps), its metrics checked against scipy / sklearn on the sav
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -210,3 +211,140 @@ def test_bad_labels_name_the_file_and_line(tmp_path, tiny_model_dir, capsys, nam
     code, _, err = run(["finetune", "--model", tiny_model_dir, "--train", tmp_path / name, "--dev", tmp_path / name,
                         "--out", tmp_path / "run", *TINY, *extra], capsys)
     user_error(code, err, *pieces)
+
+
+# --- class imbalance: class weights and the balanced sampler ------------------------------------
+
+
+def imbalanced(rows, keep_every=10):
+    """Review snippets with only every ``keep_every``-th rotten one kept (the minority class)."""
+    out, k = [], 0
+    for e in rows:
+        if e.label == "rotten":
+            k += 1
+            if k % keep_every:
+                continue
+        out.append(e)
+    return out
+
+
+@pytest.fixture(scope="module")
+def imbalanced_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imbalanced")
+    ds = tasks.rotten_tomatoes()
+    train = imbalanced(ds.train[:400], keep_every=5)[:96]
+    write_csv(d / "train.csv", [(e.text, e.label) for e in train])
+    write_csv(d / "dev.csv", [(e.text, e.label) for e in ds.dev[:48]])
+    write_csv(d / "test.csv", [(e.text, e.label) for e in ds.test[:48]])
+    return d, train, ds
+
+
+def test_balanced_class_weights_equal_sklearn(imbalanced_files):
+    from sklearn.utils.class_weight import compute_class_weight
+    from minift.trainer import balanced_class_weights
+    _, train, _ = imbalanced_files
+    names = ["fresh", "rotten"]
+    y = [names.index(e.label) for e in train]
+    ours = balanced_class_weights(y, 2)
+    theirs = compute_class_weight("balanced", classes=np.array([0, 1]), y=np.array(y))
+    assert ours == pytest.approx(theirs.tolist(), abs=1e-12)
+    assert ours[1] > 2 * ours[0]                                 # the minority weighs more
+
+
+def test_weighted_step_is_f_cross_entropy_with_weight(imbalanced_files, tiny_model_dir, tmp_path):
+    """One optimizer step's loss (two micro-batches) is F.cross_entropy(weight=w)'s mean over the batch."""
+    import torch.nn.functional as F
+    from minift.trainer import TrainConfig, Trainer
+    _, train, ds = imbalanced_files
+    dataset = data.Dataset("rt_imb", "classification", train, ds.dev[:16], [], ["fresh", "rotten"])
+    torch.manual_seed(0)
+    model = minift.BertForSequenceClassification.from_pretrained(tiny_model_dir, id2label={0: "fresh", 1: "rotten"})
+    tok = minift.Tokenizer.from_pretrained(tiny_model_dir)
+    tr = Trainer(model, tok, dataset, TrainConfig(batch_size=32, grad_accum=2, progress=False, max_length=40,
+                                                  class_weights="balanced"), tmp_path, log=lambda *a: None)
+    first = list(range(32))
+    b = data.collate(tr.train_set, first)
+    with torch.no_grad():
+        z = model(b["input_ids"], b["attention_mask"], b["token_type_ids"]).logits
+    expected = F.cross_entropy(z, b["labels"], weight=tr.class_weight).item()
+    assert abs(tr.train_step(first) - expected) <= 1e-6
+    # The head's loss itself, for both reductions
+    w = torch.tensor([0.3, 2.0])
+    for reduction in ("mean", "sum"):
+        assert torch.allclose(model.loss(z, b["labels"], reduction, weight=w),
+                              F.cross_entropy(z, b["labels"], weight=w, reduction=reduction), atol=1e-6)
+
+
+def test_balanced_sampler_draws_classes_equally_and_reproducibly():
+    from minift.trainer import length_batches
+    y = [1] * 100 + [0] * 900                                     # 10% minority
+    counts = {c: y.count(c) for c in (0, 1)}
+    w = [1 / counts[c] for c in y]
+    lengths = [5 + i % 17 for i in range(len(y))]
+    share = []
+    for epoch in range(20):
+        batches = length_batches(lengths, 32, seed=3, epoch=epoch, weights=w)
+        drawn = [i for b in batches for i in b]
+        assert len(drawn) == len(y)
+        share.append(sum(y[i] for i in drawn) / len(drawn))
+        assert abs(share[-1] - 0.5) < 0.06                        # about 4 binomial standard deviations
+        assert batches == length_batches(lengths, 32, seed=3, epoch=epoch, weights=w)   # a resume sees the same
+    assert abs(sum(share) / len(share) - 0.5) < 0.015
+    assert length_batches(lengths, 32, 3, 0, w) != length_batches(lengths, 32, 3, 1, w)
+
+
+def test_imbalance_remedies_from_the_cli_and_the_report_equals_sklearn(imbalanced_files, tiny_model_dir, tmp_path,
+                                                                      capsys):
+    d, _, ds = imbalanced_files
+    out = tmp_path / "run"
+    code, stdout, err = run(["finetune", "--model", tiny_model_dir, "--train", d / "train.csv", "--dev",
+                             d / "dev.csv", "--test", d / "test.csv", "--out", out, "--class-weights", "balanced",
+                             "--sampler", "balanced", *TINY], capsys)
+    assert code == 0, err
+    assert "test report" in stdout and "macro avg" in stdout and "test macro f1" in stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["class_weights"] == "balanced" and m["config"]["sampler"] == "balanced"
+    names = ["fresh", "rotten"]
+    texts, gold = [e.text for e in ds.test[:48]], [names.index(e.label) for e in ds.test[:48]]
+    pred = outputs(out / "best", texts).argmax(-1).tolist()
+    p, r, f, support = skm.precision_recall_fscore_support(gold, pred, labels=[0, 1], zero_division=0)
+    for c, name in enumerate(names):
+        got = m["test_report"][name]
+        assert (got["precision"], got["recall"], got["f1"], got["support"]) == pytest.approx(
+            (p[c], r[c], f[c], support[c]), abs=1e-12)
+    assert m["test_macro_f1"] == pytest.approx(skm.f1_score(gold, pred, average="macro", zero_division=0), abs=1e-12)
+    # evaluate prints the same per-class report and macro-F1
+    code, stdout, err = run(["evaluate", "--model", out / "best", "--test", d / "test.csv", "--max-length", 40,
+                             "--device", "cpu", "--impl", "torch"], capsys)
+    assert code == 0 and f"macro-F1 {m['test_macro_f1']:.4f}" in stdout, err
+    # resume refuses a changed remedy, as it refuses any other changed setting
+    code, _, err = run(["finetune", "--model", tiny_model_dir, "--train", d / "train.csv", "--dev", d / "dev.csv",
+                        "--test", d / "test.csv", "--out", out, "--resume", "--sampler", "shuffle", *TINY], capsys)
+    user_error(code, err, "--sampler shuffle (the run has balanced)")
+
+
+def test_weights_file_is_checked_with_file_and_line(imbalanced_files, tiny_model_dir, tmp_path, capsys):
+    d, _, _ = imbalanced_files
+    base = ["finetune", "--model", tiny_model_dir, "--train", d / "train.csv", "--dev", d / "dev.csv",
+            "--out", tmp_path / "run", *TINY]
+    bad = tmp_path / "w.csv"
+    bad.write_text("class,weight\nfresh,1.0\npositive,3.0\n")
+    user_error(*run([*base, "--class-weights", bad], capsys)[::2],
+               "w.csv, line 3: 'positive' is not a class of the training data (classes: fresh, rotten)")
+    bad.write_text("fresh,1.0\n")
+    user_error(*run([*base, "--class-weights", bad], capsys)[::2], "w.csv: no weight for class(es) rotten")
+    bad.write_text("fresh,1.0\nrotten,-2\n")
+    user_error(*run([*base, "--class-weights", bad], capsys)[::2], "w.csv, line 2: the weight of 'rotten' must be")
+    user_error(*run([*base, "--class-weights", tmp_path / "nope.csv"], capsys)[::2], "--class-weights: expected none")
+    good = tmp_path / "good.csv"
+    good.write_text("# minority counts 4x\nfresh,1\nrotten,4\n")
+    code, stdout, err = run([*base, "--class-weights", good, "--epochs", "1"], capsys)
+    assert code == 0 and "class weights: fresh 1.0000, rotten 4.0000" in stdout, err
+
+
+def test_remedies_need_single_label_classes(valence_files, tiny_model_dir, tmp_path, capsys):
+    d, _ = valence_files
+    for flag, value in (("--sampler", "balanced"), ("--class-weights", "balanced")):
+        code, _, err = run(["finetune", "--model", tiny_model_dir, "--train", d / "train.tsv", "--dev", d / "dev.csv",
+                            "--out", tmp_path / "run", *TINY, flag, value], capsys)
+        user_error(code, err, f"{flag} {value}: needs single-label classification; this task is regression")
