@@ -115,9 +115,14 @@ def _model_config(model_path):
     return read_config(resolve(model_path))
 
 
-def _build_model(model_path, dataset, impl, **overrides):
+def _build_model(model_path, dataset, impl, crf=False, **overrides):
     import minift
     from .data import SINGLE_LABEL
+    if crf:                        # BIO tags: the CRF allows I-X only after B-X or I-X
+        from .crf import BertCRFForTokenClassification, is_bio
+        return BertCRFForTokenClassification.from_pretrained(
+            model_path, impl=impl, constraints="BIO" if is_bio(dataset.labels) else None,
+            id2label=dict(enumerate(dataset.labels)), **overrides)
     cls = minift.BertForTokenClassification if dataset.task == "token" else minift.BertForSequenceClassification
     if dataset.task != "token" and dataset.problem != SINGLE_LABEL:
         overrides["problem_type"] = dataset.problem
@@ -163,6 +168,8 @@ def _check_finetune_args(args):
         raise UserError("--task and --train: choose one (a bundled task, or your files)")
     if args.problem != "auto" and (args.token_task or args.task == "pos"):
         raise UserError(f"--problem {args.problem}: token tasks have one tag per word; leave --problem out")
+    if args.crf and not (args.token_task or args.task == "pos"):
+        raise UserError("--crf is a tagging head: it needs a token task (--task pos, or --token-task --train FILE)")
     cfg, info = _train_config(args)
     cfg.check()
     model_cfg = _model_config(args.model)
@@ -190,7 +197,23 @@ def _run_settings(args) -> dict:
     """The flags outside TrainConfig that a resumed run must repeat (stored in last/run.json)."""
     return {"model": str(args.model), "task": args.task, "freeze": args.freeze,
             "train_top_layers": args.train_top_layers, "lora": args.lora, "impl": args.impl,
-            "problem": args.problem}
+            "problem": args.problem, "crf": args.crf}
+
+
+def _check_crf_tags(dataset, args) -> None:
+    """BIO tags under a CRF: every gold sequence must be a valid path (IOB1 data is not)."""
+    from .crf import bio_violation, is_bio
+    from .errors import UserError
+    if not is_bio(dataset.labels):
+        return
+    for split, path in (("train", args.train), ("dev", args.dev), ("test", args.test)):
+        for k, ex in enumerate(getattr(dataset, split), 1):
+            bad = bio_violation(ex.label)
+            if bad is not None:
+                where = (f"{path}, line {ex.line + bad[0]}" if path and ex.line else
+                         f"{dataset.name} ({split}), sentence {k}, word {bad[0] + 1}")
+                raise UserError(f"{where}: {bad[1]}; with --crf, BIO tags need I-X after B-X or I-X (convert "
+                                f"IOB1 data to BIO first)")
 
 
 def _resume_hint(args, argv) -> str:
@@ -257,8 +280,14 @@ def _finetune(args, cfg, info, device) -> int:
                f"chosen from the data: {dataset.problem_reason}; --problem sets it" if args.train else
                f"the task's own: {dataset.problem_reason}")
         say(f"problem: {name} ({how})")
+    if args.crf:
+        _check_crf_tags(dataset, args)
     logging.getLogger("minift").setLevel(logging.INFO)
-    model = _build_model(args.model, dataset, _resolve_impl(args.impl, device))
+    model = _build_model(args.model, dataset, _resolve_impl(args.impl, device), crf=args.crf)
+    if args.crf:
+        constrained = not bool(model.crf.allowed_transitions.all() and model.crf.allowed_start.all())
+        say("CRF head: " + ("BIO constraints (I-X only after B-X or I-X)" if constrained else
+                            "no constraints (the tags are not BIO)") + "; Viterbi decoding")
     say(model.load_report.summary())
     tokenizer = minift.Tokenizer.from_pretrained(args.model)
     say(peft.apply(model, freeze=args.freeze, train_top_layers=args.train_top_layers, lora_rank=args.lora))
@@ -309,13 +338,18 @@ def _load_finetuned(model_dir, impl="torch"):
     import json
     raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
     arch = (raw.get("architectures") or ["BertForSequenceClassification"])[0]
-    if arch not in ("BertForSequenceClassification", "BertForTokenClassification"):
+    token_archs = ("BertForTokenClassification", "BertCRFForTokenClassification")
+    if arch not in ("BertForSequenceClassification", *token_archs):
         raise UserError(f"{path}: expected a sequence or token classification model, got {arch}")
     if not cfg.id2label:
         raise UserError(f"{path / 'config.json'}: has no id2label; expected a fine-tuned classifier "
                         f"(the best/ folder that minift finetune writes)")
-    model = getattr(minift, arch).from_pretrained(path, impl=impl)
-    return model, minift.Tokenizer.from_pretrained(path), arch == "BertForTokenClassification"
+    if arch == "BertCRFForTokenClassification":          # its CRF (transitions, constraints) comes from the file
+        from .crf import BertCRFForTokenClassification as cls
+    else:
+        cls = getattr(minift, arch)
+    model = cls.from_pretrained(path, impl=impl)
+    return model, minift.Tokenizer.from_pretrained(path), arch in token_archs
 
 
 def cmd_evaluate(args) -> int:
@@ -549,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev", help="your dev file (default: a hash-chosen 10%% of --train)")
     p.add_argument("--test", help="your test file (none: no test metric)")
     p.add_argument("--token-task", action="store_true", help="the files are CoNLL token tagging data")
+    p.add_argument("--crf", action="store_true", help="token tasks: a linear-chain CRF over the word tags (first "
+                                                      "sub-word of each word), BIO constraints when the tags are BIO, "
+                                                      "Viterbi decoding")
     p.add_argument("--encoding", default="utf-8", help="the encoding of your files (default: utf-8; a BOM is fine)")
     p.add_argument("--model", default="minilm", help="a Hugging Face-format directory or 'minilm'")
     p.add_argument("--out", default="runs/finetune", help="the run folder (default: runs/finetune)")

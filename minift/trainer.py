@@ -540,10 +540,22 @@ def _logits_in_order(model, encoded: D.Encoded, pad_id: int, batch_size: int, de
 def predict_labels(model, encoded: D.Encoded, pad_id: int, batch_size: int, device, token_task: bool,
                    return_probs: bool = False):
     """Predicted and gold class ids, per example or per scored token (first sub-word of each word),
-    in the order of ``encoded``; with ``return_probs`` also the softmax probability of each prediction."""
+    in the order of ``encoded``; with ``return_probs`` also the softmax probability of each prediction
+    (None for a CRF's tags, which are decoded as a whole path by Viterbi)."""
     n = len(encoded.input_ids)
     pred, gold, prob = [None] * n, [None] * n, [None] * n
+    crf_scores = None                 # BERT + CRF: the best tag path (Viterbi), not each token's argmax
+    if token_task and getattr(model, "crf", None) is not None:
+        crf_scores = tuple(t.detach().float().cpu() for t in model.crf.scores())     # A, start, end
     for idx, logits, labels in _logits_in_order(model, encoded, pad_id, batch_size, device):
+        if crf_scores is not None:
+            from .crf import compact, viterbi
+            keep = labels != IGNORE_INDEX                                              # (B, T) first sub-words
+            emissions, mask, _ = compact(logits, keep)                                 # (B, W, C)
+            paths = viterbi(emissions, mask, *crf_scores)[0]
+            for r, i in enumerate(idx):
+                pred[i], gold[i], prob[i] = paths[r], labels[r][keep[r]].tolist(), [None] * len(paths[r])
+            continue
         probs = torch.softmax(logits, -1)
         best, p = probs.argmax(-1), probs.max(-1).values
         for r, i in enumerate(idx):

@@ -348,3 +348,83 @@ def test_remedies_need_single_label_classes(valence_files, tiny_model_dir, tmp_p
         code, _, err = run(["finetune", "--model", tiny_model_dir, "--train", d / "train.tsv", "--dev", d / "dev.csv",
                             "--out", tmp_path / "run", *TINY, flag, value], capsys)
         user_error(code, err, f"{flag} {value}: needs single-label classification; this task is regression")
+
+
+# --- BERT + CRF from the command line ------------------------------------------------------------
+
+
+def entity_bio(tags):
+    """UD English-EWT UPOS tags -> BIO spans: runs of proper nouns are NAME, runs of numbers NUM."""
+    out, prev = [], None
+    for t in tags:
+        kind = {"PROPN": "NAME", "NUM": "NUM"}.get(t)
+        out.append("O" if kind is None else ("I-" if prev == kind else "B-") + kind)
+        prev = kind
+    return out
+
+
+@pytest.fixture(scope="module")
+def bio_files(tmp_path_factory):
+    """Real EWT sentences with BIO tags derived from their gold UPOS, as the user's CoNLL files."""
+    from minift.ewt import ud_english_ewt
+    ds = ud_english_ewt()
+    d = tmp_path_factory.mktemp("bio")
+    for name, rows in (("train", ds.train[:160]), ("dev", ds.dev[:40]), ("test", ds.test[:40])):
+        with open(d / f"{name}.conll", "w", encoding="utf-8") as f:
+            for ex in rows:
+                f.writelines(f"{w}\t{t}\n" for w, t in zip(ex.text, entity_bio(ex.label)))
+                f.write("\n")
+    return d, ds
+
+
+def test_crf_finetune_predict_roundtrip(bio_files, tiny_model_dir, tmp_path, capsys):
+    import itertools
+    from minift.crf import BertCRFForTokenClassification, bio_violation
+    d, ds = bio_files
+    out = tmp_path / "run"
+    code, stdout, err = run(["finetune", "--model", tiny_model_dir, "--token-task", "--crf", "--train",
+                             d / "train.conll", "--dev", d / "dev.conll", "--test", d / "test.conll", "--out", out,
+                             *TINY, "--max-length", 64, "--lr", "5e-3"], capsys)
+    assert code == 0, err
+    assert "CRF head: BIO constraints" in stdout
+    m = json.loads((out / "metrics.json").read_text())
+    # The checkpoint holds the trained CRF: the transitions moved from their zero start, and load back.
+    from safetensors.torch import load_file
+    saved = load_file(str(out / "best" / "model.safetensors"))
+    assert saved["crf.transitions"].abs().max() > 0
+    model = BertCRFForTokenClassification.from_pretrained(out / "best").eval()
+    assert torch.equal(model.crf.transitions.detach(), saved["crf.transitions"])
+    tags = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    assert not model.crf.allowed_transitions[tags.index("O"), tags.index("I-NAME")]
+    # predict decodes with Viterbi: its tags are the best-scoring valid path, by enumeration.
+    words = "Peter visited Paris 3 times".split()
+    code, stdout, err = run(["predict", "--model", out / "best", "--device", "cpu", "--impl", "torch",
+                             " ".join(words)], capsys)
+    assert code == 0, err
+    printed = [w.rsplit("/", 1)[1] for w in stdout.split()]
+    tok = minift.Tokenizer.from_pretrained(out / "best")
+    enc = tok([words], is_split_into_words=True)
+    first = [i for i, w in enumerate(enc["word_ids"][0]) if w is not None and w != enc["word_ids"][0][i - 1]]
+    with torch.no_grad():
+        e = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]).logits[0, first].double()
+    A, s, en = (x.double() for x in model.crf.scores())
+    y = torch.tensor(list(itertools.product(range(len(tags)), repeat=len(words))))       # (K^L, L) every path
+    score = (s[y[:, 0]] + en[y[:, -1]] + e[torch.arange(len(words)), y].sum(1)
+             + A[y[:, :-1], y[:, 1:]].sum(1))                                           # s(y) of each path
+    best = y[score.argmax()].tolist()
+    assert printed == [tags[j] for j in best]
+    assert bio_violation(printed) is None
+    # evaluate decodes the same way as the run's own test
+    code, stdout, err = run(["evaluate", "--model", out / "best", "--test", d / "test.conll", "--max-length", 64,
+                             "--device", "cpu", "--impl", "torch"], capsys)
+    assert code == 0 and f"accuracy {m['test_accuracy']:.4f}" in stdout, err
+
+
+def test_crf_refuses_iob1_and_non_token_tasks(tmp_path, tiny_model_dir, capsys):
+    bad = tmp_path / "iob1.conll"
+    bad.write_text("Peter\tI-PER\nran\tO\n\nin\tO\nParis\tB-LOC\nParis\tI-LOC\n", encoding="utf-8")
+    code, _, err = run(["finetune", "--model", tiny_model_dir, "--token-task", "--crf", "--train", bad, "--dev", bad,
+                        "--out", tmp_path / "run", *TINY], capsys)
+    user_error(code, err, "iob1.conll, line 1: 'I-PER' starts the sentence")
+    code, _, err = run(["finetune", "--model", tiny_model_dir, "--crf", "--out", tmp_path / "run", *TINY], capsys)
+    user_error(code, err, "--crf is a tagging head: it needs a token task")
