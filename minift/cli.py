@@ -370,7 +370,7 @@ def cmd_evaluate(args) -> int:
         raise UserError(f"--max-length: the model reads at most {model.config.max_position_embeddings} tokens, "
                         f"got {args.max_length}")
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    problem = "token" if token_task else (model.config.problem_type or data.SINGLE_LABEL)
+    problem = "token" if token_task else _problem_of(model)
     if args.test:
         if token_task:
             examples = data.read_conll(args.test, encoding=args.encoding)
@@ -418,6 +418,12 @@ def cmd_evaluate(args) -> int:
             json.dump({"accuracy": report["accuracy"], "macro_f1": report["macro avg"]["f1"], "report": report},
                       f, indent=2)
     return 0
+
+
+def _problem_of(model) -> str:
+    """A sequence model's problem type: its config's, else Hugging Face's rule (one output: regression)."""
+    from .data import REGRESSION, SINGLE_LABEL
+    return model.config.problem_type or (REGRESSION if model.config.num_labels == 1 else SINGLE_LABEL)
 
 
 def _model_path(model_dir):
@@ -470,7 +476,7 @@ def cmd_predict(args) -> int:
         print(f"minift predict: warning: {enc.num_truncated} of {len(texts)} text(s) are longer than the "
               f"model's {limit} tokens; only their beginning was read", file=sys.stderr)
     model.to(device)
-    problem = None if token_task else model.config.problem_type
+    problem = None if token_task else _problem_of(model)
     if problem in (data.REGRESSION, data.MULTI_LABEL):
         from .trainer import predict_logits, read_thresholds
         logits, _ = predict_logits(model, enc, tok.pad_token_id, 64, device)             # (N, C)
