@@ -104,8 +104,10 @@ def main() -> None:
     ds = imbalanced_sentiment(args.keep_every, args.train_size, args.eval_size)
     minority = "rotten"
     n_min = sum(e.label == minority for e in ds.train)
+    how = (f"linear probe, {args.probe_epochs} epochs, lr {args.probe_lr}" if args.probe else
+           f"{args.epochs} epochs, lr {args.lr}")
     print(f"{ds.name}: {ds.sizes()}; train has {n_min} {minority} / {len(ds.train) - n_min} fresh; "
-          f"{args.model}, {args.epochs} epochs, lr {args.lr}, batch {args.batch_size}, max length {args.max_length}, "
+          f"{args.model}, {how}, batch {args.batch_size}, max length {args.max_length}, "
           f"{args.device}, {torch.get_num_threads()} CPU threads")
     tok = minift.Tokenizer.from_pretrained(args.model)
     rows = {}
