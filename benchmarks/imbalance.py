@@ -116,7 +116,8 @@ def main() -> None:
         model = minift.BertForSequenceClassification.from_pretrained(args.model, id2label=dict(enumerate(ds.labels)))
         feats = {k: pooled(model, tok, getattr(ds, k), args.max_length) for k in ("train", "dev", "test")}
         ys = {k: torch.tensor([ds.labels.index(e.label) for e in getattr(ds, k)]) for k in feats}
-        print(f"linear probe: pooled vectors of {sum(len(v) for v in feats.values())} texts in {time.time() - t0:.0f} s; "
+        n = sum(len(v) for v in feats.values())
+        print(f"linear probe: pooled vectors of {n} texts in {time.time() - t0:.0f} s; "
               f"{args.probe_epochs} epochs of the classifier, lr {args.probe_lr}, batch {args.batch_size}")
     else:
         encoded = encode_dataset(tok, ds, TrainConfig(max_length=args.max_length))
