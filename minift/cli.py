@@ -119,9 +119,14 @@ def _model_config(model_path):
     return read_config(resolve(model_path))
 
 
-def _build_model(model_path, dataset, impl, **overrides):
+def _build_model(model_path, dataset, impl, crf=False, **overrides):
     import minift
     from .data import SINGLE_LABEL
+    if crf:                        # BIO tags: the CRF allows I-X only after B-X or I-X
+        from .crf import BertCRFForTokenClassification, is_bio
+        return BertCRFForTokenClassification.from_pretrained(
+            model_path, impl=impl, constraints="BIO" if is_bio(dataset.labels) else None,
+            id2label=dict(enumerate(dataset.labels)), **overrides)
     cls = minift.BertForTokenClassification if dataset.task == "token" else minift.BertForSequenceClassification
     if dataset.task != "token" and dataset.problem != SINGLE_LABEL:
         overrides["problem_type"] = dataset.problem
@@ -165,6 +170,10 @@ def _check_finetune_args(args):
         tasks.check_task(args.task or "sentiment")
     elif args.task:
         raise UserError("--task and --train: choose one (a bundled task, or your files)")
+    if args.problem != "auto" and (args.token_task or args.task == "pos"):
+        raise UserError(f"--problem {args.problem}: token tasks have one tag per word; leave --problem out")
+    if args.crf and not (args.token_task or args.task == "pos"):
+        raise UserError("--crf is a tagging head: it needs a token task (--task pos, or --token-task --train FILE)")
     cfg, info = _train_config(args)
     cfg.check()
     model_cfg = _model_config(args.model)
@@ -191,7 +200,24 @@ def _check_finetune_args(args):
 def _run_settings(args) -> dict:
     """The flags outside TrainConfig that a resumed run must repeat (stored in last/run.json)."""
     return {"model": str(args.model), "task": args.task, "freeze": args.freeze,
-            "train_top_layers": args.train_top_layers, "lora": args.lora, "impl": args.impl}
+            "train_top_layers": args.train_top_layers, "lora": args.lora, "impl": args.impl,
+            "problem": args.problem, "crf": args.crf}
+
+
+def _check_crf_tags(dataset, args) -> None:
+    """BIO tags under a CRF: every gold sequence must be a valid path (IOB1 data is not)."""
+    from .crf import bio_violation, is_bio
+    from .errors import UserError
+    if not is_bio(dataset.labels):
+        return
+    for split, path in (("train", args.train), ("dev", args.dev), ("test", args.test)):
+        for k, ex in enumerate(getattr(dataset, split), 1):
+            bad = bio_violation(ex.label)
+            if bad is not None:
+                where = (f"{path}, line {ex.line + bad[0]}" if path and ex.line else
+                         f"{dataset.name} ({split}), sentence {k}, word {bad[0] + 1}")
+                raise UserError(f"{where}: {bad[1]}; with --crf, BIO tags need I-X after B-X or I-X (convert "
+                                f"IOB1 data to BIO first)")
 
 
 def _resume_hint(args, argv) -> str:
@@ -239,16 +265,33 @@ def _finetune(args, cfg, info, device) -> int:
     from .trainer import NonFiniteLoss, Trainer, check_resumable, is_main
     torch.manual_seed(cfg.seed)
     if args.train:
-        dataset = data.from_files(args.train, args.dev, args.test, token_task=args.token_task, encoding=args.encoding)
+        dataset = data.from_files(args.train, args.dev, args.test, token_task=args.token_task, encoding=args.encoding,
+                                  problem=data.PROBLEMS.get(args.problem, "auto"), label_sep=args.label_sep)
     else:
         dataset = tasks.load_task(args.task or "sentiment")
+        if args.problem != "auto" and data.PROBLEMS[args.problem] != dataset.problem:
+            from .errors import UserError
+            own = {v: k for k, v in data.PROBLEMS.items()}[dataset.problem]
+            raise UserError(f"--problem {args.problem}: the task {args.task or 'sentiment'} is {own}")
     if info is not None and info.get("labels") is not None and info["labels"] != dataset.labels:
         check_resumable({"labels": info["labels"], "config": info["config"]}, cfg, dataset.labels, args.out)
     say = print if is_main() else (lambda *a, **k: None)
     say(f"task {dataset.name}: {dataset.sizes()}, {len(dataset.labels)} labels"
         + ("" if dataset.test else " (no test set: no test metric)"))
+    if dataset.task != "token":
+        name = {v: k for k, v in data.PROBLEMS.items()}[dataset.problem]
+        how = ("given by --problem" if args.problem != "auto" else
+               f"chosen from the data: {dataset.problem_reason}; --problem sets it" if args.train else
+               f"the task's own: {dataset.problem_reason}")
+        say(f"problem: {name} ({how})")
+    if args.crf:
+        _check_crf_tags(dataset, args)
     logging.getLogger("minift").setLevel(logging.INFO)
-    model = _build_model(args.model, dataset, _resolve_impl(args.impl, device))
+    model = _build_model(args.model, dataset, _resolve_impl(args.impl, device), crf=args.crf)
+    if args.crf:
+        constrained = not bool(model.crf.allowed_transitions.all() and model.crf.allowed_start.all())
+        say("CRF head: " + ("BIO constraints (I-X only after B-X or I-X)" if constrained else
+                            "no constraints (the tags are not BIO)") + "; Viterbi decoding")
     say(model.load_report.summary())
     tokenizer = minift.Tokenizer.from_pretrained(args.model)
     say(peft.apply(model, freeze=args.freeze, train_top_layers=args.train_top_layers, lora_rank=args.lora))
@@ -273,9 +316,13 @@ def _finetune(args, cfg, info, device) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     if is_main():
-        if "test_report" in result:
-            print(f"\ntest report ({dataset.name}, best epoch by dev score):")
-            print(metrics.format_report(result["test_report"]))
+        for split in ("dev", "test"):
+            if f"{split}_report" in result:
+                print(f"\n{split} report ({dataset.name}, best epoch by dev score):")
+                print(metrics.format_report(result[f"{split}_report"]))
+        if "thresholds" in result:
+            print("\nper-class thresholds, chosen on dev (saved as best/thresholds.json): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in result["thresholds"].items()))
         shown = "  ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in result.items()
                           if k.startswith(("dev_", "test_")) and isinstance(v, float))
         print(f"\n{shown}  wall time {time.time() - t0:.0f} s")
@@ -295,13 +342,18 @@ def _load_finetuned(model_dir, impl="torch"):
     import json
     raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
     arch = (raw.get("architectures") or ["BertForSequenceClassification"])[0]
-    if arch not in ("BertForSequenceClassification", "BertForTokenClassification"):
+    token_archs = ("BertForTokenClassification", "BertCRFForTokenClassification")
+    if arch not in ("BertForSequenceClassification", *token_archs):
         raise UserError(f"{path}: expected a sequence or token classification model, got {arch}")
     if not cfg.id2label:
         raise UserError(f"{path / 'config.json'}: has no id2label; expected a fine-tuned classifier "
                         f"(the best/ folder that minift finetune writes)")
-    model = getattr(minift, arch).from_pretrained(path, impl=impl)
-    return model, minift.Tokenizer.from_pretrained(path), arch == "BertForTokenClassification"
+    if arch == "BertCRFForTokenClassification":          # its CRF (transitions, constraints) comes from the file
+        from .crf import BertCRFForTokenClassification as cls
+    else:
+        cls = getattr(minift, arch)
+    model = cls.from_pretrained(path, impl=impl)
+    return model, minift.Tokenizer.from_pretrained(path), arch in token_archs
 
 
 def cmd_evaluate(args) -> int:
@@ -309,7 +361,7 @@ def cmd_evaluate(args) -> int:
 
     from . import data, metrics, tasks
     from .errors import UserError
-    from .trainer import predict_labels
+    from .trainer import predict_labels, predict_values, read_thresholds
     if args.test and args.task:
         raise UserError("--task and --test: choose one (a bundled task's split, or your file)")
     if not args.test:
@@ -322,25 +374,65 @@ def cmd_evaluate(args) -> int:
         raise UserError(f"--max-length: the model reads at most {model.config.max_position_embeddings} tokens, "
                         f"got {args.max_length}")
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    problem = "token" if token_task else _problem_of(model)
     if args.test:
-        read = data.read_conll if token_task else data.read_classification_file
-        examples, name = read(args.test, encoding=args.encoding), args.test
+        if token_task:
+            examples = data.read_conll(args.test, encoding=args.encoding)
+        else:
+            examples = data.read_classification_file(args.test, encoding=args.encoding, problem=problem,
+                                                     label_sep=args.label_sep)
+        name = args.test
     else:
         task = args.task or "sentiment"
-        examples, name = getattr(tasks.load_task(task), args.split), f"{task} ({args.split})"
-    data.check_labels(examples, labels, str(name))
-    encode = data.encode_tokens if token_task else data.encode_classification
-    enc = encode(tok, examples, labels, args.max_length)
+        dataset = tasks.load_task(task)
+        if dataset.task != ("token" if token_task else "classification") or (
+                not token_task and dataset.problem != problem):
+            raise UserError(f"--task {task}: its labels are not what the model {args.model} predicts "
+                            f"({problem.replace('_', ' ')})")
+        examples, name = getattr(dataset, args.split), f"{task} ({args.split})"
+    if problem != data.REGRESSION:
+        data.check_labels(examples, labels, str(name))
+    if token_task:
+        enc = data.encode_tokens(tok, examples, labels, args.max_length)
+    else:
+        enc = data.encode_classification(tok, examples, labels, args.max_length, problem)
     model.to(device)
-    pred, gold = predict_labels(model, enc, tok.pad_token_id, 128, device, token_task)
-    report = metrics.classification_report(pred, gold, labels)
     print(f"{name}: {len(examples)} examples on {device}"
           + (f", {enc.num_truncated} truncated" if enc.num_truncated else ""))
+    if problem in (data.REGRESSION, data.MULTI_LABEL):
+        thresholds = read_thresholds(_model_path(args.model), labels) if problem == data.MULTI_LABEL else None
+        pred, gold = predict_values(model, enc, tok.pad_token_id, 128, device,
+                                    thresholds if thresholds is not None else 0.5)
+        if problem == data.REGRESSION:
+            scores = metrics.regression_scores(pred, gold)
+        else:
+            scores = metrics.multi_label_scores(pred, gold, len(labels))
+            print("thresholds: " + ("per class, chosen on dev (thresholds.json)" if thresholds else "0.5"))
+        print("  ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in scores.items()))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(scores, f, indent=2)
+        return 0
+    pred, gold = predict_labels(model, enc, tok.pad_token_id, 128, device, token_task)
+    report = metrics.classification_report(pred, gold, labels)
     print(metrics.format_report(report))
+    print(f"macro-F1 {report['macro avg']['f1']:.4f}  accuracy {report['accuracy']:.4f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"accuracy": report["accuracy"], "report": report}, f, indent=2)
+            json.dump({"accuracy": report["accuracy"], "macro_f1": report["macro avg"]["f1"], "report": report},
+                      f, indent=2)
     return 0
+
+
+def _problem_of(model) -> str:
+    """A sequence model's problem type: its config's, else Hugging Face's rule (one output: regression)."""
+    from .data import REGRESSION, SINGLE_LABEL
+    return model.config.problem_type or (REGRESSION if model.config.num_labels == 1 else SINGLE_LABEL)
+
+
+def _model_path(model_dir):
+    from .pretrained import resolve
+    return resolve(model_dir)
 
 
 def _read_stdin(encoding: str) -> list[tuple[int, str]]:
@@ -356,6 +448,8 @@ def _read_stdin(encoding: str) -> list[tuple[int, str]]:
 
 
 def cmd_predict(args) -> int:
+    import torch
+
     from . import data
     from .errors import UserError
     from .trainer import predict_labels
@@ -386,6 +480,23 @@ def cmd_predict(args) -> int:
         print(f"minift predict: warning: {enc.num_truncated} of {len(texts)} text(s) are longer than the "
               f"model's {limit} tokens; only their beginning was read", file=sys.stderr)
     model.to(device)
+    problem = None if token_task else _problem_of(model)
+    if problem in (data.REGRESSION, data.MULTI_LABEL):
+        from .trainer import predict_logits, read_thresholds
+        logits, _ = predict_logits(model, enc, tok.pad_token_id, 64, device)             # (N, C)
+        if problem == data.REGRESSION:
+            for ex, z in zip(examples, logits[:, 0].tolist()):
+                print(f"{z:.4f}\t{ex.text}")
+            return 0
+        labels = [names[i] for i in range(len(names))]
+        thresholds = read_thresholds(_model_path(args.model), labels)
+        probs = torch.sigmoid(logits)
+        chosen = probs > torch.tensor(thresholds if thresholds is not None else [0.5] * len(labels))
+        for ex, row, keep in zip(examples, probs.tolist(), chosen.tolist()):
+            picked = [f"{labels[c]} {row[c]:.4f}" for c in range(len(labels)) if keep[c]]
+            print(f"{'|'.join(labels[c] for c in range(len(labels)) if keep[c]) or '(none)'}\t"
+                  f"{', '.join(picked)}\t{ex.text}")
+        return 0
     pred, _, prob = predict_labels(model, enc, tok.pad_token_id, 64, device, token_task, return_probs=True)
     for ex, p, pr in zip(examples, pred, prob):
         if token_task:
@@ -481,11 +592,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "run is not reused unless --overwrite (replace it) or --resume (continue it) "
                                    "is given. --resume continues with the run's own settings: a flag that would "
                                    "change them is refused.")
-    p.add_argument("--task", default=None, help="a bundled task: sentiment (default), topic, pos")
-    p.add_argument("--train", help="your training file: CSV/JSONL (text,label[,text_pair]) or CoNLL with --token-task")
+    p.add_argument("--task", default=None, help="a bundled task: sentiment (default), topic, pos, valence")
+    p.add_argument("--train", help="your training file: CSV/TSV/JSONL (text,label[,text_pair]) or CoNLL with "
+                                   "--token-task")
+    p.add_argument("--problem", default="auto", choices=["auto", "classification", "regression", "multi_label"],
+                   help="auto (default): from the labels: numbers with decimals -> regression, lists or "
+                        "labels joined by --label-sep -> multi_label, else classification")
+    p.add_argument("--label-sep", default="|", help="multi-label CSV/TSV: the separator of a row's labels (default |)")
     p.add_argument("--dev", help="your dev file (default: a hash-chosen 10%% of --train)")
     p.add_argument("--test", help="your test file (none: no test metric)")
     p.add_argument("--token-task", action="store_true", help="the files are CoNLL token tagging data")
+    p.add_argument("--crf", action="store_true", help="token tasks: a linear-chain CRF over the word tags (first "
+                                                      "sub-word of each word), BIO constraints when the tags are BIO, "
+                                                      "Viterbi decoding")
     p.add_argument("--encoding", default="utf-8", help="the encoding of your files (default: utf-8; a BOM is fine)")
     p.add_argument("--model", default="minilm", help="a Hugging Face-format directory or 'minilm'")
     p.add_argument("--out", default="runs/finetune", help="the run folder (default: runs/finetune)")
@@ -503,8 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a directory written by minift finetune (OUT/best)")
     p.add_argument("--task", default=None, help="a bundled task (default: sentiment)")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    p.add_argument("--test", help="a CSV/JSONL (or CoNLL for token models) file instead of a task")
+    p.add_argument("--test", help="a CSV/TSV/JSONL (or CoNLL for token models) file instead of a task")
     p.add_argument("--encoding", default="utf-8", help="the encoding of --test (default: utf-8)")
+    p.add_argument("--label-sep", default="|", help="multi-label CSV/TSV: the separator of a row's labels (default |)")
     p.add_argument("--max-length", type=int, default=128)
     _add_impl_argument(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if there is one)")

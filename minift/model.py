@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .backends import get_ops
@@ -313,24 +314,33 @@ class BertForSequenceClassification(BertPreTrainedModel):
         return "multi_label_classification"
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                reduction: str = "mean") -> HeadOutput:
+                reduction: str = "mean", weight=None) -> HeadOutput:
         ops = get_ops(self.config.impl)
         pooled = self.bert(input_ids, attention_mask, token_type_ids).pooler_output   # (B, H)
         pooled = ops.dropout(pooled, _classifier_dropout(self.config), self.training)
         logits = dense(ops, self.classifier, pooled)      # (B, C)
-        loss = None if labels is None else self.loss(logits, labels, reduction)
+        loss = None if labels is None else self.loss(logits, labels, reduction, weight=weight)
         return HeadOutput(loss=loss, logits=logits)
 
-    def loss(self, logits, labels, reduction: str = "mean"):
+    def loss(self, logits, labels, reduction: str = "mean", weight=None):
         """The loss of ``problem_type``, in at least float32. "mean": Hugging Face's (the mean over examples of
         each example's loss); "sum": the sum over the batch's examples of the same per-example loss,
-        so that micro-batches and processes add up to one big batch exactly."""
+        so that micro-batches and processes add up to one big batch exactly.
+
+        ``weight`` (C,): single-label only, class c's loss terms count w_c times, as in
+        ``F.cross_entropy(weight=)``: "sum" is sum_i w_{y_i} l_i and "mean" divides it by sum_i w_{y_i}."""
         _check_reduction(reduction)
         ops = get_ops(self.config.impl)
         logits = _at_least_fp32(logits)                   # (B, C)
         B = logits.shape[0]
         kind = self.problem_type(labels)
+        if weight is not None and kind != "single_label_classification":
+            raise ValueError(f"weight: class weights need single-label classification, not {kind}")
         if kind == "single_label_classification":
+            if weight is not None:
+                # weighted: the fused kernel takes weight= once branch xent lands
+                return F.cross_entropy(logits, labels.view(-1).long(), weight=weight.to(logits.dtype),
+                                       reduction=reduction)
             return ops.cross_entropy(logits, labels.view(-1).long(), reduction=reduction)
         if kind == "regression":                         # per example: the mean of (z - y)^2 over outputs
             loss = ops.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(logits.squeeze(-1).shape))
