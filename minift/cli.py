@@ -446,7 +446,7 @@ def _pretrain(args, cfg, model_cfg, device) -> int:
         written = [n for n in ("best", "metrics.json", "train_log.jsonl", "training.png")
                    if (trainer.out / n).exists()]
         say(f"wrote in {args.out}: {', '.join(written)}; best/ is a Hugging Face BertForMaskedLM checkpoint "
-            f"(minift finetune --model {trainer.out / 'best'})")
+            f"(minift finetune --model {trainer.out / 'best'}; minift predict --mlm --model {trainer.out / 'best'})")
     return 0
 
 
@@ -538,6 +538,8 @@ def cmd_predict(args) -> int:
         texts = [t for _, t in lines if t.strip()]           # blank lines separate nothing: skipped
     if not texts:
         raise UserError("no input: give texts as arguments, --file FILE, or lines on standard input")
+    if args.mlm:
+        return _predict_mlm(args, texts, device)
     model, tok, token_task = _load_finetuned(args.model, _resolve_impl(args.impl, device))
     names = model.config.id2label
     limit = model.config.max_position_embeddings
@@ -557,6 +559,29 @@ def cmd_predict(args) -> int:
             print(" ".join(f"{w}/{names[t]}" for w, t in zip(ex.text, p)))
         else:
             print(f"{names[p]}\t{pr:.4f}\t{ex.text}")
+    return 0
+
+
+def _predict_mlm(args, texts: list[str], device) -> int:
+    """predict --mlm: the top-k tokens, with their probabilities, for each [MASK] of each text."""
+    import minift
+    from . import pretraining as P
+    from .errors import UserError
+    from .pretrained import resolve
+    path = resolve(args.model)
+    _model_config(args.model)                                # names a missing config.json or bad JSON
+    model = minift.BertForMaskedLM.from_pretrained(path, impl=_resolve_impl(args.impl, device))
+    if P.new_mlm_head(model):
+        raise UserError(f"{path}: has no masked-LM head (no cls.predictions.* weights in the checkpoint), so it "
+                        f"cannot fill in [MASK]; give a checkpoint written by minift pretrain (OUT/best) or another "
+                        f"BertForMaskedLM")
+    tok = minift.Tokenizer.from_pretrained(path)
+    results = P.fill_mask(model, tok, texts, args.top_k, device)
+    for text, masks in zip(texts, results):
+        print(text)
+        for m, top in enumerate(masks, 1):
+            shown = "  ".join(f"{t} {p:.4f}" for t, p in top)
+            print(f"  [MASK] {m}: {shown}")
     return 0
 
 
@@ -702,6 +727,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("texts", nargs="*", help="texts to label (token models: words separated by spaces)")
     p.add_argument("--file", help="one text per line (blank lines are skipped)")
+    p.add_argument("--mlm", action="store_true",
+                   help="fill in the blanks: the --top-k tokens for each [MASK] (a model from minift pretrain)")
+    p.add_argument("--top-k", type=int, default=5, help="with --mlm: tokens shown per [MASK] (default: 5)")
     p.add_argument("--encoding", default="utf-8", help="the encoding of --file or standard input (default: utf-8)")
     _add_impl_argument(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if there is one)")

@@ -55,7 +55,7 @@ from .trainer import Trainer
 
 __all__ = ["Corpus", "corpus_from_task", "corpus_from_files", "read_lines", "TextIds", "encode_text",
            "mask_split", "mlm_metrics", "PretrainTrainer", "CONFIGS", "scratch_config", "load_for_pretraining",
-           "new_mlm_head", "EVAL_MASK_SEED", "TRAIN_DEFAULTS"]
+           "new_mlm_head", "fill_mask", "EVAL_MASK_SEED", "TRAIN_DEFAULTS"]
 
 EVAL_MASK_SEED = 20190524   # the held-out masks' seed (BERT's paper, v2): the same for every run
 CHUNK = 1024                # pieces masked together: masks depend on the piece's index, not on batches
@@ -363,3 +363,42 @@ def new_mlm_head(model: BertForMaskedLM) -> list[str]:
     """The MLM head weights that the loaded checkpoint did not have (initialised at random)."""
     report = getattr(model, "load_report", None)
     return [k for k in report.missing_initialised if k.startswith("cls.")] if report else []
+
+
+# ------------------------------------------------------------------------------------------
+# Fill in the blank
+# ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def fill_mask(model: BertForMaskedLM, tokenizer, texts: list[str], top_k: int = 5,
+              device="cpu") -> list[list[list[tuple[str, float]]]]:
+    """For each text, for each [MASK] in it (left to right), the ``top_k`` most probable tokens and
+    their probabilities p(token | text), highest first."""
+    if tokenizer.mask_token_id is None:
+        raise UserError("the tokenizer has no [MASK] token")
+    if not 1 <= top_k <= model.config.vocab_size:
+        raise UserError(f"--top-k: expected 1..{model.config.vocab_size}, got {top_k}")
+    limit = model.config.max_position_embeddings
+    enc = tokenizer(texts, max_length=limit)
+    is_mask = enc["input_ids"] == tokenizer.mask_token_id                               # (B, T)
+    for i, text in enumerate(texts):
+        if not is_mask[i].any():
+            where = (f"its [MASK] lies beyond the model's {limit} tokens" if "[MASK]" in text
+                     else 'write [MASK] where a word is to be guessed, e.g. "the film was [MASK]."')
+            raise UserError(f"text {i + 1} has no [MASK] to fill: {where}")
+    model.eval().to(device)
+    batch = {k: enc[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    h = model.bert(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).last_hidden_state
+    word_embeddings = model.bert.embeddings.word_embeddings.weight                      # (V, H), the decoder
+    logits = model.cls.predictions(h[is_mask.to(device)], word_embeddings).float()      # (N, V)
+    p, ids = torch.softmax(logits, -1).topk(top_k, dim=-1)                              # (N, k) each
+    p, ids = p.cpu().tolist(), ids.cpu().tolist()
+    out, n = [], 0
+    for i in range(len(texts)):
+        row = []
+        for _ in range(int(is_mask[i].sum())):
+            row.append([(tokenizer.backend.id_to_token(t), q) for t, q in zip(ids[n], p[n])])
+            n += 1
+        out.append(row)
+    return out

@@ -1,5 +1,5 @@
-"""minift pretrain: masked-LM training on real text, its checkpoint in transformers, fine-tuning
-from it, resume, and the mistakes a user can make.
+"""minift pretrain and predict --mlm: masked-LM training on real text, its checkpoint in transformers,
+fine-tuning from it, fill-in-the-blank, resume, and the mistakes a user can make.
 
 (The masking rule's statistics and the gathered-positions loss against the full-sequence loss with
 ignore_index are in tests/test_masking.py.)
@@ -112,6 +112,48 @@ def test_finetune_from_the_pretrained_checkpoint(run, tmp_path):
     assert "newly initialised (not in the checkpoint): bert.pooler.dense.weight" in stdout
     assert "unused weights in the checkpoint: cls.predictions.bias" in stdout
     assert "dev_accuracy" in json.loads((tmp_path / "ft" / "metrics.json").read_text())
+
+
+def test_predict_mlm_prints_top_k_for_each_mask(run):
+    code, stdout, stderr = run_cli("predict", "--mlm", "--model", run[0] / "best", "--top-k", 4,
+                                   "the film was [MASK].", "[MASK] is a [MASK] movie")
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    assert lines[0] == "the film was [MASK]." and lines[2] == "[MASK] is a [MASK] movie"
+    assert [line.split(":")[0] for line in lines] == [
+        "the film was [MASK].", "  [MASK] 1", "[MASK] is a [MASK] movie", "  [MASK] 1", "  [MASK] 2"]
+    for line in (lines[1], lines[3], lines[4]):
+        words = line.split(": ", 1)[1].split()
+        tokens, probs = words[0::2], [float(p) for p in words[1::2]]
+        assert len(tokens) == 4 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+def test_fill_mask_matches_the_full_logits(run):
+    best = run[0] / "best"
+    model, tok = minift.BertForMaskedLM.from_pretrained(best).eval(), minift.Tokenizer.from_pretrained(best)
+    [[top]] = P.fill_mask(model, tok, ["a [MASK] movie."], top_k=3)
+    batch = tok(["a [MASK] movie."])
+    with torch.no_grad():
+        logits = model(batch["input_ids"]).logits[0, 2]                        # (V,) at the [MASK]
+    p, ids = torch.softmax(logits, -1).topk(3)
+    assert [t for t, _ in top] == [tok.backend.id_to_token(i) for i in ids.tolist()]
+    assert [q for _, q in top] == pytest.approx(p.tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["the film was good."], "text 1 has no [MASK] to fill"),
+    (["[MASK] here", "no mask here"], "text 2 has no [MASK]"),
+    (["--top-k", "0", "a [MASK]."], "--top-k: expected 1..30522, got 0"),
+])
+def test_predict_mlm_errors(run, argv, message):
+    code, _, stderr = run_cli("predict", "--mlm", "--model", run[0] / "best", *argv)
+    assert code == 2 and message in stderr, stderr
+
+
+def test_predict_mlm_refuses_a_model_without_mlm_head(tiny_model_dir):
+    for model in ("minilm", tiny_model_dir):
+        code, _, stderr = run_cli("predict", "--mlm", "--model", model, "the film was [MASK].")
+        assert code == 2 and "has no masked-LM head" in stderr, stderr
 
 
 def test_refuses_an_earlier_run_and_a_resume_that_changes_settings(run, texts):
