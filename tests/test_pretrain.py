@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -331,3 +332,34 @@ def test_continued_from_minilm_reports_the_new_head_and_keeps_the_pooler(texts, 
                            original["embeddings.word_embeddings.weight"])
     clf = minift.BertForSequenceClassification.from_pretrained(out / "best")
     assert clf.load_report.missing_initialised == ["classifier.weight", "classifier.bias"]
+
+
+def test_torchrun_two_processes_equal_one(texts, tmp_path):
+    """Masks are drawn per piece, not per batch or process: two processes train what one does
+    (dropout off, since each process draws its own dropout masks)."""
+    import os
+    import subprocess
+    import sys
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
+                                  "intermediate_size": 64, "hidden_dropout_prob": 0.0,
+                                  "attention_probs_dropout_prob": 0.0}))
+    train, dev = tmp_path / "train.txt", tmp_path / "dev.txt"
+    train.write_text("\n".join((texts / "train.txt").read_text().splitlines()[:128]))
+    dev.write_text("\n".join((texts / "dev.txt").read_text().splitlines()[:40]))
+    common = ["pretrain", "--config", str(config), "--text", str(train), "--dev", str(dev), "--epochs", "2",
+              "--batch-size", "16", "--lr", "2e-3", "--no-progress", "--device", "cpu"]
+    code, _, stderr = run_cli(*common, "--out", tmp_path / "one")
+    assert code == 0, stderr
+    root = Path(__file__).resolve().parent.parent
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "minift.cli", *common, "--out", str(tmp_path / "two")], cwd=root,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "(2 process(es))" in two.stdout
+    from safetensors.torch import load_file
+    a, b = load_file(str(tmp_path / "one" / "last" / "model.safetensors")), \
+        load_file(str(tmp_path / "two" / "last" / "model.safetensors"))
+    assert set(a) == set(b) and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    history = [json.loads((tmp_path / run / "metrics.json").read_text())["history"] for run in ("one", "two")]
+    assert [e["dev_mlm_loss"] for e in history[0]] == pytest.approx([e["dev_mlm_loss"] for e in history[1]], abs=1e-6)
