@@ -47,7 +47,7 @@ import torch
 from . import checkpoint
 from . import data as D
 from . import masking
-from .config import IGNORE_INDEX, PRETRAIN_CONFIGS, PRETRAIN_DEFAULTS, BertConfig, TrainConfig
+from .config import IGNORE_INDEX, PRETRAIN_CONFIGS, PRETRAIN_DEFAULTS, BertConfig
 from .errors import UserError
 from .model import BertForMaskedLM
 from .pretrained import POOLER_KEYS, _match_prefix, read_state_dict, resolve, save_pretrained
@@ -217,15 +217,15 @@ def mlm_metrics(model, encoded: D.Encoded, pad_id: int, batch_size: int, device)
 class PretrainTrainer(Trainer):
     """``Trainer`` (minift.trainer) on masked text: the same loop, checkpoints, resume, log and plot.
 
-    What differs: the training split is re-masked at the start of every epoch (``epoch_generator(
-    seed, epoch)``, so a resumed run draws the masks the interrupted one would have); evaluation is
-    the held-out masked-LM loss and perplexity (``mlm_metrics``), the best epoch the lowest loss;
-    before the first step the held-out numbers are recorded as epoch 0 (the "before" of the plot);
+    What differs: the training split is re-masked at the start of every epoch (from
+    ``epoch_generator(seed, epoch)``, so a resumed run draws the masks the interrupted one would
+    have); evaluation is the held-out masked-LM loss and perplexity (``mlm_metrics``), the best
+    epoch the lowest loss; before the first step the held-out numbers are recorded as epoch 0 (the "before" of the plot);
     ``best/`` is a Hugging Face BertForMaskedLM checkpoint with the tokenizer, plus ``keep_tensors``
-    (a loaded pooler) unchanged.
+    (a loaded pooler) unchanged. ``config`` is a ``minift.config.TrainConfig``.
     """
 
-    def __init__(self, model: BertForMaskedLM, tokenizer, corpus: Corpus, config: TrainConfig, out,
+    def __init__(self, model: BertForMaskedLM, tokenizer, corpus: Corpus, config, out,
                  mlm_probability: float = 0.15, whole_word_mask: bool = False,
                  keep_tensors: dict[str, torch.Tensor] | None = None, device="cpu", log=None,
                  overwrite: bool = False):
