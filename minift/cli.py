@@ -1,4 +1,4 @@
-"""The `minift` command line: finetune, evaluate, predict, gradcheck, doctor, bench, assignment.
+"""The `minift` command line: finetune, pretrain, evaluate, predict, gradcheck, doctor, bench, assignment.
 
 Each sub-command is a function ``cmd_<name>(args)`` below; heavy modules are imported inside it so
 that ``minift --help`` stays fast.
@@ -133,8 +133,9 @@ def _build_model(model_path, dataset, impl, crf=False, **overrides):
     return cls.from_pretrained(model_path, impl=impl, id2label=dict(enumerate(dataset.labels)), **overrides)
 
 
-def _train_config(args):
-    """TrainConfig from the flags; with --resume, the run's own config, which given flags must equal."""
+def _train_config(args, defaults: dict | None = None):
+    """TrainConfig from the flags (``defaults``: a command's own defaults, e.g. pretrain's); with
+    --resume, the run's own config, which given flags must equal."""
     import dataclasses
     from pathlib import Path
 
@@ -143,7 +144,7 @@ def _train_config(args):
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name) is not None}
     if not args.resume:
-        return TrainConfig(**given), None
+        return TrainConfig(**{**(defaults or {}), **given}), None
     info = checkpoint.read_run_info(Path(args.out) / "last" if args.resume == "last" else args.resume)
     saved = TrainConfig(**info["config"])
     changed = saved.differences(dataclasses.replace(saved, **given))
@@ -332,6 +333,174 @@ def _finetune(args, cfg, info, device) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------
+# minift pretrain: masked-language modelling (minift.pretraining)
+# ------------------------------------------------------------------------------------------
+
+_SIZE_FLAGS = {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
+               "intermediate": "intermediate_size"}
+
+
+def _pretrain_settings(args) -> dict:
+    """The flags outside TrainConfig that a resumed pre-training run must repeat (last/run.json)."""
+    return {"model": None if args.config else str(args.model or "minilm"), "config": args.config,
+            **{k: getattr(args, k) for k in _SIZE_FLAGS}, "task": args.task,
+            "text": [str(t) for t in args.text] if args.text else None, "dev": args.dev,
+            "mlm_probability": args.mlm_probability, "whole_word_mask": args.whole_word_mask, "impl": args.impl}
+
+
+def _refuse_changed_settings(info: dict, settings: dict) -> None:
+    from .errors import UserError
+    saved = info.get("settings", {})
+    changed = [f"--{k.replace('_', '-')} {settings[k]} (the run has {saved[k]})"
+               for k in settings if k in saved and saved[k] != settings[k]]
+    if changed:
+        raise UserError(f"--resume continues the run as it was started; these differ: {'; '.join(changed)}")
+
+
+def _check_pretrain_args(args):
+    """Every flag and combination, before anything heavy loads: (TrainConfig, run info or None, BertConfig)."""
+    from . import pretraining, tasks
+    from .config import PRETRAIN_CONFIGS, PRETRAIN_DEFAULTS
+    from .errors import UserError
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: choose one")
+    if args.text:
+        if args.task:
+            raise UserError("--task and --text: choose one (a bundled corpus's text, or your files)")
+    else:
+        if args.dev:
+            raise UserError("--dev needs --text (your files); the bundled corpora bring their held-out split")
+        tasks.check_task(args.task or "sentiment")
+    if args.config and args.model:
+        raise UserError("--config (a new model, from scratch) and --model (continue a checkpoint): choose one")
+    sizes = {_SIZE_FLAGS[k]: getattr(args, k) for k in _SIZE_FLAGS if getattr(args, k) is not None}
+    if sizes and not args.config:
+        given = ", ".join(f"--{k}" for k in _SIZE_FLAGS if getattr(args, k) is not None)
+        raise UserError(f"{given}: set the size of a new model, so they need --config (e.g. --config tiny); "
+                        f"a checkpoint (--model) has its own size")
+    for k in _SIZE_FLAGS:
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            raise UserError(f"--{k}: expected an integer >= 1, got {getattr(args, k)}")
+    if not 0.0 < args.mlm_probability < 1.0:
+        raise UserError(f"--mlm-probability: expected a share in (0, 1), got {args.mlm_probability}")
+    if "hidden_size" in sizes or "num_attention_heads" in sizes:
+        base = PRETRAIN_CONFIGS.get(args.config, {})
+        hidden = sizes.get("hidden_size", base.get("hidden_size"))
+        heads = sizes.get("num_attention_heads", base.get("num_attention_heads"))
+        if hidden is not None and heads is not None and hidden % heads:
+            raise UserError(f"--hidden {hidden} must be a multiple of --heads {heads} (each head gets hidden/heads)")
+    cfg, info = _train_config(args, PRETRAIN_DEFAULTS)
+    cfg.check()
+    model_cfg = (pretraining.scratch_config(args.config, **sizes) if args.config
+                 else _model_config(args.model or "minilm"))
+    if args.max_length is None and info is None and cfg.max_length > model_cfg.max_position_embeddings:
+        cfg.max_length = model_cfg.max_position_embeddings
+    cfg.check_model(model_cfg)
+    if info is not None:
+        _refuse_changed_settings(info, _pretrain_settings(args))
+    return cfg, info, model_cfg
+
+
+def cmd_pretrain(args) -> int:
+    from . import checkpoint
+    from .trainer import autocast_dtype, is_main
+
+    cfg, info, model_cfg = _check_pretrain_args(args)        # every flag, before the model loads
+    device = _setup_distributed()
+    if args.device is not None:
+        device = _device(args.device)
+    autocast_dtype(cfg.precision, device)
+    if is_main():
+        checkpoint.start_run(args.out, resume=bool(args.resume), overwrite=args.overwrite, clear=False)
+    try:
+        return _pretrain(args, cfg, model_cfg, device)
+    finally:
+        if is_main():
+            checkpoint.release_lock(args.out)
+
+
+def _pretrain(args, cfg, model_cfg, device) -> int:
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    import minift
+    from . import pretraining as P
+    from .trainer import NonFiniteLoss, is_main
+    torch.manual_seed(cfg.seed)
+    say = print if is_main() else (lambda *a, **k: None)
+    corpus = P.corpus_from_files(args.text, args.dev, args.encoding) if args.text else \
+        P.corpus_from_task(args.task or "sentiment")
+    say(f"text {corpus.name}: {corpus.sizes()}" + ("" if args.text else " (the task's text; labels unused)"))
+    impl = _resolve_impl(args.impl, device)
+    if args.config:
+        tokenizer = minift.Tokenizer.from_pretrained("minilm")
+        model_cfg.impl = impl
+        model, keep = minift.BertForMaskedLM(model_cfg), {}
+        n = sum(p.numel() for p in model.parameters())
+        say(f"model: a new BERT from scratch (--config {args.config}: {model_cfg.num_hidden_layers} layers, hidden "
+            f"{model_cfg.hidden_size}, {model_cfg.num_attention_heads} heads, FFN {model_cfg.intermediate_size}; "
+            f"{n / 1e6:.1f} M parameters), the bundled MiniLM vocabulary ({tokenizer.vocab_size:,} WordPiece tokens)")
+    else:
+        source = args.model or "minilm"
+        model, keep = P.load_for_pretraining(source, impl)
+        tokenizer = minift.Tokenizer.from_pretrained(source)
+        say(f"model: continued from {model.load_report.path}")
+        new = P.new_mlm_head(model)
+        if new:
+            say(f"  the masked-LM head is new (not in the checkpoint; initialised at random): {', '.join(new)}; "
+                f"its decoder is the word-embedding matrix (tied)")
+        if keep:
+            say(f"  kept unchanged in the output (masked-LM training does not use it): {', '.join(sorted(keep))}")
+    rule = "whole words" if args.whole_word_mask else "per token"
+    say(f"masking: {args.mlm_probability:.0%} of the tokens ({rule}; 80% [MASK], 10% random, 10% unchanged), "
+        f"drawn afresh each epoch; held-out masks drawn once (seed {P.EVAL_MASK_SEED}, per token)")
+    loss_op = {"fused": "the fused softmax-cross-entropy (minift.ops.softmax_cross_entropy)",
+               "reference": "the hand-derived cross-entropy (minift.functional)",
+               "torch": "torch.nn.functional.cross_entropy"}[impl]
+    say(f"loss: {loss_op} over the masked positions only, C = {model.config.vocab_size:,}")
+    trainer = P.PretrainTrainer(model, tokenizer, corpus, cfg, args.out, mlm_probability=args.mlm_probability,
+                                whole_word_mask=args.whole_word_mask, keep_tensors=keep, device=device, log=say,
+                                overwrite=args.overwrite)
+    trainer.settings = _pretrain_settings(args)
+    split = {k: v for k, v in trainer.num_split.items() if v}
+    if split:
+        say(f"lines longer than --max-length {cfg.max_length} were cut into pieces (none dropped): {split}")
+    if args.resume:
+        trainer.resume(None if args.resume == "last" else args.resume)
+        say("resuming with the run's own settings (flags that would change them are refused)")
+    say(f"training on {device} ({trainer.world} process(es)), impl={impl}, {len(trainer.lengths)} pieces, "
+        f"{trainer.steps_per_epoch} steps per epoch, writing to {args.out}")
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+    except NonFiniteLoss as e:
+        print(f"minift pretrain: error: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        if is_main():
+            print(f"\nminift pretrain: {_resume_hint(args, args.argv)}", file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if is_main():
+        before = result["history"][0]
+        line = (f"\nheld-out perplexity {before['dev_perplexity']:.1f} before training, "
+                f"{result['dev_perplexity']:.1f} after (best epoch; MLM loss {before['dev_mlm_loss']:.3f} -> "
+                f"{result['dev_mlm_loss']:.3f}, top-1 accuracy {result['dev_mlm_accuracy']:.3f})")
+        if "test_perplexity" in result:
+            line += f"; test perplexity {result['test_perplexity']:.1f}"
+        say(line + f"  wall time {time.time() - t0:.0f} s")
+        written = [n for n in ("best", "metrics.json", "train_log.jsonl", "training.png")
+                   if (trainer.out / n).exists()]
+        say(f"wrote in {args.out}: {', '.join(written)}; best/ is a Hugging Face BertForMaskedLM checkpoint "
+            f"(minift finetune --model {trainer.out / 'best'}; minift predict --mlm --model {trainer.out / 'best'})")
+    return 0
+
+
 def _load_finetuned(model_dir, impl="torch"):
     """A model saved by `minift finetune` (or any HF BERT classifier): its head from config.json."""
     import minift
@@ -467,6 +636,8 @@ def cmd_predict(args) -> int:
         texts = [t for _, t in lines if t.strip()]           # blank lines separate nothing: skipped
     if not texts:
         raise UserError("no input: give texts as arguments, --file FILE, or lines on standard input")
+    if args.mlm:
+        return _predict_mlm(args, texts, device)
     model, tok, token_task = _load_finetuned(args.model, _resolve_impl(args.impl, device))
     names = model.config.id2label
     limit = model.config.max_position_embeddings
@@ -503,6 +674,29 @@ def cmd_predict(args) -> int:
             print(" ".join(f"{w}/{names[t]}" for w, t in zip(ex.text, p)))
         else:
             print(f"{names[p]}\t{pr:.4f}\t{ex.text}")
+    return 0
+
+
+def _predict_mlm(args, texts: list[str], device) -> int:
+    """predict --mlm: the top-k tokens, with their probabilities, for each [MASK] of each text."""
+    import minift
+    from . import pretraining as P
+    from .errors import UserError
+    from .pretrained import resolve
+    path = resolve(args.model)
+    _model_config(args.model)                                # names a missing config.json or bad JSON
+    model = minift.BertForMaskedLM.from_pretrained(path, impl=_resolve_impl(args.impl, device))
+    if P.new_mlm_head(model):
+        raise UserError(f"{path}: has no masked-LM head (no cls.predictions.* weights in the checkpoint), so it "
+                        f"cannot fill in [MASK]; give a checkpoint written by minift pretrain (OUT/best) or another "
+                        f"BertForMaskedLM")
+    tok = minift.Tokenizer.from_pretrained(path)
+    results = P.fill_mask(model, tok, texts, args.top_k, device)
+    for text, masks in zip(texts, results):
+        print(text)
+        for m, top in enumerate(masks, 1):
+            shown = "  ".join(f"{t} {p:.4f}" for t, p in top)
+            print(f"  [MASK] {m}: {shown}")
     return 0
 
 
@@ -563,8 +757,9 @@ def _add_impl_argument(p) -> None:
                    help="auto: fused when the compiled kernels are available, else torch")
 
 
-def _add_train_config_options(p) -> None:
-    """One flag per TrainConfig field, its default and help text read from the dataclass.
+def _add_train_config_options(p, defaults: dict | None = None) -> None:
+    """One flag per TrainConfig field, its default and help text read from the dataclass
+    (``defaults``: a command's own defaults for some fields, e.g. pretrain's).
 
     The flags default to None so that a run can tell what was given (for --resume); the
     TrainConfig fills in the rest."""
@@ -572,7 +767,7 @@ def _add_train_config_options(p) -> None:
 
     from .config import TrainConfig, flag
     for f in dataclasses.fields(TrainConfig):
-        text = f"{f.metadata['help']} (default: {f.default})"
+        text = f"{f.metadata['help']} (default: {(defaults or {}).get(f.name, f.default)})"
         if isinstance(f.default, bool):
             p.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_const", const=False,
                            default=None, help=f"no {text}")
@@ -618,6 +813,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-top-layers", type=int, default=None, help="train only the top K encoder layers")
     p.add_argument("--lora", type=int, default=0, help="LoRA rank on query/value (0: off)")
     p.set_defaults(run=cmd_finetune)
+    from .config import PRETRAIN_CONFIGS, PRETRAIN_DEFAULTS
+    p = sub.add_parser("pretrain", help="masked-language-model pre-training on raw text, from scratch or continued",
+                       description="Masked-language modelling (BERT's 15% / 80-10-10 rule, new masks each epoch) on "
+                                   "the text of a bundled corpus or your files, from scratch (--config) or continuing "
+                                   "a checkpoint (--model, default MiniLM). Writes the run to --out like finetune "
+                                   "(--overwrite, --resume, train_log.jsonl, training.png); OUT/best is a Hugging "
+                                   "Face BertForMaskedLM checkpoint. Held-out MLM loss and perplexity each epoch.")
+    p.add_argument("--task", default=None, help="a bundled corpus's text, labels unused: sentiment (default), "
+                                                "topic, pos")
+    p.add_argument("--text", action="append", help="your text: a file (one document or sentence per line) or a "
+                                                   "folder of .txt files; repeatable")
+    p.add_argument("--dev", help="held-out text file (default: a hash-chosen 10%% of the --text lines)")
+    p.add_argument("--encoding", default="utf-8", help="the encoding of your files (default: utf-8; a BOM is fine)")
+    p.add_argument("--model", default=None, help="continue pre-training this Hugging Face-format directory or "
+                                                 "'minilm' (default, when no --config)")
+    p.add_argument("--config", default=None, help=f"a new model from scratch: {', '.join(PRETRAIN_CONFIGS)} or a "
+                                                  f"config.json (with the bundled MiniLM vocabulary)")
+    p.add_argument("--layers", type=int, help="with --config: number of layers")
+    p.add_argument("--hidden", type=int, help="with --config: hidden size H")
+    p.add_argument("--heads", type=int, help="with --config: attention heads (H must be a multiple)")
+    p.add_argument("--intermediate", type=int, help="with --config: feed-forward size")
+    p.add_argument("--mlm-probability", type=float, default=0.15, help="share of tokens chosen (default: 0.15)")
+    p.add_argument("--whole-word-mask", action="store_true", help="choose whole words (all their sub-words)")
+    p.add_argument("--out", default="runs/pretrain", help="the run folder (default: runs/pretrain)")
+    p.add_argument("--overwrite", action="store_true", help="replace the earlier run in --out (files you put there stay)")
+    p.add_argument("--resume", nargs="?", const="last",
+                   help="continue the run in --out from OUT/last (or a given checkpoint) with its own settings")
+    _add_train_config_options(p, PRETRAIN_DEFAULTS)
+    _add_impl_argument(p)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if there is one)")
+    p.set_defaults(run=cmd_pretrain)
     p = sub.add_parser("evaluate", help="evaluate a fine-tuned model on a task's split or a test file")
     p.add_argument("--model", required=True, help="a directory written by minift finetune (OUT/best)")
     p.add_argument("--task", default=None, help="a bundled task (default: sentiment)")
@@ -634,6 +860,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("texts", nargs="*", help="texts to label (token models: words separated by spaces)")
     p.add_argument("--file", help="one text per line (blank lines are skipped)")
+    p.add_argument("--mlm", action="store_true",
+                   help="fill in the blanks: the --top-k tokens for each [MASK] (a model from minift pretrain)")
+    p.add_argument("--top-k", type=int, default=5, help="with --mlm: tokens shown per [MASK] (default: 5)")
     p.add_argument("--encoding", default="utf-8", help="the encoding of --file or standard input (default: utf-8)")
     _add_impl_argument(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if there is one)")

@@ -191,3 +191,17 @@ class TrainConfig:
 def flag(name: str) -> str:
     """The command-line flag of a config field: batch_size -> --batch-size."""
     return "--" + name.replace("_", "-")
+
+
+# ------------------------------------------------------------------------------------------
+# minift pretrain (minift.pretraining); here so that the command line reads them without torch
+# ------------------------------------------------------------------------------------------
+
+# Sizes of a model from scratch (``--config NAME``). "tiny" is BERT-Tiny of Turc et al. 2019 ("Well-Read
+# Students Learn Better"): 2 layers, H = 128, 2 heads (head dim 64), FFN 512; 4.4 M parameters, 3.9 M
+# of them the 30,522 x 128 word embeddings, which are also the decoder of the MLM head.
+PRETRAIN_CONFIGS = {
+    "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
+}
+# ``minift pretrain``'s own defaults for some training flags (the others are TrainConfig's).
+PRETRAIN_DEFAULTS = {"lr": 5e-4, "epochs": 3.0}

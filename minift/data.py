@@ -37,6 +37,9 @@ from .errors import UserError
 # The problem types of a classification dataset, with Hugging Face's names (config.problem_type).
 SINGLE_LABEL, MULTI_LABEL, REGRESSION = ("single_label_classification", "multi_label_classification",
                                          "regression")
+# Masked-language modelling (minift.pretraining): labels per token like a token task, the original id at
+# the chosen tokens and IGNORE_INDEX elsewhere.
+MASKED_LM = "masked_lm"
 MIN_CLASS_EXAMPLES = 2    # a class with fewer training rows is reported (a typo, or a split text?)
 # The names of the problem types on the command line (--problem).
 PROBLEMS = {"classification": SINGLE_LABEL, "regression": REGRESSION, "multi_label": MULTI_LABEL}
@@ -414,11 +417,11 @@ class Encoded:
     labels: list                     # per example: class id, multi-hot row or number; token tasks:
                                      # tag ids per sub-word (IGNORE_INDEX = not scored)
     num_truncated: int = 0
-    problem: str = SINGLE_LABEL      # SINGLE_LABEL | MULTI_LABEL | REGRESSION | "token"
+    problem: str = SINGLE_LABEL      # SINGLE_LABEL | MULTI_LABEL | REGRESSION | "token" | MASKED_LM
 
     def scored(self, indices) -> int:
         """Loss terms in these examples: one per example, or one per scored token."""
-        if self.problem == "token":
+        if self.problem in ("token", MASKED_LM):
             return sum(sum(t != IGNORE_INDEX for t in self.labels[i]) for i in indices)
         return len(indices)
 
@@ -492,7 +495,7 @@ def collate(encoded: Encoded, indices, pad_id: int = 0) -> dict:
         token_type_ids[r, :n] = torch.tensor(encoded.token_type_ids[i])
         attention_mask[r, :n] = 1
     rows = [encoded.labels[i] for i in indices]
-    if encoded.problem == "token":
+    if encoded.problem in ("token", MASKED_LM):
         labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)            # (B, T)
         for r, tags in enumerate(rows):
             labels[r, :len(tags)] = torch.tensor(tags)

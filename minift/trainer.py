@@ -659,6 +659,8 @@ def plot_history(history: History, path: Path) -> None:
     key = next((k for k in (history.epochs[0] if history.epochs else {}) if k.startswith("dev_")), None)
     if key:
         ax[1].plot(ep, [r[key] for r in history.epochs], "o-")
+        if "perplexity" in key:                 # pre-training: from about V at the start to tens
+            ax[1].set_yscale("log")
     name = (key or "dev_accuracy")[4:].replace("_", " ")
     ax[1].set(xlabel="epochs trained", ylabel=f"dev {name}", title=f"dev {name}", xticks=ep)
     fig.tight_layout()
