@@ -142,7 +142,7 @@ def _train_config(args, defaults: dict | None = None):
     from . import checkpoint
     from .config import TrainConfig
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name) is not None}
+             if getattr(args, f.name, None) is not None}
     if not args.resume:
         return TrainConfig(**{**(defaults or {}), **given}), None
     info = checkpoint.read_run_info(Path(args.out) / "last" if args.resume == "last" else args.resume)
@@ -757,9 +757,10 @@ def _add_impl_argument(p) -> None:
                    help="auto: fused when the compiled kernels are available, else torch")
 
 
-def _add_train_config_options(p, defaults: dict | None = None) -> None:
+def _add_train_config_options(p, defaults: dict | None = None, leave_out: tuple[str, ...] = ()) -> None:
     """One flag per TrainConfig field, its default and help text read from the dataclass
-    (``defaults``: a command's own defaults for some fields, e.g. pretrain's).
+    (``defaults``: a command's own defaults for some fields, e.g. pretrain's; ``leave_out``: fields
+    that mean nothing to the command, which then keep their defaults).
 
     The flags default to None so that a run can tell what was given (for --resume); the
     TrainConfig fills in the rest."""
@@ -767,6 +768,8 @@ def _add_train_config_options(p, defaults: dict | None = None) -> None:
 
     from .config import TrainConfig, flag
     for f in dataclasses.fields(TrainConfig):
+        if f.name in leave_out:
+            continue
         text = f"{f.metadata['help']} (default: {(defaults or {}).get(f.name, f.default)})"
         if isinstance(f.default, bool):
             p.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_const", const=False,
@@ -821,7 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(--overwrite, --resume, train_log.jsonl, training.png); OUT/best is a Hugging "
                                    "Face BertForMaskedLM checkpoint. Held-out MLM loss and perplexity each epoch.")
     p.add_argument("--task", default=None, help="a bundled corpus's text, labels unused: sentiment (default), "
-                                                "topic, pos")
+                                                "topic, pos, valence")
     p.add_argument("--text", action="append", help="your text: a file (one document or sentence per line) or a "
                                                    "folder of .txt files; repeatable")
     p.add_argument("--dev", help="held-out text file (default: a hash-chosen 10%% of the --text lines)")
@@ -840,7 +843,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the earlier run in --out (files you put there stay)")
     p.add_argument("--resume", nargs="?", const="last",
                    help="continue the run in --out from OUT/last (or a given checkpoint) with its own settings")
-    _add_train_config_options(p, PRETRAIN_DEFAULTS)
+    # class weights and a balanced sampler are about labelled classes, which pre-training has none of
+    _add_train_config_options(p, PRETRAIN_DEFAULTS, leave_out=("class_weights", "sampler"))
     _add_impl_argument(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if there is one)")
     p.set_defaults(run=cmd_pretrain)
