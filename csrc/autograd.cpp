@@ -33,9 +33,10 @@ using AttnFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const a
 using AttnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const std::optional<at::Tensor>&, double, double, int64_t, int64_t);
-using XentFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t, double, int64_t);
-using XentBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                              double, int64_t);
+using XentFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                      const std::optional<at::Tensor>&, int64_t, double, int64_t);
+using XentBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const std::optional<at::Tensor>&, const at::Tensor&, int64_t, double, int64_t);
 using DropoutFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, int64_t, int64_t);
 
 // O = softmax(Q K^T * scale + mask) V. Saves Q, K, V, O and the row log-sum-exp; the backward
@@ -68,29 +69,35 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 };
 
-// The cross-entropy loss (per row, summed or averaged). Saves the logits, the targets and the
-// row log-sum-exp; the backward is softmax minus the smoothed one-hot, times the output gradient.
+// The cross-entropy loss (per row, summed or averaged), with optional class weights. Saves the
+// logits, the targets, the weights and the row statistics (2, N): the row max and
+// log sum_c e^{z_c - max}, kept apart (their sum, the log-sum-exp, would round the second away at
+// large logits); the backward is softmax minus the smoothed one-hot, weighted, times the output
+// gradient. The class weights get no gradient (F.cross_entropy refuses one that asks for it).
 struct XentFunction : public torch::autograd::Function<XentFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
-                               int64_t ignore_index, double label_smoothing, int64_t reduction) {
+                               const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                               double label_smoothing, int64_t reduction) {
     static auto fwd = op<XentFwdSig>("minift::xent_fwd");
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [loss, lse] = fwd.call(logits, target, ignore_index, label_smoothing, reduction);
-    ctx->save_for_backward({logits, target, lse});
+    auto [loss, stats] = fwd.call(logits, target, weight, ignore_index, label_smoothing, reduction);
+    ctx->save_for_backward({logits, target, stats, weight.has_value() ? *weight : at::Tensor()});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["reduction"] = reduction;
-    ctx->mark_non_differentiable({lse});
-    return {loss, lse};
+    ctx->mark_non_differentiable({stats});
+    return {loss, stats};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto bwd = op<XentBwdSig>("minift::xent_bwd");
     auto s = ctx->get_saved_variables();
+    std::optional<at::Tensor> weight;
+    if (s[3].defined()) weight = s[3];
     auto g = grads[0].to(s[2].scalar_type()).contiguous();        // the loss's dtype, float32 or float64
-    auto dz = bwd.call(g, s[0], s[1], s[2], ctx->saved_data["ignore_index"].toInt(),
+    auto dz = bwd.call(g, s[0], s[1], weight, s[2], ctx->saved_data["ignore_index"].toInt(),
                        ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["reduction"].toInt());
-    return {dz, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dz, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -122,9 +129,13 @@ static std::tuple<at::Tensor, at::Tensor> attention_fwd_autograd(const at::Tenso
 }
 
 static std::tuple<at::Tensor, at::Tensor> xent_fwd_autograd(const at::Tensor& logits, const at::Tensor& target,
+                                                            const std::optional<at::Tensor>& weight,
                                                             int64_t ignore_index, double label_smoothing,
                                                             int64_t reduction) {
-  auto r = XentFunction::apply(logits, target, ignore_index, label_smoothing, reduction);
+  TORCH_CHECK(!weight.has_value() || !weight->requires_grad() || !at::GradMode::is_enabled(),
+              "softmax_cross_entropy: the class weights get no gradient; pass weight.detach() (got a weight "
+              "that requires grad)");
+  auto r = XentFunction::apply(logits, target, weight, ignore_index, label_smoothing, reduction);
   return {r[0], r[1]};
 }
 

@@ -22,12 +22,17 @@ TORCH_LIBRARY(minift, m) {
   // The dropout keep-mask (B, H, Tq, Tk) the attention kernels draw for (seed, offset), on like's device.
   m.def("dropout_mask(Tensor like, int B, int H, int Tq, int Tk, float p, int seed, int offset) -> Tensor");
   // logits (N, C), target (N,) int64; reduction 0 = none, 1 = mean, 2 = sum (at::Reduction's numbers).
-  // Returns the loss, (N,) for none and () otherwise, and the row log-sum-exp (N,), float32 (float64).
-  m.def("xent_fwd(Tensor logits, Tensor target, int ignore_index, float label_smoothing, int reduction) "
-        "-> (Tensor, Tensor)");
+  // Returns the loss, (N,) for none and () otherwise, and the row statistics (2, N) that the backward
+  // reads: row 0 a shift a_n, row 1 b_n = log sum_c exp(z_nc - a_n), so that log p_nc =
+  // (z_nc - a_n) - b_n; float32 (float64 for float64). The CPU kernel takes a_n = max_c z_nc; the
+  // CUDA kernels (for now) a_n = the log-sum-exp and b_n = 0 (see cuda/cuda_ops.cpp).
+  // weight: optional per-class weights (C,) in the logits' dtype, as F.cross_entropy(weight=...).
+  m.def("xent_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, "
+        "int reduction) -> (Tensor, Tensor)");
   // grad: dL/d(loss), (N,) for none and () otherwise. Returns dlogits (N, C) = (softmax - smoothed
-  // one-hot) * the row's weight (grad_n, grad, or grad / number of rows not ignored).
-  m.def("xent_bwd(Tensor grad, Tensor logits, Tensor target, Tensor lse, int ignore_index, "
+  // one-hot) * the row's weight (grad_n, grad, or grad / number of rows not ignored), with class
+  // weights as derived in cross_entropy.cpp (the mean then divides by the kept targets' weights).
+  m.def("xent_bwd(Tensor grad, Tensor logits, Tensor target, Tensor? weight, Tensor stats, int ignore_index, "
         "float label_smoothing, int reduction) -> Tensor");
   // AdamW's update of one parameter in place (CPU): param, exp_avg, exp_avg_sq are written.
   m.def("adamw_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, float lr, "

@@ -8,7 +8,7 @@ Each backend is a namespace with the same functions and signatures:
     gelu(x), tanh(x)
     dropout(x, p, training)
     attention(q, k, v, key_padding_mask, dropout_p, scale)   (B, nh, T, D), mask (B, T) True = keep
-    cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean")
+    cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean", weight=None)
     bce_with_logits(logits, target), mse_loss(pred, target)
 
 "torch" is PyTorch's own (the oracle); "reference" is minift.functional, every backward written by

@@ -28,6 +28,9 @@ class Result:
     passed: bool
 
 
+CLASS_WEIGHTS = torch.tensor([0.5, 2.0, 0.0, 1.25, 3.0], dtype=torch.float64)  # per-class weights, one of them 0
+
+
 def _rand(*shape, seed, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
@@ -58,6 +61,9 @@ def _cases():
         ("cross_entropy ls=0.1", "z(6,5) 1 ignored", [_rand(6, 5, seed=0, scale=2.0)],
          lambda z: RF.cross_entropy(z, t, label_smoothing=0.1),
          lambda z: F.cross_entropy(z, t, label_smoothing=0.1)),
+        ("cross_entropy weighted ls=0.1", "z(6,5) w(5) 1 ignored", [_rand(6, 5, seed=0, scale=2.0)],
+         lambda z: RF.cross_entropy(z, t, label_smoothing=0.1, weight=CLASS_WEIGHTS),
+         lambda z: F.cross_entropy(z, t, label_smoothing=0.1, weight=CLASS_WEIGHTS)),
         ("bce_with_logits", "z(2,3)", [_rand(2, 3, seed=0, scale=3.0)],
          lambda z: RF.bce_with_logits(z, y), lambda z: F.binary_cross_entropy_with_logits(z, y)),
         ("mse_loss", "p(7)", [_rand(7, seed=0), _rand(7, seed=1)], RF.mse_loss, F.mse_loss),
@@ -136,6 +142,11 @@ def kernel_cases() -> list[Result]:
     ok = gradcheck(fn, (z,), eps=1e-6, atol=1e-7, rtol=1e-5, raise_exception=False)
     err = _max_grad_error(fn, lambda z: F.cross_entropy(z, t, label_smoothing=0.1), (z,))
     results.append(Result("softmax_cross_entropy (C++)", "float64", "z(6,5) 1 ignored", err, ok and err <= 1e-10))
+    fn = lambda z: ops.softmax_cross_entropy(z, t, label_smoothing=0.1, weight=CLASS_WEIGHTS)
+    ok = gradcheck(fn, (z,), eps=1e-6, atol=1e-7, rtol=1e-5, raise_exception=False)
+    err = _max_grad_error(fn, lambda z: F.cross_entropy(z, t, label_smoothing=0.1, weight=CLASS_WEIGHTS), (z,))
+    results.append(Result("softmax_cross_entropy weighted (C++)", "float64", "z(6,5) w(5) 1 ignored", err,
+                          ok and err <= 1e-10))
     return results
 
 

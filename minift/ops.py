@@ -12,9 +12,11 @@ them, in this order:
 
 **One dispatch rule** for every public op (``fused_attention``, ``softmax_cross_entropy``,
 ``fused_dropout``, ``adamw_step_``): the compiled kernel runs when one is registered for the
-input's device and takes its dtype, and the self-check (minift.selfcheck) has not failed it on
-that device; otherwise the plain-PyTorch path runs, with one warning per (op, device) naming the
-reason. ``extension_status()`` only reads the load state; ``minift doctor`` prints it.
+input's device, takes its dtype and the optional arguments the call uses (the CUDA cross-entropy
+takes no class ``weight``), and the self-check (minift.selfcheck) has not failed it on that
+device; otherwise the plain-PyTorch path runs, with one warning per (op, device, optional
+arguments used) naming the reason. ``extension_status()`` only reads the load state;
+``minift doctor`` prints it.
 
 Each op has a fake (meta) implementation registered here, so torch.compile and
 ``torch.library.opcheck`` can trace it. The backward of each forward op is wired up in C++
@@ -34,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .functional import adamw_update_, key_padding_keep, naive_attention
+from .functional import adamw_update_, check_class_weight, key_padding_keep, naive_attention
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # the xent ops' reduction argument (at::Reduction's numbers)
 
@@ -46,6 +48,9 @@ KERNEL_DTYPES = {
     "cuda": {"attention_fwd": {_F32, _F16, _BF16}, "xent_fwd": {_F32, _F16, _BF16},
              "dropout_fwd": {_F32, _F16, _BF16}, "adamw_step_": {_F32}},
 }
+# The optional arguments a compiled kernel does not take, by device type: a call that passes one
+# runs plain PyTorch (the CUDA cross-entropy kernels have no per-class weights).
+KERNEL_LACKS = {"cpu": {}, "cuda": {"xent_fwd": {"weight"}}}
 
 
 @dataclass
@@ -56,8 +61,8 @@ class LoadState:
     cuda_build: str = ""             # why there are or are not CUDA kernels (from the build)
     loaded: bool = False             # whether loading was attempted
     disabled: dict = field(default_factory=dict)   # (op, device type) -> why the self-check failed it
-    warned: set = field(default_factory=set)       # (op, device type) already warned about
-    verdicts: dict = field(default_factory=dict)   # (op, device type, dtype) -> None (use it) | reason
+    warned: set = field(default_factory=set)       # (op, device type, arguments used) already warned about
+    verdicts: dict = field(default_factory=dict)   # (op, device type, dtype, arguments used) -> None | reason
 
 
 _state = LoadState()
@@ -158,9 +163,10 @@ def _registered(op: str, device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"minift::{op}", device_type.upper())
 
 
-def why_not_compiled(op: str, t: torch.Tensor) -> str | None:
-    """None when the compiled ``op`` runs for tensors like ``t``; else the reason it does not."""
-    key = (op, t.device.type, t.dtype)
+def why_not_compiled(op: str, t: torch.Tensor, uses: tuple = ()) -> str | None:
+    """None when the compiled ``op`` runs for tensors like ``t`` and the optional arguments named in
+    ``uses`` (e.g. ``("weight",)``); else the reason it does not."""
+    key = (op, t.device.type, t.dtype, uses)
     if key in _state.verdicts:
         return _state.verdicts[key]
     if not extension_available():
@@ -171,6 +177,8 @@ def why_not_compiled(op: str, t: torch.Tensor) -> str | None:
             why += f" (CUDA kernels {extension_status()['cuda_build']})"
     elif t.dtype not in KERNEL_DTYPES.get(t.device.type, {}).get(op, ()):
         why = f"its {t.device.type} kernel takes no {t.dtype}"
+    elif lacking := sorted(set(uses) & KERNEL_LACKS.get(t.device.type, {}).get(op, set())):
+        why = f"its {t.device.type} kernel takes no {', '.join(lacking)} argument"
     elif (op, t.device.type) in _state.disabled:
         why = f"the self-check failed it on {t.device.type}: {_state.disabled[(op, t.device.type)]}"
     else:
@@ -179,14 +187,15 @@ def why_not_compiled(op: str, t: torch.Tensor) -> str | None:
     return why
 
 
-def use_compiled(op: str, t: torch.Tensor, public_name: str | None = None) -> bool:
-    """The dispatch rule: True when the compiled ``op`` runs for ``t``; otherwise warn once per
-    (op, device) with the reason, and the caller runs plain PyTorch."""
-    why = why_not_compiled(op, t)
+def use_compiled(op: str, t: torch.Tensor, public_name: str | None = None, uses: tuple = ()) -> bool:
+    """The dispatch rule: True when the compiled ``op`` runs for ``t`` and the optional arguments
+    ``uses``; otherwise warn once per (op, device, uses) with the reason, and the caller runs plain
+    PyTorch."""
+    why = why_not_compiled(op, t, uses)
     if why is None:
         return True
-    if (op, t.device.type) not in _state.warned:
-        _state.warned.add((op, t.device.type))
+    if (op, t.device.type, uses) not in _state.warned:
+        _state.warned.add((op, t.device.type, uses))
         warnings.warn(f"minift: {public_name or op} runs plain PyTorch on {t.device.type} ({t.dtype}): {why}",
                       RuntimeWarning, stacklevel=3)
     return False
@@ -222,13 +231,15 @@ def _register() -> None:
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     @torch.library.register_fake("minift::xent_fwd")
-    def _(logits, target, ignore_index, label_smoothing, reduction):
+    def _(logits, target, weight, ignore_index, label_smoothing, reduction):
         n = logits.shape[0]
         loss_shape = (n,) if reduction == _REDUCTIONS["none"] else ()
-        return logits.new_empty(loss_shape, dtype=_acc_dtype(logits)), logits.new_empty((n,), dtype=_acc_dtype(logits))
+        # the loss, and the row statistics (row max, log sum exp(z - max)) the backward reads
+        return (logits.new_empty(loss_shape, dtype=_acc_dtype(logits)),
+                logits.new_empty((2, n), dtype=_acc_dtype(logits)))
 
     @torch.library.register_fake("minift::xent_bwd")
-    def _(grad, logits, target, lse, ignore_index, label_smoothing, reduction):
+    def _(grad, logits, target, weight, stats, ignore_index, label_smoothing, reduction):
         return torch.empty_like(logits)
 
     @torch.library.register_fake("minift::dropout_fwd")
@@ -315,15 +326,25 @@ def dropout_mask(B, H, Tq, Tk, p, seed, offset=0, device="cpu"):
 
 
 def softmax_cross_entropy(logits, target, ignore_index: int = -100, label_smoothing: float = 0.0,
-                          reduction: str = "mean"):
+                          reduction: str = "mean", weight=None):
     """Cross-entropy of logits (N, C) against int64 targets (N,), fused: loss and gradient in one
     pass over the logits each. "mean" averages over non-ignored rows (0 when every row is ignored,
-    where F.cross_entropy gives NaN); the loss is float32 (float64 for float64 logits)."""
+    where F.cross_entropy gives NaN); the loss is float32 (float64 for float64 logits).
+
+    weight: optional per-class weights (C,) in the logits' dtype, with F.cross_entropy's meaning:
+    row n's loss is (1 - eps) w_{y_n} (-log p_{y_n}) + (eps/C) sum_c w_c (-log p_c), and "mean"
+    divides the sum by sum_n w_{y_n} over the rows not ignored. It gets no gradient, and must be
+    finite and >= 0 (minift.functional.check_class_weight). The CUDA kernels take no weight: a
+    weighted call on the GPU runs F.cross_entropy (the dispatch rule, with its one warning)."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"softmax_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not use_compiled("xent_fwd", logits, "softmax_cross_entropy"):
-        return F.cross_entropy(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                               reduction=reduction)
-    loss, _ = torch.ops.minift.xent_fwd(logits.contiguous(), target.contiguous(), int(ignore_index),
+    check_class_weight(weight, logits, "softmax_cross_entropy", values=False)    # the kernel checks the values
+    uses = () if weight is None else ("weight",)
+    if not use_compiled("xent_fwd", logits, "softmax_cross_entropy", uses):
+        check_class_weight(weight, logits, "softmax_cross_entropy")   # F.cross_entropy takes negative weights
+        return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index,
+                               label_smoothing=label_smoothing, reduction=reduction)
+    loss, _ = torch.ops.minift.xent_fwd(logits.contiguous(), target.contiguous(),
+                                        None if weight is None else weight.contiguous(), int(ignore_index),
                                         float(label_smoothing), _REDUCTIONS[reduction])
     return loss

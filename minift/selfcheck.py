@@ -84,20 +84,24 @@ def _attention(device, dtype):
     return _worst(run(compiled, dtype), ref), _worst(run(plain, dtype), ref)
 
 
-def _cross_entropy(device, dtype):
+def _cross_entropy(device, dtype, weighted=False):
     worst = [0.0, 0.0]
     for N, C in ((37, 2), (29, 9), (11, 301)):            # the short-row and the long-row walkers
         z64 = _inputs((N, C), C, device, scale=3.0)
         t = torch.randint(0, C, (N,), generator=torch.Generator().manual_seed(N)).to(device)
         t[::5] = -100                                     # ignored rows
+        w = None
+        if weighted:                                      # class weights in [0.25, 2], as dtype rounds them
+            w = (_inputs((C,), C + 1, device).abs() + 0.25).clamp_max(2.0).to(dtype).double()
 
         def run(fn, dt):
             z = z64.to(dt).detach().requires_grad_()
-            rows = fn(z, 0)                               # per-row losses
-            fn(z, 1).backward()                           # the mean's gradient
+            wt = None if w is None else w.to(dt)
+            rows = fn(z, wt, 0)                           # per-row losses
+            fn(z, wt, 1).backward()                       # the mean's gradient
             return [rows, z.grad]
-        compiled = lambda z, r: torch.ops.minift.xent_fwd(z, t, -100, 0.1, r)[0]
-        plain = lambda z, r: F.cross_entropy(z, t, label_smoothing=0.1, reduction=("none", "mean")[r])
+        compiled = lambda z, w, r: torch.ops.minift.xent_fwd(z, t, w, -100, 0.1, r)[0]
+        plain = lambda z, w, r: F.cross_entropy(z, t, weight=w, label_smoothing=0.1, reduction=("none", "mean")[r])
         ref = run(plain, torch.float64)
         worst = [max(worst[0], _worst(run(compiled, dtype), ref)), max(worst[1], _worst(run(plain, dtype), ref))]
     return worst
@@ -133,10 +137,13 @@ def _adamw(device, dtype):
     return _worst(run(compiled, dtype), ref), _worst(run(adamw_update_, dtype), ref)
 
 
-CHECKS = [("attention fwd+bwd", "attention_fwd", _attention),
-          ("cross-entropy fwd+bwd", "xent_fwd", _cross_entropy),
-          ("dropout fwd+bwd", "dropout_fwd", _dropout),
-          ("AdamW step", "adamw_step_", _adamw)]
+# (what is checked, the op the dispatch rule knows, the check, the optional arguments it uses: a
+# device whose kernel takes none of them (ops.KERNEL_LACKS) skips the row)
+CHECKS = [("attention fwd+bwd", "attention_fwd", _attention, ()),
+          ("cross-entropy fwd+bwd", "xent_fwd", _cross_entropy, ()),
+          ("cross-entropy weighted", "xent_fwd", lambda device, dtype: _cross_entropy(device, dtype, True), ("weight",)),
+          ("dropout fwd+bwd", "dropout_fwd", _dropout, ()),
+          ("AdamW step", "adamw_step_", _adamw, ())]
 
 
 def devices_present() -> list[torch.device]:
@@ -153,8 +160,8 @@ def run(devices=None) -> list[Row]:
         return rows
     for device in devices or devices_present():
         device = torch.device(device)
-        for kernel, op, check in CHECKS:
-            if not ops._registered(op, device.type):
+        for kernel, op, check, uses in CHECKS:
+            if not ops._registered(op, device.type) or set(uses) & ops.KERNEL_LACKS[device.type].get(op, set()):
                 continue
             for dtype in sorted(ops.KERNEL_DTYPES[device.type][op], key=lambda d: (-torch.finfo(d).bits, str(d))):
                 name = str(dtype).replace("torch.", "")
