@@ -131,9 +131,9 @@ class BertSelfOutput(nn.Module):
 
     def forward(self, y, x):
         ops = get_ops(self.config.impl)
-        y = ops.dropout(dense(ops, self.dense, y),
-                        self.config.hidden_dropout_prob, self.training)              # (B, T, H)
-        return ops.layer_norm(y + x, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+        y = dense(ops, self.dense, y)                                                # (B, T, H)
+        return ops.add_layer_norm(y, x, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
+                                  self.config.hidden_dropout_prob, self.training)    # (B, T, H)
 
 
 class BertAttention(nn.Module):
@@ -156,7 +156,8 @@ class BertIntermediate(nn.Module):
 
     def forward(self, x):
         ops = get_ops(self.config.impl)
-        return ops.gelu(dense(ops, self.dense, x))            # (B, T, I)
+        # one op, so "fused" can add the bias inside the GELU kernel (no LoRA adapter sits on this layer)
+        return ops.linear_gelu(x, self.dense.weight, self.dense.bias)                 # (B, T, I)
 
 
 class BertOutput(nn.Module):
@@ -170,9 +171,9 @@ class BertOutput(nn.Module):
 
     def forward(self, h, x):
         ops = get_ops(self.config.impl)
-        y = ops.dropout(dense(ops, self.dense, h),
-                        self.config.hidden_dropout_prob, self.training)              # (B, T, H)
-        return ops.layer_norm(y + x, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+        y = dense(ops, self.dense, h)                                                # (B, T, H)
+        return ops.add_layer_norm(y, x, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
+                                  self.config.hidden_dropout_prob, self.training)    # (B, T, H)
 
 
 class BertLayer(nn.Module):
