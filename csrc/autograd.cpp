@@ -1,10 +1,10 @@
 // Autograd for the minift ops: which backward op each forward op's gradient comes from.
 //
-// Each forward op (attention_fwd, xent_fwd, dropout_fwd) gets a kernel for the Autograd dispatch
+// Each forward op (attention_fwd, xent_fwd, dropout_fwd, add_layer_norm_fwd, bias_gelu_fwd) gets a kernel for the Autograd dispatch
 // key. When an input needs a gradient, the kernel records a node in the autograd graph and calls the
 // op again below autograd, where the CPU or CUDA kernel runs; the node's backward calls the matching
 // backward op (attention_bwd, xent_bwd, native_dropout_backward) on what the forward saved. The math
-// of each backward is derived next to its kernels (attention.cpp, cross_entropy.cpp).
+// of each backward is derived next to its kernels (attention.cpp, cross_entropy.cpp, layer_norm.cpp, gelu.cpp).
 //
 // This wiring could be written in Python with torch.library.register_autograd, and it was, until
 // measurement showed the price: that Python layer runs on every call, gradient or not, and cost about
@@ -38,6 +38,13 @@ using XentFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const a
 using XentBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const std::optional<at::Tensor>&, const at::Tensor&, int64_t, double, int64_t);
 using DropoutFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, int64_t, int64_t);
+using AddLnFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, int64_t, int64_t);
+using AddLnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    double);
+using BiasGeluFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&);
+using BiasGeluBwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&);
 
 // O = softmax(Q K^T * scale + mask) V. Saves Q, K, V, O and the row log-sum-exp; the backward
 // recomputes the probabilities from them (and the dropout mask from seed and offset).
@@ -120,6 +127,48 @@ struct DropoutFunction : public torch::autograd::Function<DropoutFunction> {
   }
 };
 
+// out = LayerNorm(dropout(y) + x). Saves z = dropout(y) + x, the row mean and rstd, the weight and the
+// keep mask; the backward gives dx = dz and dy = dz keep / (1 - p): the same tensor when p = 0.
+struct AddLayerNormFunction : public torch::autograd::Function<AddLayerNormFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& bias, double eps, double p, int64_t seed, int64_t offset) {
+    static auto fwd = op<AddLnFwdSig>("minift::add_layer_norm_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, z, mean, rstd, keep] = fwd.call(y, x, weight, bias, eps, p, seed, offset);
+    ctx->save_for_backward({z, weight, mean, rstd, keep});
+    ctx->saved_data["p"] = p;
+    ctx->mark_non_differentiable({z, mean, rstd, keep});
+    return {out, z, mean, rstd, keep};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = op<AddLnBwdSig>("minift::add_layer_norm_bwd");
+    auto s = ctx->get_saved_variables();
+    auto [dx, dy, dweight, dbias] =
+        bwd.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], ctx->saved_data["p"].toDouble());
+    const bool same = ctx->saved_data["p"].toDouble() == 0.0;    // no dropout: dy = dx, one tensor
+    return {same ? dx : dy, dx, dweight, dbias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// out = GELU(h + bias). Saves pre = h + bias; the backward gives dh = dout GELU'(pre) and its column sum.
+struct BiasGeluFunction : public torch::autograd::Function<BiasGeluFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& bias) {
+    static auto fwd = op<BiasGeluFwdSig>("minift::bias_gelu_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, pre] = fwd.call(h, bias);
+    ctx->save_for_backward({pre});
+    ctx->mark_non_differentiable({pre});
+    return {out, pre};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = op<BiasGeluBwdSig>("minift::bias_gelu_bwd");
+    auto [dh, dbias] = bwd.call(grads[0].contiguous(), ctx->get_saved_variables()[0]);
+    return {dh, dbias};
+  }
+};
+
 static std::tuple<at::Tensor, at::Tensor> attention_fwd_autograd(const at::Tensor& q, const at::Tensor& k,
                                                                  const at::Tensor& v,
                                                                  const std::optional<at::Tensor>& mask, double p,
@@ -145,7 +194,21 @@ static std::tuple<at::Tensor, at::Tensor> dropout_fwd_autograd(const at::Tensor&
   return {r[0], r[1]};
 }
 
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_autograd(
+    const at::Tensor& y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps, double p,
+    int64_t seed, int64_t offset) {
+  auto r = AddLayerNormFunction::apply(y, x, weight, bias, eps, p, seed, offset);
+  return {r[0], r[1], r[2], r[3], r[4]};
+}
+
+static std::tuple<at::Tensor, at::Tensor> bias_gelu_fwd_autograd(const at::Tensor& h, const at::Tensor& bias) {
+  auto r = BiasGeluFunction::apply(h, bias);
+  return {r[0], r[1]};
+}
+
 TORCH_LIBRARY_IMPL(minift, Autograd, m) {
+  m.impl("add_layer_norm_fwd", &add_layer_norm_fwd_autograd);
+  m.impl("bias_gelu_fwd", &bias_gelu_fwd_autograd);
   m.impl("attention_fwd", &attention_fwd_autograd);
   m.impl("xent_fwd", &xent_fwd_autograd);
   m.impl("dropout_fwd", &dropout_fwd_autograd);

@@ -1,6 +1,6 @@
 // The Python module minift._C and the schemas of the `minift` operator library.
 // Importing minift._C runs the TORCH_LIBRARY blocks: the ops are then torch.ops.minift.<name>,
-// with CPU kernels (attention.cpp, cross_entropy.cpp, optim.cpp), autograd (autograd.cpp) and, when built,
+// with CPU kernels (attention.cpp, cross_entropy.cpp, optim.cpp, layer_norm.cpp, gelu.cpp), autograd (autograd.cpp) and, when built,
 // CUDA kernels (cuda/).
 #include <Python.h>
 #include <torch/library.h>
@@ -39,4 +39,17 @@ TORCH_LIBRARY(minift, m) {
         "float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
   // Inverted dropout of x (CPU): y = x keep / (1 - p) with Philox bits of (seed, offset), and the keep mask.
   m.def("dropout_fwd(Tensor x, float p, int seed, int offset) -> (Tensor, Tensor)");
+  // out = LayerNorm(dropout(y) + x) over the last dim (CPU), y and x (..., H), weight and bias (H,); the
+  // dropout with Philox bits of (seed, offset) as dropout_fwd draws them. Returns out, z = dropout(y) + x,
+  // the row mean and rstd (z, mean, rstd in float32 for float16/bfloat16) and the keep mask (empty when p = 0).
+  m.def("add_layer_norm_fwd(Tensor y, Tensor x, Tensor weight, Tensor bias, float eps, float dropout_p, int seed, "
+        "int offset) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Returns dx, dy (empty when p = 0: dy = dx then), dweight, dbias.
+  m.def("add_layer_norm_bwd(Tensor dout, Tensor z, Tensor weight, Tensor mean, Tensor rstd, Tensor keep, "
+        "float dropout_p) -> (Tensor, Tensor, Tensor, Tensor)");
+  // out = GELU(h + bias) (erf form, CPU), h (..., I), bias (I,). Returns out and pre = h + bias (float32
+  // for float16/bfloat16), saved for the backward.
+  m.def("bias_gelu_fwd(Tensor h, Tensor bias) -> (Tensor, Tensor)");
+  // Returns dh = dout GELU'(pre) and dbias, its column sum.
+  m.def("bias_gelu_bwd(Tensor dout, Tensor pre) -> (Tensor, Tensor)");
 }

@@ -19,7 +19,7 @@ __all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "BertForT
 
 # Submodules reachable as attributes without an explicit import (PEP 562).
 _LAZY = {"optim", "ops", "data", "functional", "metrics", "trainer", "peft", "pretrained", "selfcheck",
-         "gradcheck", "backends", "tokenizer", "model", "config"}
+         "gradcheck", "backends", "tokenizer", "model", "config", "masking", "pretraining"}
 
 
 def __getattr__(name):

@@ -176,6 +176,66 @@ def layer_norm(x, weight, bias, eps=1e-12):
 
 
 # ------------------------------------------------------------------------------------------
+# residual add + dropout + layer norm: the post-LN residual of BertSelfOutput and BertOutput
+# ------------------------------------------------------------------------------------------
+
+
+def add_layer_norm_forward(y, x, keep, p, weight, bias, eps):
+    r"""The post-LN residual :math:`\mathrm{out} = \mathrm{LayerNorm}(z)`, with
+    :math:`z = y \odot m + x` and the dropout multipliers :math:`m = \mathrm{keep} / (1 - p)`
+    (:math:`m = 1` without dropout, ``keep=None``). Returns out and z, which the backward needs."""
+    z = (y if keep is None else dropout_forward(y, keep, p)) + x    # (N, H)  z = y m + x
+    return layer_norm_forward(z, weight, bias, eps), z
+
+
+def add_layer_norm_backward(dout, z, keep, p, weight, eps):
+    r"""Backward of the post-LN residual. The layer norm's part is :func:`layer_norm_backward`'s:
+    with :math:`g = dout \odot w`, :math:`\hat z = (z - \mu)\, r`,
+
+    .. math::
+
+        dz = r \left( g - \operatorname{mean}(g) - \hat z \odot \operatorname{mean}(g \odot \hat z) \right),
+        \qquad dw = \sum_n dout \odot \hat z, \qquad db = \sum_n dout.
+
+    Then z is a sum, :math:`z_j = y_j m_j + x_j`, so :math:`\partial z_j / \partial x_j = 1` and
+    :math:`\partial z_j / \partial y_j = m_j`:
+
+    .. math::
+
+        dx = dz, \qquad dy = dz \odot m .
+
+    Without dropout (:math:`m = 1`) dy and dx are the same tensor, and the kernel writes it once.
+    Returns dy, dx, dweight, dbias.
+    """
+    dz, dweight, dbias = layer_norm_backward(dout, z, weight, eps)   # (N, H), (H,), (H,)
+    dy = dz if keep is None else dropout_backward(dz, keep, p)      # dy = dz m
+    return dy, dz, dweight, dbias                                    # dx = dz
+
+
+class AddLayerNorm(Function):
+    @staticmethod
+    def forward(ctx, y, x, weight, bias, keep, p, eps):
+        out, _ = add_layer_norm_forward(y, x, keep, p, weight, bias, eps)
+        ctx.save_for_backward(y, x, weight, keep)       # the inputs; z is recomputed (the kernel saves it)
+        ctx.p, ctx.eps = p, eps
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, x, weight, keep = ctx.saved_tensors
+        z = (y if keep is None else dropout_forward(y, keep, ctx.p)) + x
+        return *add_layer_norm_backward(dout, z, keep, ctx.p, weight, ctx.eps), None, None, None
+
+
+def add_layer_norm(y, x, weight, bias, eps=1e-12, p=0.0, training=True, generator=None):
+    """LayerNorm(dropout(y) + x) over the last dimension."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"add_layer_norm: expected 0 <= p < 1, got {p}")
+    keep = dropout_mask(y.shape, p, y.device, generator) if training and p > 0.0 else None
+    return AddLayerNorm.apply(y, x, weight, bias, keep, p, eps)
+
+
+# ------------------------------------------------------------------------------------------
 # GELU (exact, with erf) and tanh
 # ------------------------------------------------------------------------------------------
 
@@ -212,6 +272,47 @@ class GELU(Function):
 
 def gelu(x):
     return GELU.apply(x)
+
+
+def bias_gelu_forward(h, bias):
+    r"""GELU after a bias: :math:`\mathrm{out} = \mathrm{GELU}(h + b)`, with h the matmul's output
+    without its bias (BertIntermediate). Returns out and the pre-activation :math:`h + b`, saved
+    for the backward."""
+    pre = h + bias                                                  # (N, I)
+    return gelu_forward(pre), pre
+
+
+def bias_gelu_backward(dout, pre):
+    r"""Bias + GELU backward. With :math:`a = h + b` (b broadcast over the rows n),
+    :math:`\partial a_{ni} / \partial h_{ni} = 1` and :math:`\partial a_{ni} / \partial b_i = 1`, so
+
+    .. math::
+
+        da = dout \odot \left(\Phi(a) + a\, \phi(a)\right), \qquad
+        dh = da, \qquad db_i = \sum_n da_{ni}:
+
+    the bias gradient is the column sum of the same da, which the kernel takes in the same pass.
+    Returns dh, dbias.
+    """
+    da = gelu_backward(dout, pre)                                   # (N, I)  dout (Phi + a phi)
+    return da, da.reshape(-1, da.shape[-1]).sum(0)                  # dh = da, db = sum_n da
+
+
+class BiasGELU(Function):
+    @staticmethod
+    def forward(ctx, h, bias):
+        out, _ = bias_gelu_forward(h, bias)
+        ctx.save_for_backward(h, bias)                  # the inputs; pre is recomputed (the kernel saves it)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        h, bias = ctx.saved_tensors
+        return bias_gelu_backward(dout, h + bias)
+
+
+def bias_gelu(h, bias):
+    return BiasGELU.apply(h, bias)
 
 
 def tanh_forward(x):

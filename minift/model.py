@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .backends import get_ops
@@ -130,9 +131,9 @@ class BertSelfOutput(nn.Module):
 
     def forward(self, y, x):
         ops = get_ops(self.config.impl)
-        y = ops.dropout(dense(ops, self.dense, y),
-                        self.config.hidden_dropout_prob, self.training)              # (B, T, H)
-        return ops.layer_norm(y + x, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+        y = dense(ops, self.dense, y)                                                # (B, T, H)
+        return ops.add_layer_norm(y, x, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
+                                  self.config.hidden_dropout_prob, self.training)    # (B, T, H)
 
 
 class BertAttention(nn.Module):
@@ -155,7 +156,8 @@ class BertIntermediate(nn.Module):
 
     def forward(self, x):
         ops = get_ops(self.config.impl)
-        return ops.gelu(dense(ops, self.dense, x))            # (B, T, I)
+        # one op, so "fused" can add the bias inside the GELU kernel (no LoRA adapter sits on this layer)
+        return ops.linear_gelu(x, self.dense.weight, self.dense.bias)                 # (B, T, I)
 
 
 class BertOutput(nn.Module):
@@ -169,9 +171,9 @@ class BertOutput(nn.Module):
 
     def forward(self, h, x):
         ops = get_ops(self.config.impl)
-        y = ops.dropout(dense(ops, self.dense, h),
-                        self.config.hidden_dropout_prob, self.training)              # (B, T, H)
-        return ops.layer_norm(y + x, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+        y = dense(ops, self.dense, h)                                                # (B, T, H)
+        return ops.add_layer_norm(y, x, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
+                                  self.config.hidden_dropout_prob, self.training)    # (B, T, H)
 
 
 class BertLayer(nn.Module):
@@ -313,12 +315,12 @@ class BertForSequenceClassification(BertPreTrainedModel):
         return "multi_label_classification"
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                reduction: str = "mean") -> HeadOutput:
+                reduction: str = "mean", weight=None) -> HeadOutput:
         ops = get_ops(self.config.impl)
         pooled = self.bert(input_ids, attention_mask, token_type_ids).pooler_output   # (B, H)
         pooled = ops.dropout(pooled, _classifier_dropout(self.config), self.training)
         logits = dense(ops, self.classifier, pooled)      # (B, C)
-        loss = None if labels is None else self.loss(logits, labels, reduction)
+        loss = None if labels is None else self.loss(logits, labels, reduction, weight=weight)
         return HeadOutput(loss=loss, logits=logits)
 
     def loss(self, logits, labels, reduction: str = "mean", weight=None):

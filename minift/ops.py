@@ -1,9 +1,10 @@
 """The compiled kernels of minift._C as PyTorch custom ops, and the one rule for when they run.
 
 The C++ side (csrc/) defines the ``minift`` operator library: ``attention_fwd``/``attention_bwd``,
-``xent_fwd``/``xent_bwd`` (with the reduction inside the op), ``dropout_fwd``, ``dropout_mask`` and
-``adamw_step_``, with CPU kernels always and CUDA kernels when built with CUDA. This module loads
-them, in this order:
+``xent_fwd``/``xent_bwd`` (with the reduction inside the op), ``dropout_fwd``, ``dropout_mask``,
+``adamw_step_``, with CPU kernels always and CUDA kernels when built with CUDA; and the CPU-only
+``add_layer_norm_fwd``/``_bwd`` and ``bias_gelu_fwd``/``_bwd``. This module loads them, in this
+order:
 
 1. ahead of time: ``minift._C``, compiled by ``pip install --no-build-isolation -e .``;
 2. just in time: ``torch.utils.cpp_extension.load`` compiles csrc/ with ninja on first use
@@ -11,12 +12,12 @@ them, in this order:
 3. neither: every op below runs plain PyTorch, and says why.
 
 **One dispatch rule** for every public op (``fused_attention``, ``softmax_cross_entropy``,
-``fused_dropout``, ``adamw_step_``): the compiled kernel runs when one is registered for the
-input's device, takes its dtype and the optional arguments the call uses (the CUDA cross-entropy
-takes no class ``weight``), and the self-check (minift.selfcheck) has not failed it on that
-device; otherwise the plain-PyTorch path runs, with one warning per (op, device, optional
-arguments used) naming the reason. ``extension_status()`` only reads the load state;
-``minift doctor`` prints it.
+``fused_dropout``, ``adamw_step_``, ``add_layer_norm``, ``bias_gelu``): the compiled kernel runs
+when one is registered for the input's device, takes its dtype and the optional arguments the
+call uses (the CUDA cross-entropy takes no class ``weight``), and the self-check
+(minift.selfcheck) has not failed it on that device; otherwise the plain-PyTorch path runs, with
+one warning per (op, device, optional arguments used) naming the reason.
+``extension_status()`` only reads the load state; ``minift doctor`` prints it.
 
 Each op has a fake (meta) implementation registered here, so torch.compile and
 ``torch.library.opcheck`` can trace it. The backward of each forward op is wired up in C++
@@ -44,7 +45,8 @@ _F32, _F64, _F16, _BF16 = torch.float32, torch.float64, torch.float16, torch.bfl
 # The dtypes each compiled kernel takes, by device type (csrc/*.cpp and csrc/cuda/cuda_ops.cpp).
 KERNEL_DTYPES = {
     "cpu": {"attention_fwd": {_F32, _F64, _F16, _BF16}, "xent_fwd": {_F32, _F64, _F16, _BF16},
-            "dropout_fwd": {_F32, _F64, _F16, _BF16}, "adamw_step_": {_F32, _F64}},
+            "dropout_fwd": {_F32, _F64, _F16, _BF16}, "adamw_step_": {_F32, _F64},
+            "add_layer_norm_fwd": {_F32, _F64, _F16, _BF16}, "bias_gelu_fwd": {_F32, _F64, _F16, _BF16}},
     "cuda": {"attention_fwd": {_F32, _F16, _BF16}, "xent_fwd": {_F32, _F16, _BF16},
              "dropout_fwd": {_F32, _F16, _BF16}, "adamw_step_": {_F32}},
 }
@@ -250,6 +252,27 @@ def _register() -> None:
     def _(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
         return None
 
+    @torch.library.register_fake("minift::add_layer_norm_fwd")
+    def _(y, x, weight, bias, eps, dropout_p, seed, offset):
+        acc = _acc_dtype(y)
+        keep_shape = y.shape if dropout_p > 0 else (0,)
+        return (torch.empty_like(y), y.new_empty(y.shape, dtype=acc), y.new_empty(y.shape[:-1], dtype=acc),
+                y.new_empty(y.shape[:-1], dtype=acc), y.new_empty(keep_shape, dtype=torch.bool))
+
+    @torch.library.register_fake("minift::add_layer_norm_bwd")
+    def _(dout, z, weight, mean, rstd, keep, dropout_p):
+        dy_shape = z.shape if dropout_p > 0 else (0,)
+        return (z.new_empty(z.shape, dtype=weight.dtype), z.new_empty(dy_shape, dtype=weight.dtype),
+                torch.empty_like(weight), torch.empty_like(weight))
+
+    @torch.library.register_fake("minift::bias_gelu_fwd")
+    def _(h, bias):
+        return torch.empty_like(h), h.new_empty(h.shape, dtype=_acc_dtype(h))
+
+    @torch.library.register_fake("minift::bias_gelu_bwd")
+    def _(dout, pre):
+        return torch.empty_like(dout), dout.new_empty(pre.shape[-1:])
+
     @torch.library.register_fake("minift::dropout_mask")
     def _(like, B, H, Tq, Tk, p, seed, offset):
         return like.new_empty((B, H, Tq, Tk), dtype=torch.bool)
@@ -306,6 +329,33 @@ def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_
         return
     torch.ops.minift.adamw_step_(param, grad.contiguous(), exp_avg, exp_avg_sq, float(lr), float(beta1),
                                  float(beta2), float(eps), float(weight_decay), int(step))
+
+
+def add_layer_norm(y, x, weight, bias, eps: float = 1e-12, dropout_p: float = 0.0, training: bool = True,
+                   generator=None):
+    """LayerNorm(dropout(y) + x) over the last dim in one pass (the post-LN residual of BertSelfOutput
+    and BertOutput), and its backward in one pass: dy, dx and the weight and bias gradients. The dropout
+    draws its mask from the Philox stream of ``fused_dropout`` (element n of y is kept by the same bits),
+    seeded from torch's generator. y, x (..., H) and weight, bias (H,) in one dtype. CPU only; elsewhere
+    the same in PyTorch ops."""
+    p = float(dropout_p) if training else 0.0
+    same = x.dtype == weight.dtype == bias.dtype == y.dtype
+    if not (same and use_compiled("add_layer_norm_fwd", y, "add_layer_norm")):
+        z = (F.dropout(y, p, training=True) if p > 0.0 else y) + x
+        return F.layer_norm(z, (y.shape[-1],), weight, bias, eps)
+    out, *_ = torch.ops.minift.add_layer_norm_fwd(y.contiguous(), x.contiguous(), weight.contiguous(),
+                                                  bias.contiguous(), float(eps), p, _seed(p, generator), 0)
+    return out
+
+
+def bias_gelu(h, bias):
+    """GELU(h + bias) (erf form) with h the matmul output without its bias (BertIntermediate): the
+    forward saves the pre-activation, the backward gives dh and the bias gradient (its column sum) in
+    one pass. CPU only; elsewhere F.gelu(h + bias)."""
+    if not (h.dtype == bias.dtype and use_compiled("bias_gelu_fwd", h, "bias_gelu")):
+        return F.gelu(h + bias)
+    out, _ = torch.ops.minift.bias_gelu_fwd(h.contiguous(), bias.contiguous())
+    return out
 
 
 def attention_with_lse(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, seed=0, offset=0):

@@ -3,8 +3,9 @@
 A checkpoint directory holds ``config.json`` and the weights as ``model.safetensors`` or
 ``pytorch_model.bin``. Keys may carry the ``bert.`` prefix (a model saved with a head) or not
 (a bare encoder); either loads into either kind of model. Every load is strict about what it
-reports: a head missing from the file is freshly initialised and listed as such; any other missing
-key, or a tensor whose shape differs from the config, is an error naming the key.
+reports: a head missing from the file (or the pooler, which masked-LM checkpoints lack) is freshly
+initialised and listed as such; any other missing key, or a tensor whose shape differs from the
+config, is an error naming the key.
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ ALIASES = {
 }
 # Buffers some checkpoints carry that are not parameters (recomputed from T at run time).
 IGNORED_KEYS = ("embeddings.position_ids",)
+# The pooler is trained by next-sentence prediction only: a masked-LM checkpoint (Hugging Face's
+# BertForMaskedLM, minift pretrain from scratch) has none, and a classifier loaded from one starts
+# with a fresh pooler, reported as newly initialised.
+POOLER_KEYS = ("pooler.dense.weight", "pooler.dense.bias")
 
 
 @dataclass
@@ -123,7 +128,7 @@ def load_pretrained(cls, name_or_path, impl: str = "torch", **config_overrides):
         if key in state:
             continue
         is_head = bool(prefix) and not key.startswith(prefix + ".")
-        if is_head:
+        if is_head or key.endswith(POOLER_KEYS):     # a masked-LM checkpoint has no pooler, as in HF
             report.missing_initialised.append(key)
         else:
             raise UserError(f"{path}: the checkpoint has no tensor {key!r}, which the encoder needs")
@@ -137,13 +142,20 @@ def load_pretrained(cls, name_or_path, impl: str = "torch", **config_overrides):
     return model
 
 
-def save_pretrained(model, directory) -> None:
-    """config.json + model.safetensors, keys as Hugging Face writes them (the tied decoder left out)."""
+def save_pretrained(model, directory, extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """config.json + model.safetensors, keys as Hugging Face writes them (the tied decoder left out).
+
+    ``extra_tensors``: weights the model does not hold that the file should keep, under their keys
+    (the pooler of an encoder whose masked-LM training never used it: minift.pretraining)."""
     from safetensors.torch import save_file
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     from .peft import merged_state_dict
     state = {k: v.detach().contiguous().cpu() for k, v in merged_state_dict(model).items()}
+    for k, v in (extra_tensors or {}).items():
+        if k in state:
+            raise ValueError(f"extra_tensors: {k!r} is a weight of the model itself")
+        state[k] = v.detach().contiguous().cpu()
     architectures = [type(model).__name__]
     model.config.save(directory, architectures)
     tmp = directory / "model.safetensors.tmp"

@@ -137,13 +137,47 @@ def _adamw(device, dtype):
     return _worst(run(compiled, dtype), ref), _worst(run(adamw_update_, dtype), ref)
 
 
+def _add_layer_norm(device, dtype):
+    N, H, p = 37, 48, 0.2
+    y64, x64, do64 = (_inputs((N, H), s, device) for s in (1, 2, 3))
+    w64, b64 = 1 + 0.3 * _inputs((H,), 4, device), _inputs((H,), 5, device)
+    keep = torch.ops.minift.dropout_mask(y64, 1, 1, N, H, p, 99, 0).view(N, H)   # the bits add_layer_norm draws
+
+    def run(fn, dt):
+        args = [t.to(dt).detach().requires_grad_() for t in (y64, x64, w64, b64)]
+        out = fn(*args)
+        out.backward(do64.to(dt))
+        return [out] + [a.grad for a in args]
+    compiled = lambda y, x, w, b: torch.ops.minift.add_layer_norm_fwd(y, x, w, b, 1e-12, p, 99, 0)[0]
+    plain = lambda y, x, w, b: F.layer_norm(torch.where(keep, y / (1 - p), 0.0) + x, (H,), w, b, 1e-12)
+    ref = run(plain, torch.float64)
+    return _worst(run(compiled, dtype), ref), _worst(run(plain, dtype), ref)
+
+
+def _bias_gelu(device, dtype):
+    N, I = 29, 70
+    h64, do64, b64 = _inputs((N, I), 1, device, scale=2.0), _inputs((N, I), 2, device), _inputs((I,), 3, device)
+
+    def run(fn, dt):
+        h, b = (t.to(dt).detach().requires_grad_() for t in (h64, b64))
+        out = fn(h, b)
+        out.backward(do64.to(dt))
+        return [out, h.grad, b.grad]
+    compiled = lambda h, b: torch.ops.minift.bias_gelu_fwd(h, b)[0]
+    plain = lambda h, b: F.gelu(h + b)
+    ref = run(plain, torch.float64)
+    return _worst(run(compiled, dtype), ref), _worst(run(plain, dtype), ref)
+
+
 # (what is checked, the op the dispatch rule knows, the check, the optional arguments it uses: a
 # device whose kernel takes none of them (ops.KERNEL_LACKS) skips the row)
 CHECKS = [("attention fwd+bwd", "attention_fwd", _attention, ()),
           ("cross-entropy fwd+bwd", "xent_fwd", _cross_entropy, ()),
           ("cross-entropy weighted", "xent_fwd", lambda device, dtype: _cross_entropy(device, dtype, True), ("weight",)),
           ("dropout fwd+bwd", "dropout_fwd", _dropout, ()),
-          ("AdamW step", "adamw_step_", _adamw, ())]
+          ("AdamW step", "adamw_step_", _adamw, ()),
+          ("residual add + dropout + layer norm fwd+bwd", "add_layer_norm_fwd", _add_layer_norm, ()),
+          ("bias + GELU fwd+bwd", "bias_gelu_fwd", _bias_gelu, ())]
 
 
 def devices_present() -> list[torch.device]:

@@ -71,6 +71,9 @@ class Tokenizer:
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
             special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
         tok.decoder = decoders.WordPiece(prefix="##")
+        # Special tokens are matched before normalisation, as in Hugging Face's tokenizer.json: a
+        # "[MASK]" in the text stays one token instead of being lowercased into "[", "mask", "]".
+        tok.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
         return cls(tok, model_max_length)
 
     # --- encoding ---------------------------------------------------------------------------

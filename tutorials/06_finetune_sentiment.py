@@ -140,3 +140,12 @@ with torch.no_grad():
 for t, p in zip(texts, probs):
     print(f"  {best.config.id2label[int(p.argmax())]:>6s} {p.max().item():.2f}  {t}")
 print("files written:", sorted(os.listdir(out_dir)))
+
+# %% [markdown]
+# The run's folder was a temporary one: it goes now (two checkpoints of 90 MB each).
+# `minift finetune --out DIR` keeps its run where you say.
+
+# %%
+import shutil
+
+shutil.rmtree(out_dir)

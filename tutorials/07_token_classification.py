@@ -114,3 +114,11 @@ ax.set_xticks(xs, [f"{t}\n{rep[t]['support']}" for t in tags], fontsize=8)
 ax.set(ylabel="accuracy on the tag's words", ylim=(0, 1.05), title="per-tag accuracy (test; tag and number of words)")
 ax.legend(loc="lower left")
 plt.show()
+
+# %% [markdown]
+# The run's folder was a temporary one (two checkpoints of 90 MB each): it goes now.
+
+# %%
+import shutil
+
+shutil.rmtree(out_dir)
