@@ -31,6 +31,17 @@ inline T row_max(const T* x, int64_t n) {
   return m;
 }
 
+// sum_i x_i
+template <typename T>
+inline T row_sum(const T* x, int64_t n) {
+  Vec<T> acc(T(0));
+  int64_t i = 0;
+  for (; i + Vec<T>::size() <= n; i += Vec<T>::size()) acc += Vec<T>::loadu(x + i);
+  T s = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
 // y_i = exp(x_i - shift), returning sum_i y_i; y may be x.
 template <typename T>
 inline T row_exp_sum(const T* x, T* y, int64_t n, T shift) {
