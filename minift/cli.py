@@ -390,7 +390,7 @@ def _check_pretrain_args(args):
         heads = sizes.get("num_attention_heads", base.get("num_attention_heads"))
         if hidden is not None and heads is not None and hidden % heads:
             raise UserError(f"--hidden {hidden} must be a multiple of --heads {heads} (each head gets hidden/heads)")
-    cfg, info = _train_config(args, PRETRAIN_DEFAULTS)
+    cfg, info = _train_config(args, PRETRAIN_DEFAULTS["scratch" if args.config else "continued"])
     cfg.check()
     model_cfg = (pretraining.scratch_config(args.config, **sizes) if args.config
                  else _model_config(args.model or "minilm"))
@@ -843,8 +843,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the earlier run in --out (files you put there stay)")
     p.add_argument("--resume", nargs="?", const="last",
                    help="continue the run in --out from OUT/last (or a given checkpoint) with its own settings")
+    scratch, continued = PRETRAIN_DEFAULTS["scratch"], PRETRAIN_DEFAULTS["continued"]
     # class weights and a balanced sampler are about labelled classes, which pre-training has none of
-    _add_train_config_options(p, PRETRAIN_DEFAULTS, leave_out=("class_weights", "sampler"))
+    _add_train_config_options(p, {k: f"{scratch[k]} with --config, {continued[k]} with --model" for k in scratch},
+                              leave_out=("class_weights", "sampler"))
     _add_impl_argument(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if there is one)")
     p.set_defaults(run=cmd_pretrain)

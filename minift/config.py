@@ -203,5 +203,9 @@ def flag(name: str) -> str:
 PRETRAIN_CONFIGS = {
     "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
 }
-# ``minift pretrain``'s own defaults for some training flags (the others are TrainConfig's).
-PRETRAIN_DEFAULTS = {"lr": 5e-4, "epochs": 3.0}
+# ``minift pretrain``'s own defaults for some training flags (the others are TrainConfig's): a model
+# from scratch needs a larger learning rate and many more steps than a pre-trained one. Measured
+# with --config tiny on the review snippets: lr 1e-3 brings the held-out perplexity from 30,544 to
+# 560 in 10 epochs; 3e-3 stalls at about 1,200; MiniLM's new MLM head trains at 1e-4.
+PRETRAIN_DEFAULTS = {"scratch": {"lr": 1e-3, "epochs": 10.0},     # --config
+                     "continued": {"lr": 1e-4, "epochs": 1.0}}   # --model

@@ -59,8 +59,8 @@ __all__ = ["Corpus", "corpus_from_task", "corpus_from_files", "read_lines", "Tex
 
 EVAL_MASK_SEED = 20190524   # the held-out masks' seed (BERT's paper, v2): the same for every run
 CHUNK = 1024                # pieces masked together: masks depend on the piece's index, not on batches
-# The sizes of ``--config NAME`` and the command's training defaults live in minift.config (the
-# command line reads them without importing torch).
+# The sizes of ``--config NAME`` and the command's training defaults (from scratch / continued) live
+# in minift.config (the command line reads them without importing torch).
 CONFIGS, TRAIN_DEFAULTS = PRETRAIN_CONFIGS, PRETRAIN_DEFAULTS
 
 

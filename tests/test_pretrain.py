@@ -187,6 +187,22 @@ def test_flag_errors_before_anything_loads(argv, message, tmp_path):
     assert code == 2 and message in stderr, stderr
 
 
+def test_training_defaults_depend_on_from_scratch_or_continued(tmp_path):
+    parser = cli.build_parser()
+
+    def check(*argv):
+        args = parser.parse_args(["pretrain", "--out", str(tmp_path / "out"), *argv])
+        cfg, info, model_config = cli._check_pretrain_args(args)
+        return cfg, model_config
+    cfg, model_config = check("--config", "tiny")
+    assert (cfg.lr, cfg.epochs) == (1e-3, 10.0) and model_config.hidden_size == 128
+    cfg, model_config = check()                                          # MiniLM, continued
+    assert (cfg.lr, cfg.epochs) == (1e-4, 1.0) and model_config.hidden_size == 384
+    cfg, model_config = check("--config", "tiny", "--lr", "5e-4", "--layers", "4", "--heads", "4")
+    assert cfg.lr == 5e-4 and (model_config.num_hidden_layers, model_config.num_attention_heads,
+                               model_config.hidden_size) == (4, 4, 128)
+
+
 def test_text_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "folder").mkdir()
