@@ -174,7 +174,16 @@ def _run_install_cell(tmp_path, monkeypatch, env_source=None):
         monkeypatch.delenv("MINIFT_SOURCE", raising=False)
     else:
         monkeypatch.setenv("MINIFT_SOURCE", env_source)
-    exec(compile(minift_docs.INSTALL_CELL, "install-cell", "exec"), {})
+    # the cell sets MINIFT_NO_CUDA=1 for its pip build; it is taken away again afterwards, so that no
+    # later test in this process (the packaging test's CUDA attempt) inherits it
+    before = os.environ.pop("MINIFT_NO_CUDA", None)
+    try:
+        exec(compile(minift_docs.INSTALL_CELL, "install-cell", "exec"), {})
+        assert calls == [] or os.environ.get("MINIFT_NO_CUDA") == "1", "the cell builds without CUDA"
+    finally:
+        os.environ.pop("MINIFT_NO_CUDA", None)
+        if before is not None:
+            os.environ["MINIFT_NO_CUDA"] = before
     return calls
 
 
