@@ -86,7 +86,10 @@ def _jit_build() -> str:
     from ._build import cpu_flags, first_error_line
     src = source_dir()
     cpu_sources = sorted(glob.glob(str(src / "*.cpp")))
-    flags = ["-O3", "-fopenmp", *cpu_flags()]
+    # as setup.py: DEBUG=1 builds without optimisation and with debug information (for gdb), -O3 otherwise
+    debug = os.environ.get("DEBUG", "0") == "1"
+    flags = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    flags += ["-fopenmp", *cpu_flags()]
     common = dict(name="minift_jit", extra_ldflags=["-fopenmp"], extra_include_paths=[str(src)],
                   is_python_module=False, verbose=False)
     if not torch.cuda.is_available():
@@ -98,7 +101,8 @@ def _jit_build() -> str:
     cuda_sources = sorted(glob.glob(str(src / "cuda" / "*.cu"))) + sorted(glob.glob(str(src / "cuda" / "*.cpp")))
     try:
         load(sources=cpu_sources + cuda_sources, extra_cflags=[*flags, "-DMINIFT_WITH_CUDA"],
-             extra_cuda_cflags=["-O3", "--use_fast_math", "-DMINIFT_WITH_CUDA"], **common)
+             extra_cuda_cflags=[*(["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]), "-DMINIFT_WITH_CUDA"],
+             **common)
         return "built"
     except Exception as e:  # a CUDA compile error must not cost the CPU kernels
         load(sources=cpu_sources, extra_cflags=flags, **common)
