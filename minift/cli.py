@@ -582,14 +582,20 @@ def cmd_evaluate(args) -> int:
             with open(args.json, "w") as f:
                 json.dump(scores, f, indent=2)
         return 0
-    pred, gold = predict_labels(model, enc, tok.pad_token_id, 128, device, token_task)
-    report = metrics.classification_report(pred, gold, labels)
-    print(metrics.format_report(report))
-    print(f"macro-F1 {report['macro avg']['f1']:.4f}  accuracy {report['accuracy']:.4f}")
+    if token_task:
+        pred, gold, _ = predict_labels(model, enc, tok.pad_token_id, 128, device, True, return_probs=True)
+        scores = metrics.token_scores(pred, gold, labels)
+    else:
+        pred, gold = predict_labels(model, enc, tok.pad_token_id, 128, device, False)
+        report = metrics.classification_report(pred, gold, labels)
+        scores = {"accuracy": report["accuracy"], "macro_f1": report["macro avg"]["f1"], "report": report}
+    print(metrics.format_report(scores["report"]))
+    print(f"macro-F1 {scores['macro_f1']:.4f}  accuracy {scores['accuracy']:.4f}"
+          + (f"  entity precision {scores['entity_precision']:.4f}  recall {scores['entity_recall']:.4f}  "
+             f"F1 {scores['entity_f1']:.4f}" if "entity_f1" in scores else ""))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"accuracy": report["accuracy"], "macro_f1": report["macro avg"]["f1"], "report": report},
-                      f, indent=2)
+            json.dump(scores, f, indent=2)
     return 0
 
 

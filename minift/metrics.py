@@ -98,6 +98,27 @@ def entity_f1(pred_seqs: list[list[str]], gold_seqs: list[list[str]]) -> dict:
     return out
 
 
+def is_bio(names: list[str]) -> bool:
+    """Whether a tag set is IOB2/IOBES (every tag "O" or B-/I-/E-/S- plus a type, at least one B- or
+    S-): entity-level scores are then meaningful."""
+    import re
+    return (all(n == "O" or re.fullmatch(r"[BIES]-.+", n) for n in names)
+            and any(n.startswith(("B-", "S-")) for n in names))
+
+
+def token_scores(pred_seqs: list[list[int]], gold_seqs: list[list[int]], names: list[str]) -> dict:
+    """A token task's scores from per-sentence tag ids: token accuracy and macro-F1 over the tags
+    (with the per-tag report), and for BIO tags the entity precision/recall/F1 (``entity_f1``)."""
+    report = classification_report([t for s in pred_seqs for t in s], [t for s in gold_seqs for t in s], names)
+    out = {"accuracy": report["accuracy"], "macro_f1": report["macro avg"]["f1"]}
+    if is_bio(names):
+        ent = entity_f1([[names[t] for t in s] for s in pred_seqs], [[names[t] for t in s] for s in gold_seqs])
+        out.update(entity_precision=ent["precision"], entity_recall=ent["recall"], entity_f1=ent["f1"])
+        out["entity_report"] = ent["per_type"]
+    out["report"] = report
+    return out
+
+
 def multi_label_scores(pred: list[set[int]], gold: list[set[int]], num_labels: int) -> dict:
     """Multi-label: exact match (the whole set right), micro-F1 (all (example, class) decisions
     pooled) and macro-F1 (the mean over classes of each class's F1)."""

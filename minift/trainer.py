@@ -330,17 +330,22 @@ class Trainer:
         return total.item()
 
     # --- evaluation ---------------------------------------------------------------------------
-    def predict(self, encoded: D.Encoded) -> tuple[list, list]:
-        """Predicted and gold labels (class ids, per word for token tasks; label sets; numbers)."""
+    def predict(self, encoded: D.Encoded, by_sentence: bool = False) -> tuple[list, list]:
+        """Predicted and gold labels (class ids, per word for token tasks, one list per sentence
+        with ``by_sentence``; label sets; numbers)."""
         with self._autocast():
             if encoded.problem in ("token", D.SINGLE_LABEL):
-                return predict_labels(self.model, encoded, self.tokenizer.pad_token_id, self.cfg.eval_batch_size,
-                                      self.device, encoded.problem == "token")
+                token = encoded.problem == "token"
+                out = predict_labels(self.model, encoded, self.tokenizer.pad_token_id, self.cfg.eval_batch_size,
+                                     self.device, token, return_probs=token and by_sentence)
+                return out[:2]
             return predict_values(self.model, encoded, self.tokenizer.pad_token_id, self.cfg.eval_batch_size,
                                   self.device, self.thresholds if self.thresholds is not None else 0.5)
 
     def evaluate(self, encoded: D.Encoded) -> dict:
         """The metrics of the dataset's problem type; "report" (classification) is not a number."""
+        if encoded.problem == "token":
+            return M.token_scores(*self.predict(encoded, by_sentence=True), self.dataset.labels)
         pred, gold = self.predict(encoded)
         if encoded.problem == D.REGRESSION:
             return M.regression_scores(pred, gold)
@@ -350,7 +355,10 @@ class Trainer:
         return {"accuracy": report["accuracy"], "macro_f1": report["macro avg"]["f1"], "report": report}
 
     def score(self, results: dict) -> float:
-        """The one number that picks the best epoch (higher is better)."""
+        """The one number that picks the best epoch (higher is better): entity F1 for BIO tags, as
+        NER is scored, accuracy for other tags and classes, micro-F1 for label sets, -MSE."""
+        if "entity_f1" in results:
+            return results["entity_f1"]
         return {D.REGRESSION: lambda r: -r["mse"], D.MULTI_LABEL: lambda r: r["micro_f1"]}.get(
             self.train_set.problem, lambda r: r["accuracy"])(results)
 
@@ -494,12 +502,11 @@ class Trainer:
         if tuned is not None:
             metrics.update({f"dev_tuned_{k}": v for k, v in _scalars(tuned).items()})
             metrics["thresholds"] = dict(zip(self.dataset.labels, self.thresholds))
-        elif "report" in dev:
-            metrics["dev_report"] = dev["report"]
+        else:
+            metrics.update({f"dev_{k}": dev[k] for k in ("report", "entity_report") if k in dev})
         if test is not None:
             metrics.update({f"test_{k}": v for k, v in _scalars(test).items()})
-            if "report" in test:
-                metrics["test_report"] = test["report"]
+            metrics.update({f"test_{k}": test[k] for k in ("report", "entity_report") if k in test})
         metrics.update({"epochs_run": self.epoch, "train_seconds": seconds, "truncated": self.truncated,
                         "config": asdict(self.cfg), "impl": self.model.config.impl, "device": str(self.device),
                         "world_size": self.world, "history": self.history.epochs})

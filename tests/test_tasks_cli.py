@@ -416,8 +416,24 @@ def test_crf_finetune_predict_roundtrip(bio_files, tiny_model_dir, tmp_path, cap
     assert bio_violation(printed) is None
     # evaluate decodes the same way as the run's own test
     code, stdout, err = run(["evaluate", "--model", out / "best", "--test", d / "test.conll", "--max-length", 64,
-                             "--device", "cpu", "--impl", "torch"], capsys)
+                             "--device", "cpu", "--impl", "torch", "--json", tmp_path / "eval.json"], capsys)
     assert code == 0 and f"accuracy {m['test_accuracy']:.4f}" in stdout, err
+    assert f"F1 {m['test_entity_f1']:.4f}" in stdout
+    assert json.loads((tmp_path / "eval.json").read_text())["entity_f1"] == m["test_entity_f1"]
+    # BIO tags: entity-level scores in metrics.json, equal to seqeval's on the decoded test tags, and
+    # entity F1 picks the best epoch
+    seqeval = pytest.importorskip("seqeval.metrics")
+    from minift import data
+    from minift.trainer import predict_labels
+    enc = data.encode_tokens(tok, data.read_conll(d / "test.conll"), tags, 64)
+    pred, gold, _ = predict_labels(model, enc, tok.pad_token_id, 32, "cpu", True, return_probs=True)
+    pred, gold = [[tags[t] for t in s] for s in pred], [[tags[t] for t in s] for s in gold]
+    assert m["test_entity_f1"] == pytest.approx(seqeval.f1_score(gold, pred), abs=1e-12)
+    assert m["test_entity_precision"] == pytest.approx(seqeval.precision_score(gold, pred), abs=1e-12)
+    assert m["test_entity_recall"] == pytest.approx(seqeval.recall_score(gold, pred), abs=1e-12)
+    assert set(m["test_entity_report"]) >= {t[2:] for s in gold for t in s if t != "O"}
+    best = max(m["history"], key=lambda e: (e["dev_entity_f1"], -e["epoch"]))
+    assert m["dev_entity_f1"] == best["dev_entity_f1"]
 
 
 def test_crf_refuses_iob1_and_non_token_tasks(tmp_path, tiny_model_dir, capsys):
