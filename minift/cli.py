@@ -175,6 +175,8 @@ def _check_finetune_args(args):
         raise UserError(f"--problem {args.problem}: token tasks have one tag per word; leave --problem out")
     if args.crf and not (args.token_task or args.task == "pos"):
         raise UserError("--crf is a tagging head: it needs a token task (--task pos, or --token-task --train FILE)")
+    if getattr(args, "crf_lr", 0.0) and not args.crf:
+        raise UserError(f"--crf-lr {args.crf_lr}: the learning rate of a CRF head, which needs --crf")
     cfg, info = _train_config(args)
     cfg.check()
     model_cfg = _model_config(args.model)
@@ -852,7 +854,7 @@ def build_parser() -> argparse.ArgumentParser:
     scratch, continued = PRETRAIN_DEFAULTS["scratch"], PRETRAIN_DEFAULTS["continued"]
     # class weights and a balanced sampler are about labelled classes, which pre-training has none of
     _add_train_config_options(p, {k: f"{scratch[k]} with --config, {continued[k]} with --model" for k in scratch},
-                              leave_out=("class_weights", "sampler"))
+                              leave_out=("class_weights", "sampler", "crf_lr"))
     _add_impl_argument(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if there is one)")
     p.set_defaults(run=cmd_pretrain)

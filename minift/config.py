@@ -146,6 +146,8 @@ class TrainConfig:
                                       "a FILE of 'class,weight' lines: the weight= of the cross-entropy")
     sampler: str = _opt("shuffle", "shuffle: each example once per epoch; balanced: n draws with replacement, "
                                    "every class equally likely (seeded per epoch)", choices=("shuffle", "balanced"))
+    crf_lr: float = _opt(0.0, "with --crf: peak learning rate of the CRF's transition scores, which start at zero "
+                              "(0: --lr)")
     progress: bool = _opt(True, "progress bars", resume=False)
 
     def check(self) -> None:
@@ -164,6 +166,7 @@ class TrainConfig:
             ("eval_batch_size", lambda v: v >= 1, "an integer >= 1"),
             ("max_train_examples", lambda v: v >= 0, "an integer >= 0 (0: all)"),
             ("log_every", lambda v: v >= 1, "an integer >= 1"),
+            ("crf_lr", lambda v: math.isfinite(v) and v >= 0, "a number >= 0 (0: --lr)"),
             ("precision", lambda v: v in ("auto", "fp32", "bf16", "fp16"), "auto, fp32, bf16 or fp16"),
             ("sampler", lambda v: v in ("shuffle", "balanced"), "shuffle or balanced"),
             ("class_weights", lambda v: v in ("none", "balanced") or os.path.isfile(v),

@@ -214,8 +214,7 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         # impl="fused": the compiled one-pass AdamW update too (the same arithmetic), where it has a kernel
         fused = self.model.config.impl == "fused" and extension_available()
-        self.optimizer = optim.AdamW(optim.param_groups(self.model, config.weight_decay), lr=config.lr,
-                                     weight_decay=config.weight_decay, fused=fused)
+        self.optimizer = optim.AdamW(self._param_groups(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
         self.lengths = [len(x) for x in self.train_set.input_ids]
         self.class_weights = self._class_weights()        # w_c per class, or None
         self.class_weight = (None if self.class_weights is None else      # (C,) the loss's weight=
@@ -330,6 +329,21 @@ class Trainer:
         return total.item()
 
     # --- evaluation ---------------------------------------------------------------------------
+    def _param_groups(self) -> list[dict]:
+        """AdamW's groups: decay on weight matrices only (``optim.param_groups``); with ``crf_lr``, the
+        CRF's scores in a group of their own, at that learning rate and without decay (they are
+        scores that start at zero, not weights to shrink). The schedule scales every group alike."""
+        groups = optim.param_groups(self.model, self.cfg.weight_decay)
+        crf = getattr(self.model, "crf", None)
+        if not self.cfg.crf_lr:
+            return groups
+        if crf is None:
+            raise UserError(f"--crf-lr {self.cfg.crf_lr}: the model has no CRF head (add --crf)")
+        mine = [p for p in crf.parameters() if p.requires_grad]
+        ids = {id(p) for p in mine}
+        groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]
+        return [g for g in groups if g["params"]] + [{"params": mine, "lr": self.cfg.crf_lr, "weight_decay": 0.0}]
+
     def predict(self, encoded: D.Encoded, by_sentence: bool = False) -> tuple[list, list]:
         """Predicted and gold labels (class ids, per word for token tasks, one list per sentence
         with ``by_sentence``; label sets; numbers)."""

@@ -444,3 +444,33 @@ def test_crf_refuses_iob1_and_non_token_tasks(tmp_path, tiny_model_dir, capsys):
     user_error(code, err, "iob1.conll, line 1: 'I-PER' starts the sentence")
     code, _, err = run(["finetune", "--model", tiny_model_dir, "--crf", "--out", tmp_path / "run", *TINY], capsys)
     user_error(code, err, "--crf is a tagging head: it needs a token task")
+
+
+def test_crf_lr_gives_the_transitions_their_own_learning_rate(bio_files, tiny_model_dir, tmp_path, capsys):
+    """One AdamW step moves every parameter with a gradient by its group's lr at most (at step 1,
+    m / sqrt(v) = sign(g)): the CRF's scores by --crf-lr, everything else by --lr."""
+    from minift import data
+    from minift.config import TrainConfig
+    from minift.trainer import Trainer
+    d, _ = bio_files
+    ds = data.from_files(d / "train.conll", d / "dev.conll", token_task=True)
+    model = cli._build_model(tiny_model_dir, ds, "torch", crf=True)
+    tok = minift.Tokenizer.from_pretrained(tiny_model_dir)
+    lr, crf_lr = 1e-4, 5e-2
+    cfg = TrainConfig(lr=lr, crf_lr=crf_lr, warmup_ratio=0.0, epochs=1, batch_size=16, max_length=40,
+                      progress=False)
+    t = Trainer(model, tok, ds, cfg, tmp_path / "run", log=lambda *a: None)
+    crf_ids = {id(p) for p in model.crf.parameters()}
+    groups = t.optimizer.param_groups
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters() if p.requires_grad)       # each once
+    assert [g["lr"] for g in groups if {id(p) for p in g["params"]} == crf_ids] == [crf_lr]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    t.train_step(list(range(16)))
+    moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in model.named_parameters()}
+    assert moved["crf.transitions"] == pytest.approx(crf_lr, rel=1e-3)
+    assert max(v for k, v in moved.items() if not k.startswith("crf.")) == pytest.approx(lr, rel=1e-3)
+    # without a CRF head the flag is an error that says so
+    code, _, err = run(["finetune", "--model", tiny_model_dir, "--token-task", "--train", d / "train.conll",
+                        "--crf-lr", "0.05", "--out", tmp_path / "x", *TINY], capsys)
+    user_error(code, err, "--crf-lr 0.05", "--crf")
