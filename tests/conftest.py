@@ -87,3 +87,13 @@ def built_site():
         assert r.returncode == 0, f"the site build failed:\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}"
         stamp.write_text(run)
     return root / "docs"
+
+
+# The longest single tests, started first: pytest-xdist hands out work in collection order (after
+# the groups with the most tests, "site" and "optim"), so a long test collected last (packaging
+# sorts late) would run alone at the end while the other worker sits idle.
+LONGEST_FIRST = ("test_packaging.py", "test_assignments.py", "test_build_modes.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: 0 if item.path.name in LONGEST_FIRST else 1)     # a stable sort
