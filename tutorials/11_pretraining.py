@@ -20,7 +20,7 @@
 # `minift/pretraining.py` and `minift/masking.py` hold the code.
 #
 # Sizes. The default sizes take well over an hour on one CPU thread: the table at the end was
-# measured with them, the MiniLM variants on one seed (`MINIFT_T11_MINILM_SEEDS=0`), in 73 minutes
+# measured with them, the MiniLM variants on one seed (`MINIFT_T11_MINILM_SEEDS=0`), in about 70 minutes
 # on a shared two-core machine. MINIFT_TUTORIAL_FAST=1 (CI) runs everything at toy sizes in about
 # two minutes, so its numbers show that the code runs, not what pre-training buys.
 # MINIFT_T11_SEEDS="0,1,2" sets the fine-tuning seeds, MINIFT_T11_MINILM_SEEDS those of the two
