@@ -20,7 +20,7 @@
 # `minift/pretraining.py` and `minift/masking.py` hold the code.
 #
 # Sizes. The default sizes take well over an hour on one CPU thread: the table at the end was
-# measured with them, the MiniLM variants on one seed (`MINIFT_T11_MINILM_SEEDS=0`), in about 70 minutes
+# measured with them, the MiniLM variants on one seed (`MINIFT_T11_MINILM_SEEDS=0`), in about 75 minutes
 # on a shared two-core machine. MINIFT_TUTORIAL_FAST=1 (CI) runs everything at toy sizes in about
 # two minutes, so its numbers show that the code runs, not what pre-training buys.
 # MINIFT_T11_SEEDS="0,1,2" sets the fine-tuning seeds, MINIFT_T11_MINILM_SEEDS those of the two
@@ -422,7 +422,9 @@ if not FAST:   # the claim everyone agrees on: a large pre-trained encoder beats
 # | 10,207 (all) | 0.774 (0.759-0.786) | 0.753 (0.750-0.758) | not run | not run |
 #
 # Linear probes on the frozen encoders (2,000 labelled snippets): random tiny 0.602, tiny + MLM
-# 0.604, MiniLM 0.743, MiniLM + MLM 0.754.
+# 0.604, MiniLM 0.743, MiniLM + MLM 0.754. (That run was stopped from outside during its last
+# fine-tuning, (d) at 1,000; that run and the probes were finished by this tutorial's code on the
+# run's saved checkpoints.)
 #
 # **Transfer learning works, at scale.** MiniLM with 100 labelled snippets (0.711) beats the tiny
 # encoder from scratch with 1,000 (0.665), and with 1,000 (0.798) beats it with all 10,207
