@@ -1,10 +1,10 @@
 // Autograd for the minift ops: which backward op each forward op's gradient comes from.
 //
-// Each forward op (attention_fwd, xent_fwd, dropout_fwd) gets a kernel for the Autograd dispatch
+// Each forward op (attention_fwd, xent_fwd, dropout_fwd, add_layer_norm_fwd, bias_gelu_fwd) gets a kernel for the Autograd dispatch
 // key. When an input needs a gradient, the kernel records a node in the autograd graph and calls the
 // op again below autograd, where the CPU or CUDA kernel runs; the node's backward calls the matching
 // backward op (attention_bwd, xent_bwd, native_dropout_backward) on what the forward saved. The math
-// of each backward is derived next to its kernels (attention.cpp, cross_entropy.cpp).
+// of each backward is derived next to its kernels (attention.cpp, cross_entropy.cpp, layer_norm.cpp, gelu.cpp).
 //
 // This wiring could be written in Python with torch.library.register_autograd, and it was, until
 // measurement showed the price: that Python layer runs on every call, gradient or not, and cost about
@@ -33,10 +33,18 @@ using AttnFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const a
 using AttnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const std::optional<at::Tensor>&, double, double, int64_t, int64_t);
-using XentFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t, double, int64_t);
-using XentBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                              double, int64_t);
+using XentFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                      const std::optional<at::Tensor>&, int64_t, double, int64_t);
+using XentBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const std::optional<at::Tensor>&, const at::Tensor&, int64_t, double, int64_t);
 using DropoutFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, int64_t, int64_t);
+using AddLnFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, int64_t, int64_t);
+using AddLnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    double);
+using BiasGeluFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&);
+using BiasGeluBwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&);
 
 // O = softmax(Q K^T * scale + mask) V. Saves Q, K, V, O and the row log-sum-exp; the backward
 // recomputes the probabilities from them (and the dropout mask from seed and offset).
@@ -68,29 +76,35 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 };
 
-// The cross-entropy loss (per row, summed or averaged). Saves the logits, the targets and the
-// row log-sum-exp; the backward is softmax minus the smoothed one-hot, times the output gradient.
+// The cross-entropy loss (per row, summed or averaged), with optional class weights. Saves the
+// logits, the targets, the weights and the row statistics (2, N): the row max and
+// log sum_c e^{z_c - max}, kept apart (their sum, the log-sum-exp, would round the second away at
+// large logits); the backward is softmax minus the smoothed one-hot, weighted, times the output
+// gradient. The class weights get no gradient (F.cross_entropy refuses one that asks for it).
 struct XentFunction : public torch::autograd::Function<XentFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
-                               int64_t ignore_index, double label_smoothing, int64_t reduction) {
+                               const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                               double label_smoothing, int64_t reduction) {
     static auto fwd = op<XentFwdSig>("minift::xent_fwd");
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [loss, lse] = fwd.call(logits, target, ignore_index, label_smoothing, reduction);
-    ctx->save_for_backward({logits, target, lse});
+    auto [loss, stats] = fwd.call(logits, target, weight, ignore_index, label_smoothing, reduction);
+    ctx->save_for_backward({logits, target, stats, weight.has_value() ? *weight : at::Tensor()});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["reduction"] = reduction;
-    ctx->mark_non_differentiable({lse});
-    return {loss, lse};
+    ctx->mark_non_differentiable({stats});
+    return {loss, stats};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto bwd = op<XentBwdSig>("minift::xent_bwd");
     auto s = ctx->get_saved_variables();
+    std::optional<at::Tensor> weight;
+    if (s[3].defined()) weight = s[3];
     auto g = grads[0].to(s[2].scalar_type()).contiguous();        // the loss's dtype, float32 or float64
-    auto dz = bwd.call(g, s[0], s[1], s[2], ctx->saved_data["ignore_index"].toInt(),
+    auto dz = bwd.call(g, s[0], s[1], weight, s[2], ctx->saved_data["ignore_index"].toInt(),
                        ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["reduction"].toInt());
-    return {dz, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dz, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -113,6 +127,48 @@ struct DropoutFunction : public torch::autograd::Function<DropoutFunction> {
   }
 };
 
+// out = LayerNorm(dropout(y) + x). Saves z = dropout(y) + x, the row mean and rstd, the weight and the
+// keep mask; the backward gives dx = dz and dy = dz keep / (1 - p): the same tensor when p = 0.
+struct AddLayerNormFunction : public torch::autograd::Function<AddLayerNormFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& bias, double eps, double p, int64_t seed, int64_t offset) {
+    static auto fwd = op<AddLnFwdSig>("minift::add_layer_norm_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, z, mean, rstd, keep] = fwd.call(y, x, weight, bias, eps, p, seed, offset);
+    ctx->save_for_backward({z, weight, mean, rstd, keep});
+    ctx->saved_data["p"] = p;
+    ctx->mark_non_differentiable({z, mean, rstd, keep});
+    return {out, z, mean, rstd, keep};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = op<AddLnBwdSig>("minift::add_layer_norm_bwd");
+    auto s = ctx->get_saved_variables();
+    auto [dx, dy, dweight, dbias] =
+        bwd.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], ctx->saved_data["p"].toDouble());
+    const bool same = ctx->saved_data["p"].toDouble() == 0.0;    // no dropout: dy = dx, one tensor
+    return {same ? dx : dy, dx, dweight, dbias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// out = GELU(h + bias). Saves pre = h + bias; the backward gives dh = dout GELU'(pre) and its column sum.
+struct BiasGeluFunction : public torch::autograd::Function<BiasGeluFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& bias) {
+    static auto fwd = op<BiasGeluFwdSig>("minift::bias_gelu_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, pre] = fwd.call(h, bias);
+    ctx->save_for_backward({pre});
+    ctx->mark_non_differentiable({pre});
+    return {out, pre};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = op<BiasGeluBwdSig>("minift::bias_gelu_bwd");
+    auto [dh, dbias] = bwd.call(grads[0].contiguous(), ctx->get_saved_variables()[0]);
+    return {dh, dbias};
+  }
+};
+
 static std::tuple<at::Tensor, at::Tensor> attention_fwd_autograd(const at::Tensor& q, const at::Tensor& k,
                                                                  const at::Tensor& v,
                                                                  const std::optional<at::Tensor>& mask, double p,
@@ -122,9 +178,13 @@ static std::tuple<at::Tensor, at::Tensor> attention_fwd_autograd(const at::Tenso
 }
 
 static std::tuple<at::Tensor, at::Tensor> xent_fwd_autograd(const at::Tensor& logits, const at::Tensor& target,
+                                                            const std::optional<at::Tensor>& weight,
                                                             int64_t ignore_index, double label_smoothing,
                                                             int64_t reduction) {
-  auto r = XentFunction::apply(logits, target, ignore_index, label_smoothing, reduction);
+  TORCH_CHECK(!weight.has_value() || !weight->requires_grad() || !at::GradMode::is_enabled(),
+              "softmax_cross_entropy: the class weights get no gradient; pass weight.detach() (got a weight "
+              "that requires grad)");
+  auto r = XentFunction::apply(logits, target, weight, ignore_index, label_smoothing, reduction);
   return {r[0], r[1]};
 }
 
@@ -134,7 +194,21 @@ static std::tuple<at::Tensor, at::Tensor> dropout_fwd_autograd(const at::Tensor&
   return {r[0], r[1]};
 }
 
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_autograd(
+    const at::Tensor& y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps, double p,
+    int64_t seed, int64_t offset) {
+  auto r = AddLayerNormFunction::apply(y, x, weight, bias, eps, p, seed, offset);
+  return {r[0], r[1], r[2], r[3], r[4]};
+}
+
+static std::tuple<at::Tensor, at::Tensor> bias_gelu_fwd_autograd(const at::Tensor& h, const at::Tensor& bias) {
+  auto r = BiasGeluFunction::apply(h, bias);
+  return {r[0], r[1]};
+}
+
 TORCH_LIBRARY_IMPL(minift, Autograd, m) {
+  m.impl("add_layer_norm_fwd", &add_layer_norm_fwd_autograd);
+  m.impl("bias_gelu_fwd", &bias_gelu_fwd_autograd);
   m.impl("attention_fwd", &attention_fwd_autograd);
   m.impl("xent_fwd", &xent_fwd_autograd);
   m.impl("dropout_fwd", &dropout_fwd_autograd);

@@ -85,6 +85,21 @@ inline void check_xent_inputs(const at::Tensor& logits, const at::Tensor& target
               "softmax_cross_entropy: expected 0 <= label_smoothing <= 1, got ", label_smoothing);
 }
 
+// The optional per-class weights of the cross-entropy: (C,), the logits' dtype and device, as
+// F.cross_entropy(weight=...) takes them (the CPU kernel checks their values). ValueError and
+// TypeError in Python, as minift.functional.check_class_weight raises them.
+inline void check_xent_weight(const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
+  if (!weight.has_value()) return;
+  const auto& w = *weight;
+  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == logits.size(1),
+                    "softmax_cross_entropy: expected weight of shape (C,) = (", logits.size(1),
+                    ",), one per class, got ", w.sizes());
+  TORCH_CHECK_TYPE(w.scalar_type() == logits.scalar_type(), "softmax_cross_entropy: expected weight of dtype ",
+                   logits.scalar_type(), " like the logits, got ", w.scalar_type());
+  TORCH_CHECK_VALUE(w.device() == logits.device(), "softmax_cross_entropy: expected weight on ", logits.device(),
+                    " like the logits, got ", w.device());
+}
+
 // The reduction argument of xent_fwd/xent_bwd, with at::Reduction's numbering.
 enum XentReduction : int64_t { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };
 
@@ -93,8 +108,9 @@ inline void check_reduction(int64_t reduction) {
               "softmax_cross_entropy: expected reduction 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 
-// The backward's grad: (N,) for reduction none, () for mean and sum; grad and lse in the loss's dtype acc.
-inline void check_xent_backward_inputs(const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& logits,
+// The backward's grad: (N,) for reduction none, () for mean and sum; grad and the row statistics
+// (2, N) (the forward's second output) in the loss's dtype acc.
+inline void check_xent_backward_inputs(const at::Tensor& grad, const at::Tensor& stats, const at::Tensor& logits,
                                        at::ScalarType acc, int64_t reduction) {
   const int64_t N = logits.size(0);
   const bool per_row = reduction == kReduceNone;
@@ -103,10 +119,10 @@ inline void check_xent_backward_inputs(const at::Tensor& grad, const at::Tensor&
               "softmax_cross_entropy backward: expected a contiguous ", acc, " grad of shape ",
               per_row ? "(" + std::to_string(N) + ",)" : std::string("() for reduction mean/sum"), " on ",
               logits.device(), ", got ", grad.sizes(), " ", grad.scalar_type(), " on ", grad.device());
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == N && lse.scalar_type() == acc && lse.is_contiguous() &&
-                  lse.device() == logits.device(),
-              "softmax_cross_entropy backward: expected a contiguous ", acc, " lse of shape (", N, ",), got ",
-              lse.sizes(), " ", lse.scalar_type());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.size(1) == N && stats.scalar_type() == acc &&
+                  stats.is_contiguous() && stats.device() == logits.device(),
+              "softmax_cross_entropy backward: expected the forward's contiguous ", acc,
+              " row statistics of shape (2, ", N, "), got ", stats.sizes(), " ", stats.scalar_type());
 }
 
 }  // namespace minift

@@ -6,14 +6,16 @@ Each backend is a namespace with the same functions and signatures:
     linear(x, weight, bias)                             (..., in) -> (..., out)
     layer_norm(x, weight, bias, eps)                    over the last dim
     gelu(x), tanh(x)
+    linear_gelu(x, weight, bias)                        GELU(x W^T + b), BertIntermediate
+    add_layer_norm(y, x, weight, bias, eps, p, training)     LayerNorm(dropout(y) + x), the post-LN residual
     dropout(x, p, training)
     attention(q, k, v, key_padding_mask, dropout_p, scale)   (B, nh, T, D), mask (B, T) True = keep
-    cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean")
+    cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean", weight=None)
     bce_with_logits(logits, target), mse_loss(pred, target)
 
 "torch" is PyTorch's own (the oracle); "reference" is minift.functional, every backward written by
-hand; "fused" is "torch" with attention, dropout and the loss replaced by the compiled kernels of
-minift.ops.
+hand; "fused" is "torch" with attention, dropout, the loss, bias + GELU and the residual add + dropout
++ layer norm replaced by the compiled kernels of minift.ops.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ torch_ops = SimpleNamespace(
     layer_norm=lambda x, w, b, eps: F.layer_norm(x, (x.shape[-1],), w, b, eps),
     gelu=F.gelu,
     tanh=torch.tanh,
+    linear_gelu=lambda x, w, b: F.gelu(F.linear(x, w, b)),
+    add_layer_norm=lambda y, x, w, b, eps, p, training: F.layer_norm(
+        (F.dropout(y, p, training) if p > 0.0 and training else y) + x, (y.shape[-1],), w, b, eps),
     dropout=lambda x, p, training: F.dropout(x, p, training) if p > 0.0 and training else x,
     attention=naive_attention,
     cross_entropy=F.cross_entropy,
@@ -45,7 +50,9 @@ def _reference_ops():
     return SimpleNamespace(
         name="reference",
         embedding=RF.embedding, linear=RF.linear, layer_norm=RF.layer_norm, gelu=RF.gelu,
-        tanh=RF.tanh, dropout=RF.dropout, attention=RF.attention, cross_entropy=RF.cross_entropy,
+        tanh=RF.tanh, dropout=RF.dropout,
+        linear_gelu=lambda x, w, b: RF.bias_gelu(RF.linear(x, w, None), b),
+        add_layer_norm=RF.add_layer_norm, attention=RF.attention, cross_entropy=RF.cross_entropy,
         bce_with_logits=RF.bce_with_logits, mse_loss=RF.mse_loss)
 
 
@@ -54,7 +61,9 @@ def _fused_ops():
     return SimpleNamespace(**{**vars(torch_ops), "name": "fused",
                               "attention": ops.fused_attention,
                               "dropout": ops.fused_dropout,
-                              "cross_entropy": ops.softmax_cross_entropy})
+                              "cross_entropy": ops.softmax_cross_entropy,
+                              "linear_gelu": lambda x, w, b: ops.bias_gelu(F.linear(x, w), b),
+                              "add_layer_norm": ops.add_layer_norm})
 
 
 _BUILDERS = {"torch": lambda: torch_ops, "reference": _reference_ops, "fused": _fused_ops}

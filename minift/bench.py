@@ -169,6 +169,100 @@ def bench_model(device, shapes, precisions, repeats) -> list[Row]:
     return rows
 
 
+def real_lengths_batch(B: int = 32):
+    """Token ids and mask of B real review snippets of similar length: the batch the trainer's
+    length buckets make on the default task (about 28 tokens). Random ids of random lengths
+    (12-40) where the corpus or the tokenizer is not installed."""
+    try:
+        import minift
+        from . import tasks
+        tok = minift.Tokenizer.from_pretrained("minilm")
+        texts = [e.text for e in tasks.rotten_tomatoes().train[:2000]]
+        lengths = [len(tok([t])["input_ids"][0]) for t in texts]
+        order = sorted(range(len(texts)), key=lengths.__getitem__)
+        mid = len(order) // 2
+        enc = tok([texts[i] for i in order[mid - B // 2: mid - B // 2 + B]])
+        return enc["input_ids"], enc["attention_mask"], "real snippets"
+    except Exception as e:      # the weights' or the corpus' package missing: say so in the table
+        g = torch.Generator().manual_seed(0)
+        lengths = torch.randint(12, 41, (B,), generator=g)
+        T = int(lengths.max())
+        mask = (torch.arange(T)[None] < lengths[:, None]).long()
+        ids = torch.randint(1000, 20000, (B, T), generator=g) * mask
+        return ids, mask, f"random lengths 12-40 ({type(e).__name__})"
+
+
+def bench_step_cpu(repeats: int = 9, profile_steps: int = 3) -> tuple[list[Row], str]:
+    """One fine-tuning step (forward, backward, AdamW) of MiniLM-shaped
+    BertForSequenceClassification, B=32, fp32: transformers (sdpa, torch.optim.AdamW) against
+    minift's impl="torch" and impl="fused" (its fused AdamW), at the real bucketed lengths and
+    padded to T=64 and T=128. The implementations take turns step by step (the median of each),
+    so a machine that slows down during the run slows all three alike. Also returns a profile of
+    minift fused's step at the real lengths: the operators that take the time."""
+    import transformers
+
+    import minift
+    from . import optim
+    cfg_kw = SHAPES["minilm"]
+    hf_cfg = transformers.BertConfig(**cfg_kw, num_labels=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    hf = transformers.BertForSequenceClassification(hf_cfg)
+    ours = minift.BertForSequenceClassification(minift.BertConfig(**cfg_kw, num_labels=2))
+    missing, _ = ours.load_state_dict(hf.state_dict(), strict=False)
+    assert not missing, f"transformers' weights do not cover minift's model: {missing}"
+    hf.train()
+    ours.train()
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-5)
+    ours_opts = {"torch": optim.AdamW(ours.parameters(), lr=1e-5),
+                 "fused": optim.AdamW(ours.parameters(), lr=1e-5, fused=True)}
+    ids, mask, source = real_lengths_batch(32)
+    labels = torch.randint(0, 2, (32,), generator=torch.Generator().manual_seed(1))
+
+    def padded(T):
+        if T is None:
+            return ids, mask
+        out_ids, out_mask = torch.zeros(32, T, dtype=ids.dtype), torch.zeros(32, T, dtype=mask.dtype)
+        out_ids[:, :ids.shape[1]], out_mask[:, :ids.shape[1]] = ids, mask
+        return out_ids, out_mask
+
+    def step(impl, x, m):
+        if impl == "transformers":
+            model, opt = hf, hf_opt
+        else:
+            ours.set_impl(impl)
+            model, opt = ours, ours_opts[impl]
+        loss = model(input_ids=x, attention_mask=m, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    rows = []
+    impls = ["transformers", "torch", "fused"]
+    for T in (None, 64, 128):
+        x, m = padded(T)
+        name = f"train step minilm B=32 T={x.shape[1]}{' (real lengths)' if T is None else ' (padded)'} fp32"
+        for impl in impls:
+            step(impl, x, m)                                   # warm-up
+        times = {impl: [] for impl in impls}
+        for _ in range(repeats):
+            for impl in impls:
+                t0 = time.perf_counter()
+                step(impl, x, m)
+                times[impl].append((time.perf_counter() - t0) * 1e3)
+        for impl in impls:
+            label = impl if impl == "transformers" else f"minift {impl}"
+            rows.append(Row(name, label, statistics.median(times[impl]),
+                            source if T is None and impl == "transformers" else ""))
+
+    from torch.profiler import ProfilerActivity, profile
+    x, m = padded(None)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(profile_steps):
+            step("fused", x, m)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return rows, table
+
+
 SHAPES = {
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
@@ -192,10 +286,16 @@ def run(quick: bool = False) -> tuple[list[Row], str]:
     rows += bench_xent(device, xent_sizes, xent_dtypes, repeats)
     if not quick:
         rows += bench_model(device, model_shapes, precisions, 9 if device.type == "cpu" else repeats)
-    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "CPU"
-    header = (f"{datetime.date.today().isoformat()}, device {device.type} ({gpu}), torch {torch.__version__}, "
-              f"CUDA {torch.version.cuda}, {torch.get_num_threads()} CPU threads")
-    return rows, header
+    return rows, run_header(device)
+
+
+def run_header(device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = f"{platform.processor() or 'CPU'}, {torch.backends.cpu.get_cpu_capability()}"
+    return (f"{datetime.date.today().isoformat()}, device {device.type} ({name}), torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda}, {torch.get_num_threads()} CPU threads")
 
 
 def format_rows(rows: list[Row]) -> str:

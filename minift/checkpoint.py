@@ -30,7 +30,7 @@ from .errors import UserError
 # What a run writes at the top of its folder, and the files of its checkpoints.
 RUN_OUTPUTS = ("best", "last", "last.old", "metrics.json", "train_log.jsonl", "training.png")
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                    "vocab.txt", "trainer_state.pt", "run.json")
+                    "vocab.txt", "trainer_state.pt", "run.json", "thresholds.json")
 LOCK = ".lock"
 
 _held: dict[Path, int] = {}   # lock file -> open descriptor, for the locks this process holds

@@ -137,11 +137,15 @@ class TrainConfig:
     clip: float = _opt(1.0, "global gradient-norm clip (0: off)")
     seed: int = _opt(0, "seed of the data order and of every random number")
     patience: int = _opt(0, "early stopping: epochs without dev improvement (0: off)")
-    precision: str = _opt("auto", "auto: bf16 autocast on a GPU that has it, else fp32; fp16 and bf16 need a GPU",
+    precision: str = _opt("auto", "auto: bf16 autocast on a GPU that has it or a CPU with AMX-BF16, else fp32; fp16 needs a GPU",
                           choices=("auto", "fp32", "bf16", "fp16"))
     eval_batch_size: int = _opt(128, "examples per batch when evaluating")
     max_train_examples: int = _opt(0, "use only the first N training examples (0: all)")
     log_every: int = _opt(10, "optimizer steps between lines of train_log.jsonl")
+    class_weights: str = _opt("none", "single-label classes: none; balanced (w_c = n / (C n_c), as sklearn); or "
+                                      "a FILE of 'class,weight' lines: the weight= of the cross-entropy")
+    sampler: str = _opt("shuffle", "shuffle: each example once per epoch; balanced: n draws with replacement, "
+                                   "every class equally likely (seeded per epoch)", choices=("shuffle", "balanced"))
     progress: bool = _opt(True, "progress bars", resume=False)
 
     def check(self) -> None:
@@ -161,6 +165,9 @@ class TrainConfig:
             ("max_train_examples", lambda v: v >= 0, "an integer >= 0 (0: all)"),
             ("log_every", lambda v: v >= 1, "an integer >= 1"),
             ("precision", lambda v: v in ("auto", "fp32", "bf16", "fp16"), "auto, fp32, bf16 or fp16"),
+            ("sampler", lambda v: v in ("shuffle", "balanced"), "shuffle or balanced"),
+            ("class_weights", lambda v: v in ("none", "balanced") or os.path.isfile(v),
+             "none, balanced or a file of 'class,weight' lines (no such file)"),
         ]
         for name, ok, expected in rules:
             value = getattr(self, name)

@@ -317,6 +317,22 @@ def bio_constraints(tags: list[str]):
     return start, trans, torch.ones(K, dtype=torch.bool)
 
 
+def is_bio(tags: list[str]) -> bool:
+    """Is this tag set BIO (IOB2): only O, B-X and I-X, and at least one B-X or I-X?"""
+    return (all(t == "O" or t.startswith(("B-", "I-")) for t in tags)
+            and any(t != "O" for t in tags))
+
+
+def bio_violation(tags: list[str]) -> tuple[int, str] | None:
+    """The first position whose I-X follows neither B-X nor I-X (or starts the sentence), and why."""
+    prev = "O"
+    for i, t in enumerate(tags):
+        if t.startswith("I-") and prev not in ("B-" + t[2:], t):
+            return i, f"{t!r} after {prev!r}" if i else f"{t!r} starts the sentence"
+        prev = t
+    return None
+
+
 class LinearChainCRF(nn.Module):
     """Transition scores A (K, K) (``transitions[i, j]``: tag i followed by tag j), start and end
     scores (K,), and boolean masks of the allowed ones (saved with the model).
@@ -408,6 +424,8 @@ class BertCRFForTokenClassification(BertForTokenClassification):
     transformers' BertForTokenClassification loads the file and ignores them.
     """
 
+    loss_per_sentence = True   # one NLL term per sentence (the trainer averages over sentences)
+
     def __init__(self, config, constraints: str | None = None):
         super().__init__(config)
         tags = None if config.id2label is None else [config.id2label[i] for i in range(config.num_labels)]
@@ -423,14 +441,17 @@ class BertCRFForTokenClassification(BertForTokenClassification):
             model.crf.set_constraints(constraints, [id2label.get(i) for i in range(model.config.num_labels)])
         return model
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> HeadOutput:
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                reduction: str = "mean") -> HeadOutput:
+        """``reduction``: the NLL's "mean" or "sum" over the batch's sentences."""
         logits = super().forward(input_ids, attention_mask, token_type_ids).logits    # (B, T, C) emissions
         loss = None
         if labels is not None:
             scored = labels != -100                                                   # (B, T)
             emissions, mask, index = compact(logits, scored)                          # (B, W, C), (B, W)
             tags = labels.gather(1, index)                                            # (B, W)
-            loss = self.crf.nll(emissions, tags, mask, reduction="mean")
+            loss = self.crf.nll(emissions.float() if emissions.dtype in (torch.float16, torch.bfloat16)
+                                else emissions, tags, mask, reduction=reduction)
         return HeadOutput(loss=loss, logits=logits)
 
     @torch.no_grad()

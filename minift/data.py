@@ -2,10 +2,19 @@
 
 The bundled corpora live in ``minift.tasks``; this module knows none of them.
 
-User data: CSV or JSONL with a ``text`` column (optionally ``text_pair``) and a ``label`` column
-for classification; CoNLL columns (word ... tag, blank line between sentences) for token tasks.
+User data: CSV, TSV or JSONL with a ``text`` column (optionally ``text_pair``) and a ``label``
+column; CoNLL columns (word ... tag, blank line between sentences) for token tasks.
 Files are read as UTF-8 (a byte-order mark is accepted) unless another ``encoding`` is given.
 Every reader error is a ``UserError`` that names the file, the line and the problem.
+
+The ``label`` column says what kind of problem a file is (``infer_problem``), unless it is given:
+
+- single-label classification: a class name (``fresh``); integers (``1``..``5``) are class names too;
+- regression: a number with a decimal point or an exponent (``2.73``, ``-1e-1``); JSONL: a JSON number;
+- multi-label: a set of class names, in JSONL a list (``["joy", "anger"]``, ``[]`` for none), in
+  CSV/TSV one string joined by ``label_sep`` (default ``|``: ``joy|anger``; an empty field is the
+  empty set). A label that holds another usual separator (``; , / +``) is refused with its line,
+  so that ``joy;anger`` is never read as one class: give ``label_sep`` (``--label-sep ";"``).
 """
 from __future__ import annotations
 
@@ -14,6 +23,8 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +41,11 @@ SINGLE_LABEL, MULTI_LABEL, REGRESSION = ("single_label_classification", "multi_l
 # the chosen tokens and IGNORE_INDEX elsewhere.
 MASKED_LM = "masked_lm"
 MIN_CLASS_EXAMPLES = 2    # a class with fewer training rows is reported (a typo, or a split text?)
+# The names of the problem types on the command line (--problem).
+PROBLEMS = {"classification": SINGLE_LABEL, "regression": REGRESSION, "multi_label": MULTI_LABEL}
+SEPARATORS = "|;,/+"      # usual ways to join a row's labels; only label_sep splits, the others are refused
+REGRESSION_LABELS = ["score"]   # the one output of a regression model
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 @dataclass
@@ -50,6 +66,7 @@ class Dataset:
     test: list[Example]              # may be empty: then no test metric is computed
     labels: list[str] = field(default_factory=list)   # class names, index = class id
     problem: str = SINGLE_LABEL      # classification only: SINGLE_LABEL | MULTI_LABEL | REGRESSION
+    problem_reason: str = ""         # why that problem type (read from the data, or given)
 
     def sizes(self) -> str:
         return f"{len(self.train)} train / {len(self.dev)} dev / {len(self.test)} test"
@@ -76,14 +93,25 @@ def split_by_hash(examples: list[Example], name: str, task: str, labels: list[st
     return Dataset(name, task, parts["train"], parts["dev"], parts["test"], labels)
 
 
-def from_files(train, dev=None, test=None, token_task: bool = False, encoding: str = "utf-8") -> Dataset:
+def from_files(train, dev=None, test=None, token_task: bool = False, encoding: str = "utf-8",
+               problem: str = "auto", label_sep: str = "|") -> Dataset:
     """A Dataset from the user's files; labels are those of the training file.
 
+    ``problem``: "auto" (read from the training file's labels, see ``infer_problem``) or one of
+    SINGLE_LABEL, MULTI_LABEL, REGRESSION; the dev and test files are read as that problem.
     No dev file: the training examples whose hash says "dev" are held out. No test file: the test
     split is empty and no test metric is computed.
     """
-    def read(path):
-        return (read_conll if token_task else read_classification_file)(path, encoding=encoding)
+    reason = ""
+    if token_task:
+        def read(path):
+            return read_conll(path, encoding=encoding)
+    else:
+        rows = read_label_rows(train, encoding)
+        problem, reason = infer_problem(rows, train, label_sep) if problem == "auto" else (problem, "given")
+
+        def read(path):
+            return to_examples(rows if path == train else read_label_rows(path, encoding), path, problem, label_sep)
     parts = {"train": read(train), "dev": read(dev) if dev else None, "test": read(test) if test else []}
     if parts["dev"] is None:  # no dev file: hold out the training examples whose hash says "dev"
         held = [e for e in parts["train"] if split_of(_key(e)) == "dev"]
@@ -92,14 +120,19 @@ def from_files(train, dev=None, test=None, token_task: bool = False, encoding: s
                             f"give a dev file with --dev")
         parts["train"] = [e for e in parts["train"] if split_of(_key(e)) != "dev"]
         parts["dev"] = held
-    labels = label_list(parts["train"])
-    for name, path in (("dev", dev), ("test", test)):
-        if parts[name]:
-            check_labels(parts[name], labels, str(path) if path else f"{train} (held-out dev part)")
-    if not token_task:
+    if token_task or problem != REGRESSION:
+        labels = label_list(parts["train"])
+        for name, path in (("dev", dev), ("test", test)):
+            if parts[name]:
+                check_labels(parts[name], labels, str(path) if path else f"{train} (held-out dev part)")
+    else:
+        labels = list(REGRESSION_LABELS)
+    if not token_task and problem == SINGLE_LABEL:
         check_class_sizes(parts["train"], str(train))
-    return Dataset(Path(train).stem, "token" if token_task else "classification",
-                   parts["train"], parts["dev"], parts["test"], labels)
+    if token_task:
+        return Dataset(Path(train).stem, "token", parts["train"], parts["dev"], parts["test"], labels)
+    return Dataset(Path(train).stem, "classification", parts["train"], parts["dev"], parts["test"], labels,
+                   problem=problem, problem_reason=reason)
 
 
 def _key(ex: Example) -> str:
@@ -131,8 +164,27 @@ def read_text(path, encoding: str = "utf-8") -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def read_classification_file(path, encoding: str = "utf-8") -> list[Example]:
-    """CSV (header row) or JSONL with columns text, label and optionally text_pair."""
+def read_classification_file(path, encoding: str = "utf-8", problem: str = SINGLE_LABEL,
+                             label_sep: str = "|") -> list[Example]:
+    """CSV, TSV (by the suffix .tsv) or JSONL with columns text, label and optionally text_pair;
+    the labels read as ``problem`` ("auto": ``infer_problem``), see the module's docstring."""
+    rows = read_label_rows(path, encoding)
+    if problem == "auto":
+        problem = infer_problem(rows, path, label_sep)[0]
+    return to_examples(rows, path, problem, label_sep)
+
+
+@dataclass
+class LabelRow:
+    """A row as it is in the file: the label not yet read as a class, a set or a number."""
+    line: int
+    text: str
+    label: object                    # CSV/TSV: a string; JSONL: whatever JSON value it holds
+    text_pair: str | None = None
+
+
+def read_label_rows(path, encoding: str = "utf-8") -> list[LabelRow]:
+    """The rows of a CSV/TSV/JSONL file, each with its line; errors name the file and the line."""
     path = Path(path)
     text = read_text(path, encoding)
     rows: list[tuple[int, dict]] = []                      # (line, row)
@@ -145,7 +197,8 @@ def read_classification_file(path, encoding: str = "utf-8") -> list[Example]:
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
     else:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
         if reader.fieldnames is None:
             raise UserError(f"{path}: the file is empty; expected a header row with text,label")
         missing = [c for c in ("text", "label") if c not in reader.fieldnames]
@@ -155,27 +208,132 @@ def read_classification_file(path, encoding: str = "utf-8") -> list[Example]:
         for row in reader:
             if None in row:                                # more fields than the header
                 raise UserError(f"{path}, line {start}: {len(reader.fieldnames) + len(row[None])} fields, "
-                                f"the header has {len(reader.fieldnames)}; a text that contains a comma "
-                                f"must be in double quotes")
+                                f"the header has {len(reader.fieldnames)}; a text that contains a "
+                                f"{'tab' if delimiter == chr(9) else 'comma'} must be in double quotes")
             rows.append((start, row))
             start = reader.line_num + 1
-    examples = []
+    out = []
     for n, row in rows:
         if not isinstance(row, dict):
             raise UserError(f"{path}, line {n}: expected an object with text and label")
-        for col in ("text", "label"):
-            if row.get(col) in (None, ""):
-                raise UserError(f"{path}, line {n}: missing or empty {col!r}")
-        text_, label, pair = str(row["text"]), str(row["label"]), row.get("text_pair")
+        if row.get("text") in (None, ""):
+            raise UserError(f"{path}, line {n}: missing or empty 'text'")
+        if row.get("label") is None:
+            raise UserError(f"{path}, line {n}: missing or empty 'label'")
+        text_, pair = str(row["text"]), row.get("text_pair")
         if not text_.strip():
             raise UserError(f"{path}, line {n}: the text is only whitespace")
-        if label != label.strip():
-            raise UserError(f"{path}, line {n}: the label {label!r} has spaces around it (a text split "
-                            f"at a comma? then quote the text)")
-        examples.append(Example(text_, label, str(pair) if pair else None, line=n))
-    if not examples:
+        out.append(LabelRow(n, text_, row["label"], str(pair) if pair else None))
+    if not out:
         raise UserError(f"{path}: the file has no examples")
-    return examples
+    return out
+
+
+def _number(raw) -> float | None:
+    """A label's value as a number (JSON number or numeric string), else None."""
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, (int, float)):
+        return float(raw)
+    if isinstance(raw, str) and _NUMBER.match(raw.strip()):
+        return float(raw)
+    return None
+
+
+def _has_decimals(raw) -> bool:
+    """Written as a non-integer number: 2.5, 3.0, 1e-3 (not 3, not "3")."""
+    if isinstance(raw, float):
+        return True
+    return isinstance(raw, str) and _number(raw) is not None and any(c in raw for c in ".eE")
+
+
+def infer_problem(rows: list[LabelRow], path, label_sep: str = "|") -> tuple[str, str]:
+    """(problem type, the reason, in words) from the labels of a training file.
+
+    Lists, or strings joined by ``label_sep``: multi-label. Numbers, at least one written with
+    decimals: regression. Anything else (integers too): single-label classification.
+    """
+    for r in rows:
+        if isinstance(r.label, list):
+            return MULTI_LABEL, f"the labels are lists (line {r.line}: {r.label!r})"
+    for r in rows:
+        if isinstance(r.label, str) and label_sep in r.label:
+            return MULTI_LABEL, f"labels are joined by {label_sep!r} (line {r.line}: {r.label!r})"
+    numbers = [_number(r.label) for r in rows]
+    if all(v is not None for v in numbers):
+        first = next((r for r in rows if _has_decimals(r.label)), None)
+        if first is not None:
+            return REGRESSION, f"the labels are numbers with decimals (line {first.line}: {first.label!r})"
+        return SINGLE_LABEL, "the labels are integers, read as class names (--problem regression reads them as numbers)"
+    for r in rows:                      # "joy;anger": a multi-label file with another separator?
+        other = next((c for c in SEPARATORS if c != label_sep and isinstance(r.label, str) and c in r.label), None)
+        if other is not None:
+            raise UserError(f"{path}, line {r.line}: the label {r.label!r} contains {other!r}. If a row has several "
+                            f"labels, join them with {label_sep!r} or give --label-sep {other!r}; if {other!r} is "
+                            f"part of a class name, give --problem classification")
+    return SINGLE_LABEL, "the labels are class names"
+
+
+def to_examples(rows: list[LabelRow], path, problem: str, label_sep: str = "|") -> list[Example]:
+    """Each row's label read as ``problem`` asks; a label that does not fit names its file and line."""
+    if problem not in (SINGLE_LABEL, MULTI_LABEL, REGRESSION):
+        raise UserError(f"problem: expected one of {SINGLE_LABEL}, {MULTI_LABEL}, {REGRESSION}; got {problem!r}")
+    reader = {SINGLE_LABEL: _class_label, MULTI_LABEL: _label_set, REGRESSION: _score}[problem]
+    return [Example(r.text, reader(r.label, f"{path}, line {r.line}", label_sep, rows), r.text_pair, line=r.line)
+            for r in rows]
+
+
+def _class_label(raw, where: str, label_sep: str, rows) -> str:
+    if isinstance(raw, list):
+        raise UserError(f"{where}: a list of labels {raw!r} in a single-label classification file "
+                        f"(use --problem multi_label)")
+    if _has_decimals(raw):
+        example = next((r.label for r in rows if _number(r.label) is None), None)
+        others = f"the other labels are class names such as {example!r}" if example is not None else \
+            "every label is a number"
+        raise UserError(f"{where}: the label {raw!r} is a number with decimals in a classification file "
+                        f"({others}); fix the label, or train a regression with --problem regression")
+    label = str(int(raw)) if isinstance(raw, float) else str(raw)
+    if label == "":
+        raise UserError(f"{where}: missing or empty 'label'")
+    if label != label.strip():
+        raise UserError(f"{where}: the label {label!r} has spaces around it (a text split at a comma? then "
+                        f"quote the text)")
+    return label
+
+
+def _label_set(raw, where: str, label_sep: str, rows) -> list[str]:
+    if isinstance(raw, list):
+        names = [str(x) for x in raw]
+    elif isinstance(raw, str):
+        names = [] if raw.strip() == "" else raw.split(label_sep)
+    else:
+        raise UserError(f"{where}: expected a list of labels (or labels joined by {label_sep!r}), got {raw!r}")
+    out = []
+    for name in names:
+        if name.strip() == "":
+            raise UserError(f"{where}: an empty label in {raw!r} (a doubled or trailing {label_sep!r}?)")
+        if name != name.strip():
+            raise UserError(f"{where}: the label {name!r} has spaces around it; join labels with "
+                            f"{label_sep!r} and no spaces")
+        other = next((c for c in SEPARATORS if c != label_sep and c in name), None)
+        if other is not None:
+            raise UserError(f"{where}: the label {name!r} contains {other!r}, which is not the label "
+                            f"separator {label_sep!r}; join a row's labels with {label_sep!r}, or give "
+                            f"--label-sep {other!r}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def _score(raw, where: str, label_sep: str, rows) -> float:
+    value = _number(raw)
+    if value is None:
+        raise UserError(f"{where}: the label {raw!r} is not a number; a regression file needs a number in "
+                        f"every row (or train a classifier with --problem classification)")
+    if not math.isfinite(value):
+        raise UserError(f"{where}: the label {raw!r} is not a finite number")
+    return value
 
 
 def read_conll(path, word_col: int = 0, tag_col: int = -1, encoding: str = "utf-8") -> list[Example]:

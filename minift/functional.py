@@ -176,6 +176,66 @@ def layer_norm(x, weight, bias, eps=1e-12):
 
 
 # ------------------------------------------------------------------------------------------
+# residual add + dropout + layer norm: the post-LN residual of BertSelfOutput and BertOutput
+# ------------------------------------------------------------------------------------------
+
+
+def add_layer_norm_forward(y, x, keep, p, weight, bias, eps):
+    r"""The post-LN residual :math:`\mathrm{out} = \mathrm{LayerNorm}(z)`, with
+    :math:`z = y \odot m + x` and the dropout multipliers :math:`m = \mathrm{keep} / (1 - p)`
+    (:math:`m = 1` without dropout, ``keep=None``). Returns out and z, which the backward needs."""
+    z = (y if keep is None else dropout_forward(y, keep, p)) + x    # (N, H)  z = y m + x
+    return layer_norm_forward(z, weight, bias, eps), z
+
+
+def add_layer_norm_backward(dout, z, keep, p, weight, eps):
+    r"""Backward of the post-LN residual. The layer norm's part is :func:`layer_norm_backward`'s:
+    with :math:`g = dout \odot w`, :math:`\hat z = (z - \mu)\, r`,
+
+    .. math::
+
+        dz = r \left( g - \operatorname{mean}(g) - \hat z \odot \operatorname{mean}(g \odot \hat z) \right),
+        \qquad dw = \sum_n dout \odot \hat z, \qquad db = \sum_n dout.
+
+    Then z is a sum, :math:`z_j = y_j m_j + x_j`, so :math:`\partial z_j / \partial x_j = 1` and
+    :math:`\partial z_j / \partial y_j = m_j`:
+
+    .. math::
+
+        dx = dz, \qquad dy = dz \odot m .
+
+    Without dropout (:math:`m = 1`) dy and dx are the same tensor, and the kernel writes it once.
+    Returns dy, dx, dweight, dbias.
+    """
+    dz, dweight, dbias = layer_norm_backward(dout, z, weight, eps)   # (N, H), (H,), (H,)
+    dy = dz if keep is None else dropout_backward(dz, keep, p)      # dy = dz m
+    return dy, dz, dweight, dbias                                    # dx = dz
+
+
+class AddLayerNorm(Function):
+    @staticmethod
+    def forward(ctx, y, x, weight, bias, keep, p, eps):
+        out, _ = add_layer_norm_forward(y, x, keep, p, weight, bias, eps)
+        ctx.save_for_backward(y, x, weight, keep)       # the inputs; z is recomputed (the kernel saves it)
+        ctx.p, ctx.eps = p, eps
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, x, weight, keep = ctx.saved_tensors
+        z = (y if keep is None else dropout_forward(y, keep, ctx.p)) + x
+        return *add_layer_norm_backward(dout, z, keep, ctx.p, weight, ctx.eps), None, None, None
+
+
+def add_layer_norm(y, x, weight, bias, eps=1e-12, p=0.0, training=True, generator=None):
+    """LayerNorm(dropout(y) + x) over the last dimension."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"add_layer_norm: expected 0 <= p < 1, got {p}")
+    keep = dropout_mask(y.shape, p, y.device, generator) if training and p > 0.0 else None
+    return AddLayerNorm.apply(y, x, weight, bias, keep, p, eps)
+
+
+# ------------------------------------------------------------------------------------------
 # GELU (exact, with erf) and tanh
 # ------------------------------------------------------------------------------------------
 
@@ -212,6 +272,47 @@ class GELU(Function):
 
 def gelu(x):
     return GELU.apply(x)
+
+
+def bias_gelu_forward(h, bias):
+    r"""GELU after a bias: :math:`\mathrm{out} = \mathrm{GELU}(h + b)`, with h the matmul's output
+    without its bias (BertIntermediate). Returns out and the pre-activation :math:`h + b`, saved
+    for the backward."""
+    pre = h + bias                                                  # (N, I)
+    return gelu_forward(pre), pre
+
+
+def bias_gelu_backward(dout, pre):
+    r"""Bias + GELU backward. With :math:`a = h + b` (b broadcast over the rows n),
+    :math:`\partial a_{ni} / \partial h_{ni} = 1` and :math:`\partial a_{ni} / \partial b_i = 1`, so
+
+    .. math::
+
+        da = dout \odot \left(\Phi(a) + a\, \phi(a)\right), \qquad
+        dh = da, \qquad db_i = \sum_n da_{ni}:
+
+    the bias gradient is the column sum of the same da, which the kernel takes in the same pass.
+    Returns dh, dbias.
+    """
+    da = gelu_backward(dout, pre)                                   # (N, I)  dout (Phi + a phi)
+    return da, da.reshape(-1, da.shape[-1]).sum(0)                  # dh = da, db = sum_n da
+
+
+class BiasGELU(Function):
+    @staticmethod
+    def forward(ctx, h, bias):
+        out, _ = bias_gelu_forward(h, bias)
+        ctx.save_for_backward(h, bias)                  # the inputs; pre is recomputed (the kernel saves it)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        h, bias = ctx.saved_tensors
+        return bias_gelu_backward(dout, h + bias)
+
+
+def bias_gelu(h, bias):
+    return BiasGELU.apply(h, bias)
 
 
 def tanh_forward(x):
@@ -441,82 +542,141 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, generat
 
 
 # ------------------------------------------------------------------------------------------
-# softmax cross-entropy with ignore_index and label smoothing
+# softmax cross-entropy with ignore_index, label smoothing and class weights
 # ------------------------------------------------------------------------------------------
 
 
-def _ce_weights(target, C, ignore_index, reduction, dtype):
-    """Per-row weight w_n: 1 (sum/none) or 1/N_valid (mean), 0 for ignored rows."""
-    valid = target != ignore_index                                  # (N,)
-    w = valid.to(dtype)
-    if reduction == "mean":
-        w = w / valid.sum().clamp(min=1)     # all rows ignored: loss 0 (torch's own gives NaN)
-    return valid, w
+def check_class_weight(weight, logits, name="cross_entropy", values=True):
+    """Per-class weights as F.cross_entropy(weight=...) takes them: (C,), the logits' dtype and
+    device, no gradient asked of them, and (``values``) every entry finite and >= 0. The error says
+    what was expected and what came. (F.cross_entropy itself accepts negative weights, and NaN.)
+    The value check reads the weights (a few tensor ops, and on a GPU a wait for it), so the fused
+    op leaves it to its CPU kernel, which raises the same ValueError."""
+    if weight is None:
+        return
+    C = logits.shape[-1]
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name}: expected weight to be a tensor of shape (C,) = ({C},), got {type(weight).__name__}")
+    if weight.dim() != 1 or weight.shape[0] != C:
+        raise ValueError(f"{name}: expected weight of shape (C,) = ({C},), one per class, got {tuple(weight.shape)}")
+    if weight.dtype != logits.dtype:
+        raise TypeError(f"{name}: expected weight of dtype {logits.dtype} like the logits, got {weight.dtype}")
+    if weight.device != logits.device:
+        raise ValueError(f"{name}: expected weight on {logits.device} like the logits, got {weight.device}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name}: the class weights get no gradient; pass weight.detach() "
+                         "(got a weight that requires grad)")
+    if not values:
+        return
+    bad = ~(torch.isfinite(weight) & (weight >= 0))                 # (C,)
+    if bad.any():
+        c = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}: expected finite class weights >= 0, got weight[{c}] = {weight[c].item():g}")
 
 
-def cross_entropy_forward(logits, target, ignore_index=IGNORE_INDEX, label_smoothing=0.0, reduction="mean"):
-    r"""Softmax cross-entropy of logits (N, C) against class indices (N,).
+def _ce_targets(logits, target, ignore_index, label_smoothing, reduction, weight):
+    r"""The smoothed, weighted target distribution :math:`q` (N, C) and each row's scale
+    :math:`r_n` (N,).
 
     .. math::
 
-        \log p_c &= z_c - \log \sum_k e^{z_k}
-            \qquad \text{(log-sum-exp after subtracting the max: stable at } |z| = 10^4) \\
-        l_n &= -\sum_c q_c \log p_c, \qquad
-            q = (1-\epsilon)\, \mathrm{onehot}(y_n) + \epsilon / C
-            \qquad \text{(label smoothing } \epsilon)
+        q_{nc} = (1-\epsilon)\, w_{y_n} [c = y_n] + \frac{\epsilon}{C} w_c
+            \qquad (w_c = 1 \text{ without class weights}),
 
-    Rows with :math:`y_n` = ``ignore_index`` contribute 0; "mean" divides by the number of
-    other rows.
+    0 for an ignored row. :math:`r_n = 1` for "none" and "sum"; for "mean" :math:`r_n = 1/W` with
+    :math:`W = \sum_n w_{y_n}` over the rows not ignored (their number without class weights), and
+    0 when :math:`W = 0` (every row ignored: loss 0, where torch's own gives NaN).
     """
     N, C = logits.shape
-    valid, w = _ce_weights(target, C, ignore_index, reduction, logits.dtype)
-    logp = logits - torch.logsumexp(logits, -1, keepdim=True)       # (N, C)
+    valid = target != ignore_index                                  # (N,)
     safe_t = target.masked_fill(~valid, 0)
-    nll = -logp.gather(1, safe_t[:, None]).squeeze(1)               # (N,)  -log p_y
-    smooth = -logp.mean(-1)                                         # (N,)  -(1/C) sum_c log p_c
-    per_row = (1.0 - label_smoothing) * nll + label_smoothing * smooth
-    per_row = per_row * valid
+    w = torch.ones(C, dtype=logits.dtype, device=logits.device) if weight is None else weight.to(logits.dtype)
+    wy = w[safe_t] * valid                                          # (N,)  w_{y_n}, 0 when ignored
+    q = (label_smoothing / C) * w.expand(N, C) * valid[:, None]     # (N, C)  (eps/C) w_c
+    q = q.scatter_add(1, safe_t[:, None], ((1.0 - label_smoothing) * wy)[:, None])  # + (1-eps) w_y at y
+    r = torch.ones(N, dtype=logits.dtype, device=logits.device)    # (N,)
+    if reduction == "mean":
+        W = wy.sum()                                                # W = sum_n w_{y_n}
+        r = r / W if W != 0 else r * 0
+    return q, r
+
+
+def _log_softmax(z):
+    r""":math:`\log p_c = (z_c - m) - \log\sum_k e^{z_k - m}`, :math:`m = \max_k z_k`: the max and
+    the log of the sum subtracted one after the other (:math:`m + \log\sum` would round the second
+    away at :math:`|z| = 10^8` in float32)."""
+    d = z - z.amax(-1, keepdim=True)                                # (N, C)  z_c - m <= 0
+    return d - torch.log(torch.exp(d).sum(-1, keepdim=True))       # (N, C)  log p
+
+
+def cross_entropy_forward(logits, target, ignore_index=IGNORE_INDEX, label_smoothing=0.0, reduction="mean",
+                          weight=None):
+    r"""Softmax cross-entropy of logits (N, C) against class indices (N,), with optional class
+    weights :math:`w` (C,).
+
+    .. math::
+
+        \log p_c &= (z_c - m) - \log \sum_k e^{z_k - m}
+            \qquad (m = \max_k z_k \text{: stable at any } |z|) \\
+        l_n &= -\sum_c q_{nc} \log p_{nc}, \qquad
+            q_{nc} = (1-\epsilon)\, w_{y_n} [c = y_n] + \frac{\epsilon}{C} w_c
+
+    with label smoothing :math:`\epsilon` and :math:`w_c = 1` without class weights. This is
+    F.cross_entropy's meaning of ``weight=`` together with ``label_smoothing=``: the hit term
+    weighted by the target's :math:`w_{y_n}`, the smoothing term by each class's :math:`w_c`,
+
+    .. math::
+
+        l_n = (1-\epsilon)\, w_{y_n} (-\log p_{y_n}) + \frac{\epsilon}{C} \sum_c w_c (-\log p_c).
+
+    Rows with :math:`y_n` = ``ignore_index`` contribute 0; "mean" divides the sum by
+    :math:`W = \sum_n w_{y_n}` over the other rows (their number without class weights).
+    """
+    q, r = _ce_targets(logits, target, ignore_index, label_smoothing, reduction, weight)
+    per_row = -(q * _log_softmax(logits)).sum(-1)                   # (N,)  l_n = -sum_c q_nc log p_nc
     if reduction == "none":
         return per_row
-    return (per_row * w).sum() if reduction == "mean" else per_row.sum()
+    return (per_row * r).sum()                                      # sum_n r_n l_n
 
 
-def cross_entropy_backward(dloss, logits, target, ignore_index=IGNORE_INDEX, label_smoothing=0.0, reduction="mean"):
-    r"""Softmax cross-entropy backward: :math:`\partial l_n / \partial z_c = p_c - q_c`
-    (softmax minus the smoothed one-hot target), times the row weight.
-
-    From :math:`l = -\sum_c q_c \left(z_c - \log\sum_k e^{z_k}\right)` and :math:`\sum_c q_c = 1`:
+def cross_entropy_backward(dloss, logits, target, ignore_index=IGNORE_INDEX, label_smoothing=0.0, reduction="mean",
+                           weight=None):
+    r"""Softmax cross-entropy backward. From :math:`l_n = -\sum_k q_{nk} \log p_k` and
+    :math:`\partial \log p_k / \partial z_c = [k = c] - p_c`:
 
     .. math::
 
-        \frac{\partial l}{\partial z_c} = -q_c + p_c.
+        \frac{\partial l_n}{\partial z_c} = -\sum_k q_{nk} \big([k = c] - p_c\big)
+            = a_n p_c - q_{nc}, \qquad
+        a_n = \sum_k q_{nk} = (1-\epsilon)\, w_{y_n} + \frac{\epsilon}{C} \sum_k w_k,
 
-    For "mean" each row is scaled by :math:`1/N_\text{valid}`; ignored rows get 0.
+    times the row's scale :math:`r_n` (1, or :math:`1/W` for "mean") and ``dloss``. Without class
+    weights :math:`a_n = 1` and this is softmax minus the smoothed one-hot, :math:`p - q`. Ignored
+    rows have :math:`q_n = 0`, hence :math:`a_n = 0` and a zero gradient.
     """
-    N, C = logits.shape
-    valid, w = _ce_weights(target, C, ignore_index, reduction, logits.dtype)
+    q, r = _ce_targets(logits, target, ignore_index, label_smoothing, reduction, weight)
     p = torch.softmax(logits, -1)                                   # (N, C)
-    q = torch.full_like(p, label_smoothing / C)
-    q.scatter_add_(1, target.masked_fill(~valid, 0)[:, None],
-                   torch.full((N, 1), 1.0 - label_smoothing, dtype=p.dtype, device=p.device))
-    scale = dloss * valid if reduction == "none" else dloss * w     # (N,)
-    return (p - q) * scale[:, None]                                 # dz = (p - q) * w_n * dloss
+    a = q.sum(-1, keepdim=True)                                     # (N, 1)  a_n = sum_k q_nk
+    scale = dloss * r                                               # (N,)  dloss_n (none), or dloss r_n
+    dlogits = (a * p - q) * scale[:, None]                          # (N, C)  (a_n p_c - q_nc) r_n dloss
+    return dlogits
 
 
 class CrossEntropy(Function):
     @staticmethod
-    def forward(ctx, logits, target, ignore_index, label_smoothing, reduction):
-        ctx.save_for_backward(logits, target)
+    def forward(ctx, logits, target, ignore_index, label_smoothing, reduction, weight):
+        ctx.save_for_backward(logits, target, weight)
         ctx.args = (ignore_index, label_smoothing, reduction)
-        return cross_entropy_forward(logits, target, *ctx.args)
+        return cross_entropy_forward(logits, target, *ctx.args, weight=weight)
 
     @staticmethod
     def backward(ctx, dloss):
-        logits, target = ctx.saved_tensors
-        return cross_entropy_backward(dloss, logits, target, *ctx.args), None, None, None, None
+        logits, target, weight = ctx.saved_tensors
+        dlogits = cross_entropy_backward(dloss, logits, target, *ctx.args, weight=weight)
+        return dlogits, None, None, None, None, None
 
 
-def check_cross_entropy_args(logits, target, label_smoothing, reduction):
+def check_cross_entropy_args(logits, target, label_smoothing, reduction, weight=None):
     if logits.dim() != 2:
         raise ValueError(f"cross_entropy: expected logits of shape (N, C), got {tuple(logits.shape)}")
     if target.dim() != 1 or target.shape[0] != logits.shape[0]:
@@ -527,11 +687,12 @@ def check_cross_entropy_args(logits, target, label_smoothing, reduction):
         raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must lie in [0, 1], got {label_smoothing}")
+    check_class_weight(weight, logits)
 
 
-def cross_entropy(logits, target, ignore_index=IGNORE_INDEX, label_smoothing=0.0, reduction="mean"):
-    check_cross_entropy_args(logits, target, label_smoothing, reduction)
-    return CrossEntropy.apply(logits, target, ignore_index, label_smoothing, reduction)
+def cross_entropy(logits, target, ignore_index=IGNORE_INDEX, label_smoothing=0.0, reduction="mean", weight=None):
+    check_cross_entropy_args(logits, target, label_smoothing, reduction, weight)
+    return CrossEntropy.apply(logits, target, ignore_index, label_smoothing, reduction, weight)
 
 
 # ------------------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ class Result:
     passed: bool
 
 
+CLASS_WEIGHTS = torch.tensor([0.5, 2.0, 0.0, 1.25, 3.0], dtype=torch.float64)  # per-class weights, one of them 0
+
+
 def _rand(*shape, seed, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
@@ -48,7 +51,13 @@ def _cases():
          lambda w: RF.embedding(ids, w), lambda w: F.embedding(ids, w)),
         ("layer_norm", "x(3,11)", [_rand(3, 11, seed=0, scale=2.0), _rand(11, seed=1), _rand(11, seed=2)],
          lambda x, w, b: RF.layer_norm(x, w, b, 1e-5), lambda x, w, b: F.layer_norm(x, (11,), w, b, 1e-5)),
+        ("add + dropout + layer_norm", "y,x(4,6)",
+         [_rand(4, 6, seed=0), _rand(4, 6, seed=1, scale=2.0), _rand(6, seed=2), _rand(6, seed=3)],
+         lambda y, x, w, b: RF.AddLayerNorm.apply(y, x, w, b, keep, 0.25, 1e-5),
+         lambda y, x, w, b: F.layer_norm(y * keep / 0.75 + x, (6,), w, b, 1e-5)),
         ("gelu", "x(4,9)", [_rand(4, 9, seed=0, scale=3.0)], RF.gelu, F.gelu),
+        ("bias + gelu", "h(4,9) b(9)", [_rand(4, 9, seed=0, scale=3.0), _rand(9, seed=1)],
+         RF.bias_gelu, lambda h, b: F.gelu(h + b)),
         ("tanh", "x(4,9)", [_rand(4, 9, seed=0, scale=2.0)], RF.tanh, torch.tanh),
         ("softmax", "x(4,9)", [_rand(4, 9, seed=0, scale=2.0)], RF.softmax, lambda x: torch.softmax(x, -1)),
         ("dropout p=0.25", "x(4,6)", [_rand(4, 6, seed=0)],
@@ -58,6 +67,9 @@ def _cases():
         ("cross_entropy ls=0.1", "z(6,5) 1 ignored", [_rand(6, 5, seed=0, scale=2.0)],
          lambda z: RF.cross_entropy(z, t, label_smoothing=0.1),
          lambda z: F.cross_entropy(z, t, label_smoothing=0.1)),
+        ("cross_entropy weighted ls=0.1", "z(6,5) w(5) 1 ignored", [_rand(6, 5, seed=0, scale=2.0)],
+         lambda z: RF.cross_entropy(z, t, label_smoothing=0.1, weight=CLASS_WEIGHTS),
+         lambda z: F.cross_entropy(z, t, label_smoothing=0.1, weight=CLASS_WEIGHTS)),
         ("bce_with_logits", "z(2,3)", [_rand(2, 3, seed=0, scale=3.0)],
          lambda z: RF.bce_with_logits(z, y), lambda z: F.binary_cross_entropy_with_logits(z, y)),
         ("mse_loss", "p(7)", [_rand(7, seed=0), _rand(7, seed=1)], RF.mse_loss, F.mse_loss),
@@ -136,6 +148,11 @@ def kernel_cases() -> list[Result]:
     ok = gradcheck(fn, (z,), eps=1e-6, atol=1e-7, rtol=1e-5, raise_exception=False)
     err = _max_grad_error(fn, lambda z: F.cross_entropy(z, t, label_smoothing=0.1), (z,))
     results.append(Result("softmax_cross_entropy (C++)", "float64", "z(6,5) 1 ignored", err, ok and err <= 1e-10))
+    fn = lambda z: ops.softmax_cross_entropy(z, t, label_smoothing=0.1, weight=CLASS_WEIGHTS)
+    ok = gradcheck(fn, (z,), eps=1e-6, atol=1e-7, rtol=1e-5, raise_exception=False)
+    err = _max_grad_error(fn, lambda z: F.cross_entropy(z, t, label_smoothing=0.1, weight=CLASS_WEIGHTS), (z,))
+    results.append(Result("softmax_cross_entropy weighted (C++)", "float64", "z(6,5) w(5) 1 ignored", err,
+                          ok and err <= 1e-10))
     return results
 
 

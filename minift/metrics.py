@@ -1,4 +1,5 @@
-"""Accuracy, the per-class precision/recall/F1 report, and entity-level F1 for BIO tags."""
+"""Accuracy, the per-class precision/recall/F1 report, entity-level F1 for BIO tags, multi-label
+scores and per-class thresholds, and regression scores (MSE, Pearson, Spearman)."""
 from __future__ import annotations
 
 
@@ -110,13 +111,58 @@ def multi_label_scores(pred: list[set[int]], gold: list[set[int]], num_labels: i
     return {"exact_match": exact, "micro_f1": micro, "macro_f1": sum(per_class) / max(1, num_labels)}
 
 
+def _pearson(x: list[float], y: list[float]) -> float:
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sx, sy = sum((a - mx) ** 2 for a in x) ** 0.5, sum((b - my) ** 2 for b in y) ** 0.5
+    return cov / (sx * sy) if sx > 0 and sy > 0 else 0.0
+
+
+def ranks(x: list[float]) -> list[float]:
+    """1-based ranks, ties sharing the mean of the ranks they span (as scipy.stats.rankdata)."""
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    r = [0.0] * len(x)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2 + 1        # positions i..j hold ranks i+1..j+1: their mean
+        i = j + 1
+    return r
+
+
 def regression_scores(pred: list[float], gold: list[float]) -> dict:
-    """Mean squared error and Pearson's r = cov(p, y) / (std(p) std(y)) (0 when either is constant)."""
+    """Mean squared error; Pearson's r = cov(p, y) / (std(p) std(y)); Spearman's rho = Pearson's r
+    of the ranks (ties averaged). A constant side gives 0, where scipy gives NaN."""
     n = len(gold)
     if len(pred) != n or n == 0:
         raise ValueError(f"regression_scores: {len(pred)} predictions for {n} targets")
     mse = sum((p - g) ** 2 for p, g in zip(pred, gold)) / n
-    mp, mg = sum(pred) / n, sum(gold) / n
-    cov = sum((p - mp) * (g - mg) for p, g in zip(pred, gold))
-    sp, sg = sum((p - mp) ** 2 for p in pred) ** 0.5, sum((g - mg) ** 2 for g in gold) ** 0.5
-    return {"mse": mse, "pearson": cov / (sp * sg) if sp > 0 and sg > 0 else 0.0}
+    return {"mse": mse, "pearson": _pearson(pred, gold), "spearman": _pearson(ranks(pred), ranks(gold))}
+
+
+def choose_thresholds(probs, gold, default: float = 0.5) -> list[float]:
+    """Per class, the threshold t (a class is predicted when its probability > t) with the best F1
+    on these examples: probs and gold (N, C) tensors (gold 0/1). The candidates are the midpoints
+    between neighbouring distinct probabilities of the class, and ``default``; ties go to the one
+    nearest ``default``. A class with no positive example keeps ``default``."""
+    import torch
+    probs, gold = probs.double(), gold > 0.5
+    out = []
+    for c in range(probs.shape[1]):
+        p, g = probs[:, c], gold[:, c]
+        if not g.any():
+            out.append(default)
+            continue
+        u = torch.unique(p)                                                  # sorted
+        cand = torch.cat([(u[1:] + u[:-1]) / 2, u[:1] - 1e-6, torch.tensor([default], dtype=p.dtype)])
+        pred = p[None, :] > cand[:, None]                                    # (M, N)
+        tp = (pred & g).sum(1).double()
+        f1 = 2 * tp / (pred.sum(1) + g.sum()).double()                       # 2TP / (#pred + #gold)
+        best = f1.max()
+        ok = torch.nonzero(f1 >= best - 1e-12).flatten()
+        out.append(float(cand[ok[(cand[ok] - default).abs().argmin()]]))
+    return out

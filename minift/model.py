@@ -14,11 +14,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .backends import get_ops
 from .config import IGNORE_INDEX, IMPLS, BertConfig
-from .functional import key_padding_keep
+from .functional import check_class_weight, key_padding_keep
 
 
 @dataclass
@@ -130,9 +131,9 @@ class BertSelfOutput(nn.Module):
 
     def forward(self, y, x):
         ops = get_ops(self.config.impl)
-        y = ops.dropout(dense(ops, self.dense, y),
-                        self.config.hidden_dropout_prob, self.training)              # (B, T, H)
-        return ops.layer_norm(y + x, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+        y = dense(ops, self.dense, y)                                                # (B, T, H)
+        return ops.add_layer_norm(y, x, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
+                                  self.config.hidden_dropout_prob, self.training)    # (B, T, H)
 
 
 class BertAttention(nn.Module):
@@ -155,7 +156,8 @@ class BertIntermediate(nn.Module):
 
     def forward(self, x):
         ops = get_ops(self.config.impl)
-        return ops.gelu(dense(ops, self.dense, x))            # (B, T, I)
+        # one op, so "fused" can add the bias inside the GELU kernel (no LoRA adapter sits on this layer)
+        return ops.linear_gelu(x, self.dense.weight, self.dense.bias)                 # (B, T, I)
 
 
 class BertOutput(nn.Module):
@@ -169,9 +171,9 @@ class BertOutput(nn.Module):
 
     def forward(self, h, x):
         ops = get_ops(self.config.impl)
-        y = ops.dropout(dense(ops, self.dense, h),
-                        self.config.hidden_dropout_prob, self.training)              # (B, T, H)
-        return ops.layer_norm(y + x, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+        y = dense(ops, self.dense, h)                                                # (B, T, H)
+        return ops.add_layer_norm(y, x, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
+                                  self.config.hidden_dropout_prob, self.training)    # (B, T, H)
 
 
 class BertLayer(nn.Module):
@@ -313,25 +315,32 @@ class BertForSequenceClassification(BertPreTrainedModel):
         return "multi_label_classification"
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                reduction: str = "mean") -> HeadOutput:
+                reduction: str = "mean", weight=None) -> HeadOutput:
         ops = get_ops(self.config.impl)
         pooled = self.bert(input_ids, attention_mask, token_type_ids).pooler_output   # (B, H)
         pooled = ops.dropout(pooled, _classifier_dropout(self.config), self.training)
         logits = dense(ops, self.classifier, pooled)      # (B, C)
-        loss = None if labels is None else self.loss(logits, labels, reduction)
+        loss = None if labels is None else self.loss(logits, labels, reduction, weight=weight)
         return HeadOutput(loss=loss, logits=logits)
 
-    def loss(self, logits, labels, reduction: str = "mean"):
+    def loss(self, logits, labels, reduction: str = "mean", weight=None):
         """The loss of ``problem_type``, in at least float32. "mean": Hugging Face's (the mean over examples of
         each example's loss); "sum": the sum over the batch's examples of the same per-example loss,
-        so that micro-batches and processes add up to one big batch exactly."""
+        so that micro-batches and processes add up to one big batch exactly.
+
+        weight: optional class weights (C,) for single-label classification, F.cross_entropy's
+        ``weight=``: example n's loss is scaled by w_{y_n}, and "mean" divides by sum_n w_{y_n}
+        ("sum" divides by nothing). Moved to the logits' device and dtype here (see _class_weight)."""
         _check_reduction(reduction)
         ops = get_ops(self.config.impl)
         logits = _at_least_fp32(logits)                   # (B, C)
         B = logits.shape[0]
         kind = self.problem_type(labels)
+        if weight is not None and kind != "single_label_classification":
+            raise ValueError(f"weight: class weights apply to single-label classification, not to {kind}")
         if kind == "single_label_classification":
-            return ops.cross_entropy(logits, labels.view(-1).long(), reduction=reduction)
+            return ops.cross_entropy(logits, labels.view(-1).long(), reduction=reduction,
+                                     weight=_class_weight(weight, logits))
         if kind == "regression":                         # per example: the mean of (z - y)^2 over outputs
             loss = ops.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(logits.squeeze(-1).shape))
         elif kind == "multi_label_classification":       # per example: the mean over its C labels
@@ -347,6 +356,17 @@ class BertForSequenceClassification(BertPreTrainedModel):
 def _at_least_fp32(logits):
     """Losses are computed in float32 (or float64), also from fp16/bf16 logits under autocast."""
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _class_weight(weight, logits):
+    """Class weights (C,) (a tensor or a list) on the logits' device and in their dtype (the loss's
+    dtype is the head's choice, see _at_least_fp32), checked the same way for every impl
+    (minift.functional.check_class_weight; F.cross_entropy itself takes negative weights)."""
+    if weight is None:
+        return None
+    weight = torch.as_tensor(weight).to(device=logits.device, dtype=logits.dtype)
+    check_class_weight(weight, logits, "weight")
+    return weight
 
 
 def _check_reduction(reduction: str) -> None:
@@ -373,12 +393,15 @@ class BertForTokenClassification(BertPreTrainedModel):
         loss = None if labels is None else self.loss(logits, labels, reduction)
         return HeadOutput(loss=loss, logits=logits)
 
-    def loss(self, logits, labels, reduction: str = "mean"):
-        """Cross-entropy over the scored tokens, in at least float32: their mean, or ("sum") their sum."""
+    def loss(self, logits, labels, reduction: str = "mean", weight=None):
+        """Cross-entropy over the scored tokens, in at least float32: their mean, or ("sum") their sum.
+        weight: optional class weights (C,), as in BertForSequenceClassification.loss (the mean
+        then divides by the sum of the scored tokens' weights)."""
         _check_reduction(reduction)
         ops = get_ops(self.config.impl)
-        return ops.cross_entropy(_at_least_fp32(logits).reshape(-1, self.num_labels), labels.reshape(-1).long(),
-                                 reduction=reduction)     # (B*T, C) against (B*T,)
+        logits = _at_least_fp32(logits).reshape(-1, self.num_labels)                  # (B*T, C)
+        return ops.cross_entropy(logits, labels.reshape(-1).long(), reduction=reduction,
+                                 weight=_class_weight(weight, logits))                # against (B*T,)
 
 
 class BertPredictionHeadTransform(nn.Module):

@@ -1,9 +1,10 @@
 """The compiled kernels of minift._C as PyTorch custom ops, and the one rule for when they run.
 
 The C++ side (csrc/) defines the ``minift`` operator library: ``attention_fwd``/``attention_bwd``,
-``xent_fwd``/``xent_bwd`` (with the reduction inside the op), ``dropout_fwd``, ``dropout_mask`` and
-``adamw_step_``, with CPU kernels always and CUDA kernels when built with CUDA. This module loads
-them, in this order:
+``xent_fwd``/``xent_bwd`` (with the reduction inside the op), ``dropout_fwd``, ``dropout_mask``,
+``adamw_step_``, with CPU kernels always and CUDA kernels when built with CUDA; and the CPU-only
+``add_layer_norm_fwd``/``_bwd`` and ``bias_gelu_fwd``/``_bwd``. This module loads them, in this
+order:
 
 1. ahead of time: ``minift._C``, compiled by ``pip install --no-build-isolation -e .``;
 2. just in time: ``torch.utils.cpp_extension.load`` compiles csrc/ with ninja on first use
@@ -11,10 +12,12 @@ them, in this order:
 3. neither: every op below runs plain PyTorch, and says why.
 
 **One dispatch rule** for every public op (``fused_attention``, ``softmax_cross_entropy``,
-``fused_dropout``, ``adamw_step_``): the compiled kernel runs when one is registered for the
-input's device and takes its dtype, and the self-check (minift.selfcheck) has not failed it on
-that device; otherwise the plain-PyTorch path runs, with one warning per (op, device) naming the
-reason. ``extension_status()`` only reads the load state; ``minift doctor`` prints it.
+``fused_dropout``, ``adamw_step_``, ``add_layer_norm``, ``bias_gelu``): the compiled kernel runs
+when one is registered for the input's device, takes its dtype and the optional arguments the
+call uses (the CUDA cross-entropy takes no class ``weight``), and the self-check
+(minift.selfcheck) has not failed it on that device; otherwise the plain-PyTorch path runs, with
+one warning per (op, device, optional arguments used) naming the reason.
+``extension_status()`` only reads the load state; ``minift doctor`` prints it.
 
 Each op has a fake (meta) implementation registered here, so torch.compile and
 ``torch.library.opcheck`` can trace it. The backward of each forward op is wired up in C++
@@ -34,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .functional import adamw_update_, key_padding_keep, naive_attention
+from .functional import adamw_update_, check_class_weight, key_padding_keep, naive_attention
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # the xent ops' reduction argument (at::Reduction's numbers)
 
@@ -42,10 +45,14 @@ _F32, _F64, _F16, _BF16 = torch.float32, torch.float64, torch.float16, torch.bfl
 # The dtypes each compiled kernel takes, by device type (csrc/*.cpp and csrc/cuda/cuda_ops.cpp).
 KERNEL_DTYPES = {
     "cpu": {"attention_fwd": {_F32, _F64, _F16, _BF16}, "xent_fwd": {_F32, _F64, _F16, _BF16},
-            "dropout_fwd": {_F32, _F64, _F16, _BF16}, "adamw_step_": {_F32, _F64}},
+            "dropout_fwd": {_F32, _F64, _F16, _BF16}, "adamw_step_": {_F32, _F64},
+            "add_layer_norm_fwd": {_F32, _F64, _F16, _BF16}, "bias_gelu_fwd": {_F32, _F64, _F16, _BF16}},
     "cuda": {"attention_fwd": {_F32, _F16, _BF16}, "xent_fwd": {_F32, _F16, _BF16},
              "dropout_fwd": {_F32, _F16, _BF16}, "adamw_step_": {_F32}},
 }
+# The optional arguments a compiled kernel does not take, by device type: a call that passes one
+# runs plain PyTorch (the CUDA cross-entropy kernels have no per-class weights).
+KERNEL_LACKS = {"cpu": {}, "cuda": {"xent_fwd": {"weight"}}}
 
 
 @dataclass
@@ -56,8 +63,8 @@ class LoadState:
     cuda_build: str = ""             # why there are or are not CUDA kernels (from the build)
     loaded: bool = False             # whether loading was attempted
     disabled: dict = field(default_factory=dict)   # (op, device type) -> why the self-check failed it
-    warned: set = field(default_factory=set)       # (op, device type) already warned about
-    verdicts: dict = field(default_factory=dict)   # (op, device type, dtype) -> None (use it) | reason
+    warned: set = field(default_factory=set)       # (op, device type, arguments used) already warned about
+    verdicts: dict = field(default_factory=dict)   # (op, device type, dtype, arguments used) -> None | reason
 
 
 _state = LoadState()
@@ -79,7 +86,10 @@ def _jit_build() -> str:
     from ._build import cpu_flags, first_error_line
     src = source_dir()
     cpu_sources = sorted(glob.glob(str(src / "*.cpp")))
-    flags = ["-O3", "-fopenmp", *cpu_flags()]
+    # as setup.py: DEBUG=1 builds without optimisation and with debug information (for gdb), -O3 otherwise
+    debug = os.environ.get("DEBUG", "0") == "1"
+    flags = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    flags += ["-fopenmp", *cpu_flags()]
     common = dict(name="minift_jit", extra_ldflags=["-fopenmp"], extra_include_paths=[str(src)],
                   is_python_module=False, verbose=False)
     if not torch.cuda.is_available():
@@ -91,7 +101,8 @@ def _jit_build() -> str:
     cuda_sources = sorted(glob.glob(str(src / "cuda" / "*.cu"))) + sorted(glob.glob(str(src / "cuda" / "*.cpp")))
     try:
         load(sources=cpu_sources + cuda_sources, extra_cflags=[*flags, "-DMINIFT_WITH_CUDA"],
-             extra_cuda_cflags=["-O3", "--use_fast_math", "-DMINIFT_WITH_CUDA"], **common)
+             extra_cuda_cflags=[*(["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]), "-DMINIFT_WITH_CUDA"],
+             **common)
         return "built"
     except Exception as e:  # a CUDA compile error must not cost the CPU kernels
         load(sources=cpu_sources, extra_cflags=flags, **common)
@@ -158,9 +169,10 @@ def _registered(op: str, device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"minift::{op}", device_type.upper())
 
 
-def why_not_compiled(op: str, t: torch.Tensor) -> str | None:
-    """None when the compiled ``op`` runs for tensors like ``t``; else the reason it does not."""
-    key = (op, t.device.type, t.dtype)
+def why_not_compiled(op: str, t: torch.Tensor, uses: tuple = ()) -> str | None:
+    """None when the compiled ``op`` runs for tensors like ``t`` and the optional arguments named in
+    ``uses`` (e.g. ``("weight",)``); else the reason it does not."""
+    key = (op, t.device.type, t.dtype, uses)
     if key in _state.verdicts:
         return _state.verdicts[key]
     if not extension_available():
@@ -171,6 +183,8 @@ def why_not_compiled(op: str, t: torch.Tensor) -> str | None:
             why += f" (CUDA kernels {extension_status()['cuda_build']})"
     elif t.dtype not in KERNEL_DTYPES.get(t.device.type, {}).get(op, ()):
         why = f"its {t.device.type} kernel takes no {t.dtype}"
+    elif lacking := sorted(set(uses) & KERNEL_LACKS.get(t.device.type, {}).get(op, set())):
+        why = f"its {t.device.type} kernel takes no {', '.join(lacking)} argument"
     elif (op, t.device.type) in _state.disabled:
         why = f"the self-check failed it on {t.device.type}: {_state.disabled[(op, t.device.type)]}"
     else:
@@ -179,14 +193,15 @@ def why_not_compiled(op: str, t: torch.Tensor) -> str | None:
     return why
 
 
-def use_compiled(op: str, t: torch.Tensor, public_name: str | None = None) -> bool:
-    """The dispatch rule: True when the compiled ``op`` runs for ``t``; otherwise warn once per
-    (op, device) with the reason, and the caller runs plain PyTorch."""
-    why = why_not_compiled(op, t)
+def use_compiled(op: str, t: torch.Tensor, public_name: str | None = None, uses: tuple = ()) -> bool:
+    """The dispatch rule: True when the compiled ``op`` runs for ``t`` and the optional arguments
+    ``uses``; otherwise warn once per (op, device, uses) with the reason, and the caller runs plain
+    PyTorch."""
+    why = why_not_compiled(op, t, uses)
     if why is None:
         return True
-    if (op, t.device.type) not in _state.warned:
-        _state.warned.add((op, t.device.type))
+    if (op, t.device.type, uses) not in _state.warned:
+        _state.warned.add((op, t.device.type, uses))
         warnings.warn(f"minift: {public_name or op} runs plain PyTorch on {t.device.type} ({t.dtype}): {why}",
                       RuntimeWarning, stacklevel=3)
     return False
@@ -222,13 +237,15 @@ def _register() -> None:
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     @torch.library.register_fake("minift::xent_fwd")
-    def _(logits, target, ignore_index, label_smoothing, reduction):
+    def _(logits, target, weight, ignore_index, label_smoothing, reduction):
         n = logits.shape[0]
         loss_shape = (n,) if reduction == _REDUCTIONS["none"] else ()
-        return logits.new_empty(loss_shape, dtype=_acc_dtype(logits)), logits.new_empty((n,), dtype=_acc_dtype(logits))
+        # the loss, and the row statistics (row max, log sum exp(z - max)) the backward reads
+        return (logits.new_empty(loss_shape, dtype=_acc_dtype(logits)),
+                logits.new_empty((2, n), dtype=_acc_dtype(logits)))
 
     @torch.library.register_fake("minift::xent_bwd")
-    def _(grad, logits, target, lse, ignore_index, label_smoothing, reduction):
+    def _(grad, logits, target, weight, stats, ignore_index, label_smoothing, reduction):
         return torch.empty_like(logits)
 
     @torch.library.register_fake("minift::dropout_fwd")
@@ -238,6 +255,27 @@ def _register() -> None:
     @torch.library.register_fake("minift::adamw_step_")
     def _(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
         return None
+
+    @torch.library.register_fake("minift::add_layer_norm_fwd")
+    def _(y, x, weight, bias, eps, dropout_p, seed, offset):
+        acc = _acc_dtype(y)
+        keep_shape = y.shape if dropout_p > 0 else (0,)
+        return (torch.empty_like(y), y.new_empty(y.shape, dtype=acc), y.new_empty(y.shape[:-1], dtype=acc),
+                y.new_empty(y.shape[:-1], dtype=acc), y.new_empty(keep_shape, dtype=torch.bool))
+
+    @torch.library.register_fake("minift::add_layer_norm_bwd")
+    def _(dout, z, weight, mean, rstd, keep, dropout_p):
+        dy_shape = z.shape if dropout_p > 0 else (0,)
+        return (z.new_empty(z.shape, dtype=weight.dtype), z.new_empty(dy_shape, dtype=weight.dtype),
+                torch.empty_like(weight), torch.empty_like(weight))
+
+    @torch.library.register_fake("minift::bias_gelu_fwd")
+    def _(h, bias):
+        return torch.empty_like(h), h.new_empty(h.shape, dtype=_acc_dtype(h))
+
+    @torch.library.register_fake("minift::bias_gelu_bwd")
+    def _(dout, pre):
+        return torch.empty_like(dout), dout.new_empty(pre.shape[-1:])
 
     @torch.library.register_fake("minift::dropout_mask")
     def _(like, B, H, Tq, Tk, p, seed, offset):
@@ -297,6 +335,33 @@ def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_
                                  float(beta2), float(eps), float(weight_decay), int(step))
 
 
+def add_layer_norm(y, x, weight, bias, eps: float = 1e-12, dropout_p: float = 0.0, training: bool = True,
+                   generator=None):
+    """LayerNorm(dropout(y) + x) over the last dim in one pass (the post-LN residual of BertSelfOutput
+    and BertOutput), and its backward in one pass: dy, dx and the weight and bias gradients. The dropout
+    draws its mask from the Philox stream of ``fused_dropout`` (element n of y is kept by the same bits),
+    seeded from torch's generator. y, x (..., H) and weight, bias (H,) in one dtype. CPU only; elsewhere
+    the same in PyTorch ops."""
+    p = float(dropout_p) if training else 0.0
+    same = x.dtype == weight.dtype == bias.dtype == y.dtype
+    if not (same and use_compiled("add_layer_norm_fwd", y, "add_layer_norm")):
+        z = (F.dropout(y, p, training=True) if p > 0.0 else y) + x
+        return F.layer_norm(z, (y.shape[-1],), weight, bias, eps)
+    out, *_ = torch.ops.minift.add_layer_norm_fwd(y.contiguous(), x.contiguous(), weight.contiguous(),
+                                                  bias.contiguous(), float(eps), p, _seed(p, generator), 0)
+    return out
+
+
+def bias_gelu(h, bias):
+    """GELU(h + bias) (erf form) with h the matmul output without its bias (BertIntermediate): the
+    forward saves the pre-activation, the backward gives dh and the bias gradient (its column sum) in
+    one pass. CPU only; elsewhere F.gelu(h + bias)."""
+    if not (h.dtype == bias.dtype and use_compiled("bias_gelu_fwd", h, "bias_gelu")):
+        return F.gelu(h + bias)
+    out, _ = torch.ops.minift.bias_gelu_fwd(h.contiguous(), bias.contiguous())
+    return out
+
+
 def attention_with_lse(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, seed=0, offset=0):
     """The raw forward op: (O, row log-sum-exp), with an explicit Philox seed and offset."""
     _require_extension("attention_with_lse")
@@ -315,15 +380,25 @@ def dropout_mask(B, H, Tq, Tk, p, seed, offset=0, device="cpu"):
 
 
 def softmax_cross_entropy(logits, target, ignore_index: int = -100, label_smoothing: float = 0.0,
-                          reduction: str = "mean"):
+                          reduction: str = "mean", weight=None):
     """Cross-entropy of logits (N, C) against int64 targets (N,), fused: loss and gradient in one
     pass over the logits each. "mean" averages over non-ignored rows (0 when every row is ignored,
-    where F.cross_entropy gives NaN); the loss is float32 (float64 for float64 logits)."""
+    where F.cross_entropy gives NaN); the loss is float32 (float64 for float64 logits).
+
+    weight: optional per-class weights (C,) in the logits' dtype, with F.cross_entropy's meaning:
+    row n's loss is (1 - eps) w_{y_n} (-log p_{y_n}) + (eps/C) sum_c w_c (-log p_c), and "mean"
+    divides the sum by sum_n w_{y_n} over the rows not ignored. It gets no gradient, and must be
+    finite and >= 0 (minift.functional.check_class_weight). The CUDA kernels take no weight: a
+    weighted call on the GPU runs F.cross_entropy (the dispatch rule, with its one warning)."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"softmax_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not use_compiled("xent_fwd", logits, "softmax_cross_entropy"):
-        return F.cross_entropy(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                               reduction=reduction)
-    loss, _ = torch.ops.minift.xent_fwd(logits.contiguous(), target.contiguous(), int(ignore_index),
+    check_class_weight(weight, logits, "softmax_cross_entropy", values=False)    # the kernel checks the values
+    uses = () if weight is None else ("weight",)
+    if not use_compiled("xent_fwd", logits, "softmax_cross_entropy", uses):
+        check_class_weight(weight, logits, "softmax_cross_entropy")   # F.cross_entropy takes negative weights
+        return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index,
+                               label_smoothing=label_smoothing, reduction=reduction)
+    loss, _ = torch.ops.minift.xent_fwd(logits.contiguous(), target.contiguous(),
+                                        None if weight is None else weight.contiguous(), int(ignore_index),
                                         float(label_smoothing), _REDUCTIONS[reduction])
     return loss

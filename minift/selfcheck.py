@@ -84,20 +84,24 @@ def _attention(device, dtype):
     return _worst(run(compiled, dtype), ref), _worst(run(plain, dtype), ref)
 
 
-def _cross_entropy(device, dtype):
+def _cross_entropy(device, dtype, weighted=False):
     worst = [0.0, 0.0]
     for N, C in ((37, 2), (29, 9), (11, 301)):            # the short-row and the long-row walkers
         z64 = _inputs((N, C), C, device, scale=3.0)
         t = torch.randint(0, C, (N,), generator=torch.Generator().manual_seed(N)).to(device)
         t[::5] = -100                                     # ignored rows
+        w = None
+        if weighted:                                      # class weights in [0.25, 2], as dtype rounds them
+            w = (_inputs((C,), C + 1, device).abs() + 0.25).clamp_max(2.0).to(dtype).double()
 
         def run(fn, dt):
             z = z64.to(dt).detach().requires_grad_()
-            rows = fn(z, 0)                               # per-row losses
-            fn(z, 1).backward()                           # the mean's gradient
+            wt = None if w is None else w.to(dt)
+            rows = fn(z, wt, 0)                           # per-row losses
+            fn(z, wt, 1).backward()                       # the mean's gradient
             return [rows, z.grad]
-        compiled = lambda z, r: torch.ops.minift.xent_fwd(z, t, -100, 0.1, r)[0]
-        plain = lambda z, r: F.cross_entropy(z, t, label_smoothing=0.1, reduction=("none", "mean")[r])
+        compiled = lambda z, w, r: torch.ops.minift.xent_fwd(z, t, w, -100, 0.1, r)[0]
+        plain = lambda z, w, r: F.cross_entropy(z, t, weight=w, label_smoothing=0.1, reduction=("none", "mean")[r])
         ref = run(plain, torch.float64)
         worst = [max(worst[0], _worst(run(compiled, dtype), ref)), max(worst[1], _worst(run(plain, dtype), ref))]
     return worst
@@ -133,10 +137,47 @@ def _adamw(device, dtype):
     return _worst(run(compiled, dtype), ref), _worst(run(adamw_update_, dtype), ref)
 
 
-CHECKS = [("attention fwd+bwd", "attention_fwd", _attention),
-          ("cross-entropy fwd+bwd", "xent_fwd", _cross_entropy),
-          ("dropout fwd+bwd", "dropout_fwd", _dropout),
-          ("AdamW step", "adamw_step_", _adamw)]
+def _add_layer_norm(device, dtype):
+    N, H, p = 37, 48, 0.2
+    y64, x64, do64 = (_inputs((N, H), s, device) for s in (1, 2, 3))
+    w64, b64 = 1 + 0.3 * _inputs((H,), 4, device), _inputs((H,), 5, device)
+    keep = torch.ops.minift.dropout_mask(y64, 1, 1, N, H, p, 99, 0).view(N, H)   # the bits add_layer_norm draws
+
+    def run(fn, dt):
+        args = [t.to(dt).detach().requires_grad_() for t in (y64, x64, w64, b64)]
+        out = fn(*args)
+        out.backward(do64.to(dt))
+        return [out] + [a.grad for a in args]
+    compiled = lambda y, x, w, b: torch.ops.minift.add_layer_norm_fwd(y, x, w, b, 1e-12, p, 99, 0)[0]
+    plain = lambda y, x, w, b: F.layer_norm(torch.where(keep, y / (1 - p), 0.0) + x, (H,), w, b, 1e-12)
+    ref = run(plain, torch.float64)
+    return _worst(run(compiled, dtype), ref), _worst(run(plain, dtype), ref)
+
+
+def _bias_gelu(device, dtype):
+    N, I = 29, 70
+    h64, do64, b64 = _inputs((N, I), 1, device, scale=2.0), _inputs((N, I), 2, device), _inputs((I,), 3, device)
+
+    def run(fn, dt):
+        h, b = (t.to(dt).detach().requires_grad_() for t in (h64, b64))
+        out = fn(h, b)
+        out.backward(do64.to(dt))
+        return [out, h.grad, b.grad]
+    compiled = lambda h, b: torch.ops.minift.bias_gelu_fwd(h, b)[0]
+    plain = lambda h, b: F.gelu(h + b)
+    ref = run(plain, torch.float64)
+    return _worst(run(compiled, dtype), ref), _worst(run(plain, dtype), ref)
+
+
+# (what is checked, the op the dispatch rule knows, the check, the optional arguments it uses: a
+# device whose kernel takes none of them (ops.KERNEL_LACKS) skips the row)
+CHECKS = [("attention fwd+bwd", "attention_fwd", _attention, ()),
+          ("cross-entropy fwd+bwd", "xent_fwd", _cross_entropy, ()),
+          ("cross-entropy weighted", "xent_fwd", lambda device, dtype: _cross_entropy(device, dtype, True), ("weight",)),
+          ("dropout fwd+bwd", "dropout_fwd", _dropout, ()),
+          ("AdamW step", "adamw_step_", _adamw, ()),
+          ("residual add + dropout + layer norm fwd+bwd", "add_layer_norm_fwd", _add_layer_norm, ()),
+          ("bias + GELU fwd+bwd", "bias_gelu_fwd", _bias_gelu, ())]
 
 
 def devices_present() -> list[torch.device]:
@@ -153,8 +194,8 @@ def run(devices=None) -> list[Row]:
         return rows
     for device in devices or devices_present():
         device = torch.device(device)
-        for kernel, op, check in CHECKS:
-            if not ops._registered(op, device.type):
+        for kernel, op, check, uses in CHECKS:
+            if not ops._registered(op, device.type) or set(uses) & ops.KERNEL_LACKS[device.type].get(op, set()):
                 continue
             for dtype in sorted(ops.KERNEL_DTYPES[device.type][op], key=lambda d: (-torch.finfo(d).bits, str(d))):
                 name = str(dtype).replace("torch.", "")

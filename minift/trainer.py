@@ -12,7 +12,12 @@ Details that make runs reproducible and safe:
 
 - Data order: epoch e shuffles with a generator seeded by (seed, e), then groups examples of
   similar length into batches (dynamic padding wastes little). It depends on nothing else, so a
-  resumed run sees exactly the batches an uninterrupted one would.
+  resumed run sees exactly the batches an uninterrupted one would. ``sampler="balanced"`` draws
+  the epoch's n examples with replacement instead, example i with probability proportional to
+  1 / (count of its class), so that each class is drawn n / C times on average; the same seeded
+  generator makes the draw, so resuming is exact there too.
+- Class weights (``class_weights``): class c's loss terms count w_c times; the global batch's loss
+  is sum_i w_{y_i} l_i / sum_i w_{y_i}, F.cross_entropy(weight=w)'s mean over the whole batch.
 - The loss is the model head's own (``problem_type``: single-label cross-entropy, multi-label
   binary cross-entropy, regression MSE; token tasks: cross-entropy over the scored tokens), asked
   for as a sum. Each micro-batch contributes sum(loss) / (examples or scored tokens in the whole
@@ -57,10 +62,17 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def length_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shuffle, sort by length inside windows of 50 batches, cut into batches, shuffle the batches."""
+def length_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, weights=None) -> list[list[int]]:
+    """Shuffle, sort by length inside windows of 50 batches, cut into batches, shuffle the batches.
+
+    ``weights`` (one per example): instead of a permutation, draw len(lengths) examples with
+    replacement, example i with probability weights[i] / sum(weights) (the balanced sampler)."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(lengths), generator=g).tolist()
+    if weights is None:
+        order = torch.randperm(len(lengths), generator=g).tolist()
+    else:
+        order = torch.multinomial(torch.as_tensor(weights, dtype=torch.float64), len(lengths), replacement=True,
+                                  generator=g).tolist()
     window = batch_size * 50
     batches = []
     for start in range(0, len(order), window):
@@ -68,6 +80,46 @@ def length_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -
         batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
     perm = torch.randperm(len(batches), generator=g).tolist()
     return [batches[i] for i in perm]
+
+
+def balanced_class_weights(labels: list[int], num_classes: int) -> list[float]:
+    """w_c = n / (C n_c), sklearn's compute_class_weight("balanced"): every class weighs n / C in all."""
+    counts = [0] * num_classes
+    for y in labels:
+        counts[y] += 1
+    return [len(labels) / (num_classes * c) if c else 0.0 for c in counts]
+
+
+def read_class_weights(path, classes: list[str]) -> list[float]:
+    """A weights FILE: one 'class,weight' line per class (a 'class,weight' header, blank lines and
+    '#' comments are skipped); every class of the training data once, each weight > 0."""
+    weights: dict[str, float] = {}
+    for n, line in enumerate(D.read_text(path).split("\n"), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) != 2:
+            raise UserError(f"{path}, line {n}: expected 'class,weight', got {line!r}")
+        name, value = parts
+        if n == 1 and (name, value) == ("class", "weight"):
+            continue
+        if name not in classes:
+            raise UserError(f"{path}, line {n}: {name!r} is not a class of the training data "
+                            f"(classes: {', '.join(classes)})")
+        if name in weights:
+            raise UserError(f"{path}, line {n}: a second weight for class {name!r}")
+        try:
+            w = float(value)
+        except ValueError:
+            w = math.nan
+        if not (math.isfinite(w) and w > 0):
+            raise UserError(f"{path}, line {n}: the weight of {name!r} must be a number > 0, got {value!r}")
+        weights[name] = w
+    missing = [c for c in classes if c not in weights]
+    if missing:
+        raise UserError(f"{path}: no weight for class(es) {', '.join(missing)}; give one 'class,weight' line "
+                        f"for each of {', '.join(classes)}")
+    return [weights[c] for c in classes]
 
 
 def encode_dataset(tokenizer, dataset: D.Dataset, cfg: TrainConfig) -> dict[str, D.Encoded | None]:
@@ -78,17 +130,53 @@ def encode_dataset(tokenizer, dataset: D.Dataset, cfg: TrainConfig) -> dict[str,
             "test": D.encode(tokenizer, dataset.test, dataset, cfg.max_length) if dataset.test else None}
 
 
-def autocast_dtype(precision: str, device: torch.device):
-    """The autocast dtype of ``precision`` on ``device`` (None: plain fp32)."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+def cpu_bf16_speed() -> str:
+    """How this CPU runs bfloat16 matrix multiplies: "amx" (AMX-BF16 tiles: about twice fp32's
+    speed), "avx512" (AVX512-BF16 dot products: about fp32's), or "emulated" (converted to fp32 and
+    back: several times slower than fp32)."""
+    if torch.cpu._is_amx_tile_supported():
+        return "amx"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "avx512"
+    return "emulated"
+
+
+def choose_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype for ``--precision`` on ``device`` (None: plain fp32) and why, in words.
+
+    auto: bf16 on a GPU that has it; on the CPU, bf16 only where it has AMX-BF16 (the only CPU
+    kind on which bf16 matrix multiplies beat fp32), else fp32. bf16 may be asked for on any CPU
+    (the reason then warns where it is slow); fp16 needs a GPU (it needs loss scaling, which minift
+    does with CUDA's GradScaler)."""
+    device = torch.device(device)
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
     if precision == "fp32":
-        return None
-    if precision in ("bf16", "fp16"):
-        if device.type != "cuda":
-            raise UserError(f"--precision {precision}: mixed precision needs a GPU; on the CPU use fp32")
-        return torch.bfloat16 if precision == "bf16" else torch.float16
-    raise UserError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
+        return None, "fp32 (asked for)"
+    if device.type == "cuda":
+        if precision == "auto":
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16, "bf16 autocast (auto: the GPU has bf16)"
+            return None, "fp32 (auto: this GPU has no bf16)"
+        return (torch.bfloat16 if precision == "bf16" else torch.float16), f"{precision} autocast (asked for)"
+    if precision == "fp16":
+        raise UserError("--precision fp16: fp16 needs a GPU (minift scales its loss with CUDA's GradScaler); "
+                        "on the CPU use bf16 or fp32")
+    speed = cpu_bf16_speed()
+    if precision == "auto":
+        if speed == "amx":
+            return torch.bfloat16, "bf16 autocast (auto: this CPU has AMX-BF16)"
+        return None, ("fp32 (auto: this CPU has no AMX-BF16, so bf16 would not be faster; "
+                      "--precision bf16 forces it)")
+    if speed == "emulated":
+        return torch.bfloat16, ("bf16 autocast (asked for; warning: this CPU has neither AMX-BF16 nor "
+                                "AVX512-BF16, so bf16 runs several times slower than fp32 here)")
+    return torch.bfloat16, f"bf16 autocast (asked for; this CPU has {'AMX-BF16' if speed == 'amx' else 'AVX512-BF16'})"
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    """The autocast dtype of ``precision`` on ``device`` (None: plain fp32); see choose_precision."""
+    return choose_precision(precision, device)[0]
 
 
 @dataclass
@@ -129,6 +217,10 @@ class Trainer:
         self.optimizer = optim.AdamW(optim.param_groups(self.model, config.weight_decay), lr=config.lr,
                                      weight_decay=config.weight_decay, fused=fused)
         self.lengths = [len(x) for x in self.train_set.input_ids]
+        self.class_weights = self._class_weights()        # w_c per class, or None
+        self.class_weight = (None if self.class_weights is None else      # (C,) the loss's weight=
+                             torch.tensor(self.class_weights, dtype=torch.float32, device=self.device))
+        self.sample_weights = self._sample_weights()      # per training example, or None (shuffle)
         self.steps_per_epoch = math.ceil(len(self.lengths) / config.batch_size)
         self.total_steps = max(1, round(self.steps_per_epoch * config.epochs))
         self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)      # the last may be partial
@@ -141,9 +233,51 @@ class Trainer:
         self.history = History()
         self.resumed = False
         self.settings: dict = {}            # the caller's settings outside TrainConfig (stored in run.json)
-        self.autocast_dtype = autocast_dtype(config.precision, self.device)
+        self.autocast_dtype, self.precision_note = choose_precision(config.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self._log_file = None
+        self.thresholds: list[float] | None = None   # multi-label: per-class thresholds (None: 0.5)
+
+    def _single_label(self, flag: str, value: str):
+        if self.train_set.problem != D.SINGLE_LABEL:
+            kind = "token tagging" if self.train_set.problem == "token" else self.train_set.problem.replace("_", " ")
+            raise UserError(f"{flag} {value}: needs single-label classification; this task is {kind}")
+
+    def _class_weights(self) -> list[float] | None:
+        """The cross-entropy's class weights from --class-weights; None for "none"."""
+        cw = self.cfg.class_weights
+        if cw == "none":
+            return None
+        self._single_label("--class-weights", cw)
+        classes = self.dataset.labels
+        if cw == "balanced":
+            w = balanced_class_weights(self.train_set.labels, len(classes))
+            empty = [c for c, x in zip(classes, w) if x == 0]
+            if empty:
+                raise UserError(f"--class-weights balanced: class(es) {', '.join(empty)} have no training example")
+        else:
+            w = read_class_weights(cw, classes)
+        self.log("class weights: " + ", ".join(f"{c} {x:.4f}" for c, x in zip(classes, w)))
+        return w
+
+    def _sample_weights(self):
+        """--sampler balanced: example i drawn with probability proportional to 1 / n_{y_i}."""
+        if self.cfg.sampler == "shuffle":
+            return None
+        self._single_label("--sampler", self.cfg.sampler)
+        counts = {}
+        for y in self.train_set.labels:
+            counts[y] = counts.get(y, 0) + 1
+        return [1.0 / counts[y] for y in self.train_set.labels]
+
+    def _loss_terms(self, indices: list[int]) -> float:
+        """The denominator of the global batch's mean loss: its examples, its scored tokens, its
+        sentences (a CRF scores a sentence's whole tag path), or its examples' summed class weights."""
+        if self.class_weight is not None:
+            return sum(self.class_weights[self.train_set.labels[i]] for i in indices)
+        if getattr(self.model, "loss_per_sentence", False):
+            return max(1, len(indices))
+        return max(1, self.train_set.scored(indices))
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
@@ -153,15 +287,16 @@ class Trainer:
     def _loss_sum(self, batch):
         """The sum over the micro-batch of the per-example (or per-scored-token) loss of the head."""
         model = self.ddp or self.model
+        weighted = {} if self.class_weight is None else {"weight": self.class_weight}
         with self._autocast():
             return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                         labels=batch["labels"], reduction="sum").loss
+                         labels=batch["labels"], reduction="sum", **weighted).loss
 
     def train_step(self, indices: list[int]) -> float:
         """One optimizer step on the global batch ``indices``; returns its mean loss."""
         cfg = self.cfg
         self.model.train()
-        scored = max(1, self.train_set.scored(indices))               # loss terms in the global batch
+        scored = self._loss_terms(indices)                             # loss terms in the global batch
         mine = indices[self.rank::self.world]                          # this rank's share
         micro = [mine[i::cfg.grad_accum] for i in range(cfg.grad_accum)]
         total = torch.zeros((), device=self.device)
@@ -202,7 +337,7 @@ class Trainer:
                 return predict_labels(self.model, encoded, self.tokenizer.pad_token_id, self.cfg.eval_batch_size,
                                       self.device, encoded.problem == "token")
             return predict_values(self.model, encoded, self.tokenizer.pad_token_id, self.cfg.eval_batch_size,
-                                  self.device)
+                                  self.device, self.thresholds if self.thresholds is not None else 0.5)
 
     def evaluate(self, encoded: D.Encoded) -> dict:
         """The metrics of the dataset's problem type; "report" (classification) is not a number."""
@@ -274,6 +409,7 @@ class Trainer:
         if is_main():
             checkpoint.start_run(self.out, resume=self.resumed, overwrite=self.overwrite)
         t_start = time.time()
+        self.log(f"precision: {self.precision_note}")
         try:
             self._open_log()
             while self.epoch < self.num_epochs:
@@ -299,7 +435,7 @@ class Trainer:
     def _train_epoch(self, e: int) -> tuple[list[float], float]:
         """One pass (the last may be partial) over the training batches; the losses and the seconds."""
         cfg = self.cfg
-        batches = length_batches(self.lengths, cfg.batch_size, cfg.seed, e)
+        batches = length_batches(self.lengths, cfg.batch_size, cfg.seed, e, self.sample_weights)
         batches = batches[:self.total_steps - e * self.steps_per_epoch]     # a partial last epoch
         bar = _progress(batches, f"epoch {e + 1}/{self.num_epochs}", cfg.progress and is_main())
         t0, n_seen, losses = time.time(), 0, []
@@ -351,9 +487,15 @@ class Trainer:
         if (self.out / "best" / "model.safetensors").is_file():
             self.load_best()
         dev = self.best_dev or self.evaluate(self.dev_set)   # known unless resumed after the best epoch
+        tuned = self.tune_thresholds() if self.train_set.problem == D.MULTI_LABEL else None
         test = self.evaluate(self.test_set) if self.test_set is not None else None
         metrics = {"task": self.dataset.name, "problem": self.train_set.problem,
                    **{f"dev_{k}": v for k, v in _scalars(dev).items()}}
+        if tuned is not None:
+            metrics.update({f"dev_tuned_{k}": v for k, v in _scalars(tuned).items()})
+            metrics["thresholds"] = dict(zip(self.dataset.labels, self.thresholds))
+        elif "report" in dev:
+            metrics["dev_report"] = dev["report"]
         if test is not None:
             metrics.update({f"test_{k}": v for k, v in _scalars(test).items()})
             if "report" in test:
@@ -365,6 +507,41 @@ class Trainer:
             (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
             plot_history(self.history, self.out / "training.png")
         return metrics
+
+
+    def tune_thresholds(self) -> dict:
+        """Multi-label: per class, the threshold with the best dev F1 (``metrics.choose_thresholds``),
+        kept for the test and saved as best/thresholds.json for predict and evaluate. Returns the dev
+        scores with them (optimistic: chosen on the same examples)."""
+        with self._autocast():
+            logits, gold = predict_logits(self.model, self.dev_set, self.tokenizer.pad_token_id,
+                                          self.cfg.eval_batch_size, self.device)
+        self.thresholds = M.choose_thresholds(torch.sigmoid(logits), gold)
+        if is_main() and (self.out / "best").is_dir():
+            write_thresholds(self.out / "best", self.dataset.labels, self.thresholds)
+        return self.evaluate(self.dev_set)
+
+
+THRESHOLDS = "thresholds.json"
+
+
+def write_thresholds(folder: Path, labels: list[str], thresholds: list[float]) -> None:
+    (Path(folder) / THRESHOLDS).write_text(json.dumps(
+        {"thresholds": dict(zip(labels, thresholds)),
+         "rule": "a class is predicted when its sigmoid probability > its threshold; each threshold is the one "
+                 "with the best F1 of its class on the dev set"}, indent=2) + "\n", encoding="utf-8")
+
+
+def read_thresholds(folder: Path, labels: list[str]) -> list[float] | None:
+    """The per-class thresholds saved with a multi-label model (None: no file, 0.5 for all)."""
+    path = Path(folder) / THRESHOLDS
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))["thresholds"]
+        return [float(saved[name]) for name in labels]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: expected a threshold for each class {labels} ({e!r})") from None
 
 
 def check_resumable(state: dict, cfg: TrainConfig, labels: list[str], path) -> None:
@@ -400,10 +577,22 @@ def _logits_in_order(model, encoded: D.Encoded, pad_id: int, batch_size: int, de
 def predict_labels(model, encoded: D.Encoded, pad_id: int, batch_size: int, device, token_task: bool,
                    return_probs: bool = False):
     """Predicted and gold class ids, per example or per scored token (first sub-word of each word),
-    in the order of ``encoded``; with ``return_probs`` also the softmax probability of each prediction."""
+    in the order of ``encoded``; with ``return_probs`` also the softmax probability of each prediction
+    (None for a CRF's tags, which are decoded as a whole path by Viterbi)."""
     n = len(encoded.input_ids)
     pred, gold, prob = [None] * n, [None] * n, [None] * n
+    crf_scores = None                 # BERT + CRF: the best tag path (Viterbi), not each token's argmax
+    if token_task and getattr(model, "crf", None) is not None:
+        crf_scores = tuple(t.detach().float().cpu() for t in model.crf.scores())     # A, start, end
     for idx, logits, labels in _logits_in_order(model, encoded, pad_id, batch_size, device):
+        if crf_scores is not None:
+            from .crf import compact, viterbi
+            keep = labels != IGNORE_INDEX                                              # (B, T) first sub-words
+            emissions, mask, _ = compact(logits, keep)                                 # (B, W, C)
+            paths = viterbi(emissions, mask, *crf_scores)[0]
+            for r, i in enumerate(idx):
+                pred[i], gold[i], prob[i] = paths[r], labels[r][keep[r]].tolist(), [None] * len(paths[r])
+            continue
         probs = torch.softmax(logits, -1)
         best, p = probs.argmax(-1), probs.max(-1).values
         for r, i in enumerate(idx):
@@ -417,18 +606,27 @@ def predict_labels(model, encoded: D.Encoded, pad_id: int, batch_size: int, devi
     return (pred, gold, prob) if return_probs else (pred, gold)
 
 
-def predict_values(model, encoded: D.Encoded, pad_id: int, batch_size: int, device, threshold: float = 0.5):
-    """Multi-label: the predicted and gold sets of class ids (sigmoid > threshold); regression: the numbers."""
+@torch.no_grad()
+def predict_logits(model, encoded: D.Encoded, pad_id: int, batch_size: int, device):
+    """The logits (N, C) of every example in the order of ``encoded``, and the gold labels (N, ...)."""
     n = len(encoded.input_ids)
-    pred, gold = [None] * n, [None] * n
+    logits_out, gold_out = [None] * n, [None] * n
     for idx, logits, labels in _logits_in_order(model, encoded, pad_id, batch_size, device):
         for r, i in enumerate(idx):
-            if encoded.problem == D.MULTI_LABEL:
-                pred[i] = set(torch.nonzero(torch.sigmoid(logits[r]) > threshold).flatten().tolist())
-                gold[i] = set(torch.nonzero(labels[r] > 0.5).flatten().tolist())
-            else:
-                pred[i], gold[i] = logits[r].squeeze(-1).item(), labels[r].item()
-    return pred, gold
+            logits_out[i], gold_out[i] = logits[r], labels[r]
+    return torch.stack(logits_out), torch.stack(gold_out)
+
+
+def predict_values(model, encoded: D.Encoded, pad_id: int, batch_size: int, device, threshold=0.5):
+    """Multi-label: the predicted and gold sets of class ids (sigmoid > threshold, one number or one
+    per class); regression: the numbers."""
+    logits, labels = predict_logits(model, encoded, pad_id, batch_size, device)
+    if encoded.problem == D.MULTI_LABEL:
+        chosen = torch.sigmoid(logits) > torch.as_tensor(threshold, dtype=logits.dtype)     # (N, C)
+        pred = [set(torch.nonzero(row).flatten().tolist()) for row in chosen]
+        gold = [set(torch.nonzero(row > 0.5).flatten().tolist()) for row in labels]
+        return pred, gold
+    return logits.squeeze(-1).tolist(), labels.tolist()
 
 
 def _progress(items, desc, enabled):
@@ -439,11 +637,14 @@ def _progress(items, desc, enabled):
 
 
 def plot_history(history: History, path: Path) -> None:
-    """Training loss per step and the first dev metric per epoch, one PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    """Training loss per step and the first dev metric per epoch, one PNG. Drawn on a Figure of its
+    own with the Agg canvas, not through pyplot: the process's backend (a notebook's inline one)
+    and its open figures are left as they were."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(10, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots(1, 2)
     steps = [r["step"] for r in history.steps]
     ax[0].plot(steps, [r["loss"] for r in history.steps], lw=0.6, alpha=0.5, label="per step")
     if len(steps) >= 20:
@@ -464,4 +665,3 @@ def plot_history(history: History, path: Path) -> None:
     ax[1].set(xlabel="epochs trained", ylabel=f"dev {name}", title=f"dev {name}", xticks=ep)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

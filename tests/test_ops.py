@@ -278,7 +278,10 @@ def test_opcheck():
     z = rnd(6, 4, dtype=torch.float32).requires_grad_()
     t = torch.tensor([0, 1, -100, 3, 2, 1])
     for reduction in (0, 1, 2):  # none, mean, sum
-        torch.library.opcheck(torch.ops.minift.xent_fwd.default, (z, t, -100, 0.1, reduction))
+        torch.library.opcheck(torch.ops.minift.xent_fwd.default, (z, t, None, -100, 0.1, reduction))
+        _, stats = torch.ops.minift.xent_fwd(z.detach(), t, None, -100, 0.1, reduction)   # (2, N): row max, log s
+        g = rnd(6, dtype=torch.float32, seed=5) if reduction == 0 else torch.tensor(0.7)
+        torch.library.opcheck(torch.ops.minift.xent_bwd.default, (g, z.detach(), t, None, stats, -100, 0.1, reduction))
 
 
 def test_cross_entropy_mean_is_the_same_on_any_thread_count():
@@ -347,7 +350,18 @@ def test_cross_entropy_bad_input(name, make, msg):
     t = torch.tensor([0, 1, 2, 3, 4])
     z, t = make(z, t)
     with pytest.raises(RuntimeError, match=msg):
-        torch.ops.minift.xent_fwd(z, t, -100, 0.0, 3 if name == "reduction" else 1)
+        torch.ops.minift.xent_fwd(z, t, None, -100, 0.0, 3 if name == "reduction" else 1)
+
+
+def test_cross_entropy_backward_checks_the_row_statistics():
+    z = rnd(5, 3, dtype=torch.float32)
+    t = torch.tensor([0, 1, 2, 1, 0])
+    _, stats = torch.ops.minift.xent_fwd(z, t, None, -100, 0.0, 1)
+    assert stats.shape == (2, 5)
+    torch.testing.assert_close(stats[0], z.amax(1), rtol=0, atol=0)             # the row max, exactly
+    for bad in (stats[0], stats.t().contiguous(), stats.double()):
+        with pytest.raises(RuntimeError, match="row statistics of shape \\(2, 5\\)"):
+            torch.ops.minift.xent_bwd(torch.tensor(1.0), z, t, None, bad, -100, 0.0, 1)
 
 
 def test_fused_model_equals_torch_on_minilm(batch):

@@ -7,6 +7,9 @@ import torch
 import minift
 from minift import optim
 
+# one worker computes the 200-step trajectories that every test here reads
+pytestmark = pytest.mark.xdist_group("optim")
+
 
 def _with_decoupled_decay(torch_sgd_cls, lr, wd, **kw):
     """torch.optim.SGD has only L2 (coupled) decay; decoupled decay is theta *= 1 - lr*wd first."""

@@ -65,7 +65,8 @@ def _build(tmp: Path) -> dict:
     fake = tmp / "fake"
     fake.mkdir()
     (fake / "sitecustomize.py").write_text(FAKE_CUDA_TORCH)
-    env = {**os.environ, "CUDA_HOME": str(cuda), "PYTHONPATH": str(fake), "MINIFT_TEST_FAKE_CUDA": "1",
+    # MINIFT_NO_CUDA is left out: this build is meant to try CUDA (and fail)
+    env = {**{k: v for k, v in os.environ.items() if k != "MINIFT_NO_CUDA"}, "CUDA_HOME": str(cuda), "PYTHONPATH": str(fake), "MINIFT_TEST_FAKE_CUDA": "1",
            "TORCH_CUDA_ARCH_LIST": "8.0", "MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
     r = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp / "dist"), str(src)],
                        env=env, capture_output=True, text=True, timeout=1500)

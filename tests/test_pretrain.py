@@ -379,3 +379,13 @@ def test_torchrun_two_processes_equal_one(texts, tmp_path):
     assert set(a) == set(b) and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     history = [json.loads((tmp_path / run / "metrics.json").read_text())["history"] for run in ("one", "two")]
     assert [e["dev_mlm_loss"] for e in history[0]] == pytest.approx([e["dev_mlm_loss"] for e in history[1]], abs=1e-6)
+
+
+def test_pretrain_flags_name_every_corpus_and_no_label_options():
+    """--task's help lists every bundled corpus; the options about labelled classes are not offered."""
+    from minift.cli import build_parser
+    from minift.tasks import TASKS
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["pretrain"]
+    flags = {o: a for a in sub._actions for o in a.option_strings}
+    assert all(name in flags["--task"].help for name in TASKS), flags["--task"].help
+    assert "--class-weights" not in flags and "--sampler" not in flags

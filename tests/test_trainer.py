@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,67 @@ def test_regression_and_multi_label_train_through_the_heads_loss(tiny_model_dir,
         assert abs(m["dev_micro_f1"] - micro) <= 1e-12
     assert json.loads((tmp_path / "metrics.json").read_text())["problem"] == problem
     assert everything["labels"].dtype == torch.float32
+
+
+def test_plot_history_leaves_the_process_backend_alone(tmp_path):
+    """training.png is drawn without pyplot: a notebook's backend (here svg) and its open figures
+    stay as they were (the plot used to switch the whole process to Agg)."""
+    code = textwrap.dedent(f"""
+        import matplotlib, matplotlib.pyplot as plt
+        from pathlib import Path
+        from minift.trainer import History, plot_history
+        plt.figure()
+        h = History(steps=[{{"step": i, "epoch": 0, "loss": 1 / (i + 1), "lr": 1e-3}} for i in range(30)],
+                    epochs=[{{"epoch": 0, "epochs_trained": 1, "dev_accuracy": 0.7}}])
+        plot_history(h, Path({str(tmp_path / "t.png")!r}))
+        print(matplotlib.get_backend(), len(plt.get_fignums()))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "MPLBACKEND": "svg"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["svg", "1"], r.stdout
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_precision_choice_on_the_cpu(monkeypatch):
+    """auto: bf16 only on a CPU with AMX-BF16; bf16 may be forced anywhere (with a warning where
+    it is emulated); fp16 needs a GPU. Each choice says why."""
+    from minift import trainer as T
+    from minift.errors import UserError
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(T, "cpu_bf16_speed", lambda: "amx")
+    assert T.choose_precision("auto", cpu) == (torch.bfloat16, "bf16 autocast (auto: this CPU has AMX-BF16)")
+    monkeypatch.setattr(T, "cpu_bf16_speed", lambda: "emulated")
+    dtype, why = T.choose_precision("auto", cpu)
+    assert dtype is None and "no AMX-BF16" in why and "--precision bf16" in why
+    dtype, why = T.choose_precision("bf16", cpu)
+    assert dtype is torch.bfloat16 and "warning" in why and "slower" in why
+    monkeypatch.setattr(T, "cpu_bf16_speed", lambda: "avx512")
+    assert T.choose_precision("bf16", cpu)[1].endswith("this CPU has AVX512-BF16)")
+    assert T.choose_precision("fp32", cpu) == (None, "fp32 (asked for)")
+    with pytest.raises(UserError, match="fp16 needs a GPU"):
+        T.choose_precision("fp16", cpu)
+    with pytest.raises(UserError, match="expected auto, fp32, bf16 or fp16, got 'half'"):
+        T.choose_precision("half", cpu)
+
+
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_bf16_autocast_on_the_cpu_trains_like_fp32(tiny_model_dir, small_dataset, tmp_path, impl):
+    """--precision bf16 on the CPU: the matrix multiplies run in bf16 (the logits come out bf16),
+    the weights stay fp32, and the run follows the fp32 run to bf16's rounding."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        t = make_trainer(tiny_model_dir, small_dataset, tmp_path / precision, precision=precision, epochs=1)
+        t.model.set_impl(impl)
+        if precision == "bf16":
+            batch = data.collate(t.train_set, list(range(8)))
+            with t._autocast():
+                out = t.model(batch["input_ids"], batch["attention_mask"])
+            assert out.logits.dtype == torch.bfloat16
+        t.fit()
+        assert all(p.dtype == torch.float32 for p in t.model.parameters())
+        runs[precision] = [r["loss"] for r in t.history.steps]
+    fp32, bf16 = torch.tensor(runs["fp32"]), torch.tensor(runs["bf16"])
+    assert len(fp32) == len(bf16) >= 6
+    assert not torch.equal(fp32, bf16), "bf16 rounding should show in the losses"
+    assert (fp32 - bf16).abs().max() < 0.03, (fp32, bf16)

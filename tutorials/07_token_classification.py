@@ -92,12 +92,6 @@ assert len(pred) == sum(len(s.text) for s in ds.test), "one prediction per word 
 # %%
 import matplotlib.pyplot as plt
 
-# minift's trainer draws training.png with matplotlib's Agg backend, which it selects for the
-# whole process; in a notebook, draw inline again (as a plain script there is nothing to undo).
-try:
-    get_ipython().run_line_magic("matplotlib", "inline")
-except NameError:
-    pass
 
 tags = sorted((t for t in ds.labels if rep[t]["support"] > 0), key=lambda t: -rep[t]["support"])
 ours = {t: 0 for t in tags}
@@ -120,3 +114,11 @@ ax.set_xticks(xs, [f"{t}\n{rep[t]['support']}" for t in tags], fontsize=8)
 ax.set(ylabel="accuracy on the tag's words", ylim=(0, 1.05), title="per-tag accuracy (test; tag and number of words)")
 ax.legend(loc="lower left")
 plt.show()
+
+# %% [markdown]
+# The run's folder was a temporary one (two checkpoints of 90 MB each): it goes now.
+
+# %%
+import shutil
+
+shutil.rmtree(out_dir)

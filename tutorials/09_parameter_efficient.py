@@ -14,6 +14,7 @@
 
 # %%
 import os
+import shutil
 import tempfile
 
 import torch
@@ -78,7 +79,7 @@ for name, kw, lr in [("linear probe", dict(freeze="encoder"), 5e-3), ("top 2 lay
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     out = tempfile.mkdtemp(prefix="minift-tutorial9-")
     cfg = TrainConfig(lr=lr, epochs=1, batch_size=16, max_length=64, progress=False)
-    trainer = Trainer(model, tok, ds, cfg, out)
+    trainer = Trainer(model, tok, ds, cfg, out)     # a temporary folder, removed after the run
     fixed = data.collate(trainer.train_set, list(range(64)))          # the same 64 training snippets
 
     def train_loss():
@@ -99,6 +100,7 @@ for name, kw, lr in [("linear probe", dict(freeze="encoder"), 5e-3), ("top 2 lay
             else:
                 assert torch.equal(p.detach(), frozen_before[n]), f"{name}: the frozen weight {n} moved"
     results[name] = (summary.split(": ")[1], res["dev_accuracy"], res["train_seconds"], before, after)
+    shutil.rmtree(out)
 
 majority = max(sum(e.label == lab for e in ds.dev) for lab in ds.labels) / len(ds.dev)
 print(f"\n{'scheme':14s} {'trainable':48s} {'train loss':>15s} {'dev acc':>7s} {'seconds':>7s}")
@@ -115,12 +117,6 @@ assert results["full"][1] > majority + 0.05, "full fine-tuning learns the task"
 # %%
 import matplotlib.pyplot as plt
 
-# minift's trainer draws training.png with matplotlib's Agg backend, which it selects for the
-# whole process; in a notebook, draw inline again (as a plain script there is nothing to undo).
-try:
-    get_ipython().run_line_magic("matplotlib", "inline")
-except NameError:
-    pass
 
 n_trainable = {name: int(r[0].split(" of ")[0].replace(",", "")) for name, r in results.items()}
 assert n_trainable["linear probe"] < n_trainable["LoRA r=8"] < n_trainable["top 2 layers"] < n_trainable["full"]

@@ -7,7 +7,8 @@
   pages without outputs (for work on the site's layout only).
 - ``_notebooks/notebooks/NN_*.ipynb``: the downloadable notebook: the same cells, preceded by
   one that installs minift where it is missing (Colab, a fresh Jupyter) and does nothing where
-  minift is already importable.
+  minift is already importable; beside them ``minift-VERSION.tar.gz``, the sdist that cell
+  installs when the site was built without a MINIFT_SOURCE address.
 - ``assignments/<part>.md``: one page per assignment part, from ``minift.assignments.PARTS``.
 
 Every tutorial the glob finds is included, so a new one appears without touching the docs.
@@ -17,6 +18,7 @@ notebooks, into DIR (default docs/_build/notebooks).
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -29,20 +31,29 @@ DOCS = Path(__file__).resolve().parent.parent
 ROOT = DOCS.parent
 TUTORIALS = ROOT / "tutorials"
 
-# minift has no published package index entry; this is where the notebook's first cell installs
-# it from. PLACEHOLDER: replace with the project's repository or a URL of its sdist
-# (``python setup.py sdist`` writes one to dist/).
-MINIFT_SOURCE = "git+https://git.example.org/minift/minift.git"
+# Where the notebook's first cell installs minift from. minift has no package-index entry: a site
+# published with the project's address bakes it in (MINIFT_SOURCE=git+https://... or the URL of an
+# sdist, at build time); without one the cell installs the sdist that the site offers beside the
+# notebooks (notebooks/minift-VERSION.tar.gz, written by write_sdist), from the notebook's folder.
+MINIFT_SOURCE = os.environ.get("MINIFT_SOURCE", "")
 
 INSTALL_CELL = f'''\
 # Installs minift, its pretrained weights and corpora where they are missing (Colab, a fresh
 # Jupyter); where minift is already importable this cell does nothing.
-import importlib.util, os, subprocess, sys
+import glob, importlib.util, os, subprocess, sys
 
 def pip(*args):
     subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *args])
 
 if importlib.util.find_spec("minift") is None:
+    # minift's source: MINIFT_SOURCE (a git address or an sdist's URL), else the sdist that the
+    # course site offers beside this notebook, put in this notebook's folder (Colab: Files pane)
+    source = os.environ.get("MINIFT_SOURCE") or "{MINIFT_SOURCE}" or max(glob.glob("minift-*.tar.gz"), default="")
+    if not source:
+        raise RuntimeError("minift is not installed, and this cell found no source to install it from: "
+                           "download minift-<version>.tar.gz from the course site's notebooks/ folder "
+                           "into " + os.getcwd() + ", or set MINIFT_SOURCE to minift's repository "
+                           "(git+https://...) or an sdist's URL, then run this cell again")
     if importlib.util.find_spec("torch") is None:         # Colab has torch already
         pip("torch")
     pip("numpy", "tokenizers>=0.15", "safetensors", "tqdm", "matplotlib", "transformers",
@@ -52,8 +63,7 @@ if importlib.util.find_spec("minift") is None:
     # builds minift's C++ kernels against the torch above; MINIFT_NO_CUDA=1 skips the slower
     # CUDA build (minift then runs its CPU kernels, or plain PyTorch on the GPU)
     os.environ.setdefault("MINIFT_NO_CUDA", "1")
-    # PLACEHOLDER address: put minift's repository (or the URL of its sdist) here
-    pip("--no-build-isolation", "{MINIFT_SOURCE}")
+    pip("--no-build-isolation", source)
 '''
 
 
@@ -75,6 +85,30 @@ def download_notebook(path: Path) -> nbformat.NotebookNode:
     return nb
 
 
+def sdist_name() -> str:
+    version = re.search(r'__version__ = "([^"]+)"', (ROOT / "minift" / "__init__.py").read_text()).group(1)
+    return f"minift-{version}.tar.gz"
+
+
+def write_sdist(out: Path) -> Path:
+    """minift's sdist (``python -m build --sdist``) into ``out``, beside the notebooks, for their
+    install cell. Rebuilt only when a tracked source is newer than it."""
+    import subprocess
+    out.mkdir(parents=True, exist_ok=True)
+    old = sorted(out.glob("minift-*.tar.gz"))
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True).stdout.split("\0")
+    newest = max((ROOT / f).stat().st_mtime for f in files if f and (ROOT / f).is_file())
+    if len(old) == 1 and old[0].stat().st_mtime >= newest:
+        return old[0]
+    for p in old:
+        p.unlink()
+    r = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(out), str(ROOT)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"building minift's sdist for the notebooks failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return next(out.glob("minift-*.tar.gz"))
+
+
 def write_notebooks(out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -88,8 +122,9 @@ def write_notebooks(out: Path) -> list[Path]:
 def tutorial_page(path: Path) -> nbformat.NotebookNode:
     nb = read_tutorial(path)
     link = (f"Run it yourself: download {{download}}`this tutorial as a notebook "
-            f"<../_notebooks/notebooks/{path.stem}.ipynb>` (its first cell installs minift, "
-            f"for Colab or a fresh Jupyter), or run the script `tutorials/{path.name}`.")
+            f"<../_notebooks/notebooks/{path.stem}.ipynb>` and {{download}}`minift's source "
+            f"<../_notebooks/notebooks/{sdist_name()}>` into one folder: the notebook's first cell "
+            f"installs minift from it (Colab, a fresh Jupyter). Or run the script `tutorials/{path.name}`.")
     nb.cells.insert(1, nbformat.v4.new_markdown_cell(link))
     return nb
 
@@ -202,6 +237,7 @@ def generate(app, config=None) -> None:
     jobs = int(os.environ.get("MINIFT_DOCS_JOBS", os.cpu_count() or 1))
     write_tutorial_pages(DOCS / "tutorials", execute, jobs, log=lambda m: print(m, flush=True))
     write_notebooks(DOCS / "_notebooks" / "notebooks")
+    write_sdist(DOCS / "_notebooks" / "notebooks")
     write_assignment_pages(DOCS / "assignments")
 
 

@@ -1,0 +1,138 @@
+// Bias + GELU of BertIntermediate on the CPU, fused: out = GELU(h + b), h the matmul's output without bias.
+//
+// Forward, elementwise over rows of I features (GELU in its erf form, as BERT and Hugging Face use):
+//   pre_j = h_j + b_j,   out_j = pre_j Phi(pre_j),   Phi(x) = (1 + erf(x / sqrt 2)) / 2
+// It saves pre for the backward (the same memory as saving GELU's input).
+// Backward, in one pass over dout and pre (derivation in minift/functional.py, bias_gelu_backward):
+//   dpre_j = dout_j (Phi(pre_j) + pre_j phi(pre_j)),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+//   dh = dpre,   db_j = sum_n dpre_nj
+// The column sum db is taken as in layer_norm.cpp: fixed blocks of rows, each into its own partial
+// row, added in block order (the same result on any thread count).
+// float32 and float64 compute in their own type; float16 and bfloat16 inputs are widened to
+// float32 first (pre is then kept in float32) and the results rounded back.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "checks.h"
+#include "cpu_vec.h"
+
+namespace minift {
+
+constexpr int64_t kGeluChunks = 32;   // row blocks of the column sum db
+
+static bool gelu_is_reduced(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+static at::Tensor gelu_widen(const at::Tensor& t) { return gelu_is_reduced(t) ? t.to(at::kFloat) : t; }
+
+template <typename T>
+static void bias_gelu_fwd_kernel(const T* h, const T* b, T* out, T* pre, int64_t N, int64_t I) {
+  const T inv_sqrt2 = (T)M_SQRT1_2;
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    const Vec<T> vhalf(T(0.5)), vone(T(1)), vis2(inv_sqrt2);
+    for (int64_t n = begin; n < end; ++n) {
+      const T* hr = h + n * I;
+      T *pr = pre + n * I, *orow = out + n * I;
+      int64_t j = 0;
+      for (; j + Vec<T>::size() <= I; j += Vec<T>::size()) {
+        const Vec<T> x = Vec<T>::loadu(hr + j) + Vec<T>::loadu(b + j);          // pre = h + b
+        x.store(pr + j);
+        (x * vhalf * (vone + (x * vis2).erf())).store(orow + j);               // pre Phi(pre)
+      }
+      for (; j < I; ++j) {
+        const T x = hr[j] + b[j];
+        pr[j] = x;
+        orow[j] = x * T(0.5) * (T(1) + std::erf(x * inv_sqrt2));
+      }
+    }
+  });
+}
+
+template <typename T>
+static void bias_gelu_bwd_kernel(const T* dout, const T* pre, T* dh, T* db, int64_t N, int64_t I) {
+  const T inv_sqrt2 = (T)M_SQRT1_2, inv_sqrt_2pi = (T)(0.5 * M_2_SQRTPI * M_SQRT1_2);
+  const int64_t chunks = std::min(kGeluChunks, N), rows = (N + chunks - 1) / chunks;
+  std::vector<T> partial(chunks * I, T(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    const Vec<T> vhalf(T(0.5)), vone(T(1)), vis2(inv_sqrt2), vmhalf(T(-0.5)), vpdf(inv_sqrt_2pi);
+    for (int64_t c = c0; c < c1; ++c) {
+      T* pb = partial.data() + c * I;
+      for (int64_t n = c * rows; n < std::min(N, (c + 1) * rows); ++n) {
+        const T *dr = dout + n * I, *pr = pre + n * I;
+        T* dhr = dh + n * I;
+        int64_t j = 0;
+        for (; j + Vec<T>::size() <= I; j += Vec<T>::size()) {
+          const Vec<T> x = Vec<T>::loadu(pr + j);
+          const Vec<T> cdf = vhalf * (vone + (x * vis2).erf());               // Phi(x)
+          const Vec<T> pdf = (vmhalf * x * x).exp() * vpdf;                  // phi(x)
+          const Vec<T> d = Vec<T>::loadu(dr + j) * (cdf + x * pdf);           // dpre = dout (Phi + x phi)
+          d.store(dhr + j);
+          (Vec<T>::loadu(pb + j) + d).store(pb + j);                          // db += dpre
+        }
+        for (; j < I; ++j) {
+          const T x = pr[j];
+          const T d = dr[j] * (T(0.5) * (T(1) + std::erf(x * inv_sqrt2)) + x * std::exp(T(-0.5) * x * x) * inv_sqrt_2pi);
+          dhr[j] = d;
+          pb[j] += d;
+        }
+      }
+    }
+  });
+  for (int64_t j = 0; j < I; ++j) {                                  // the partials, in block order
+    T s = 0;
+    for (int64_t c = 0; c < chunks; ++c) s += partial[c * I + j];
+    db[j] = s;
+  }
+}
+
+// Returns out (like h) and pre (like h; float32 for float16/bfloat16).
+std::tuple<at::Tensor, at::Tensor> bias_gelu_fwd_cpu(const at::Tensor& h, const at::Tensor& bias) {
+  TORCH_CHECK(h.device().is_cpu(), "bias_gelu: expected h on the CPU, got ", h.device());
+  check_floating(h, "bias_gelu h");
+  TORCH_CHECK(h.dim() >= 1 && h.numel() > 0, "bias_gelu: expected a non-empty h (..., I), got ", h.sizes());
+  TORCH_CHECK(h.is_contiguous(), "bias_gelu: expected a contiguous h (call .contiguous()), got strides ", h.strides());
+  const int64_t I = h.size(-1), N = h.numel() / I;
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == I && bias.scalar_type() == h.scalar_type() && bias.is_contiguous() &&
+                  bias.device() == h.device(),
+              "bias_gelu: expected a contiguous bias of shape (", I, ",) in ", h.scalar_type(), ", got ",
+              bias.sizes(), " ", bias.scalar_type(), " on ", bias.device());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto hw = gelu_widen(h), bw = gelu_widen(bias);
+  auto out = maybe_poison(at::empty_like(hw)), pre = maybe_poison(at::empty_like(hw));
+  AT_DISPATCH_FLOATING_TYPES(hw.scalar_type(), "bias_gelu_fwd_cpu", [&] {
+    bias_gelu_fwd_kernel<scalar_t>(hw.data_ptr<scalar_t>(), bw.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                   pre.data_ptr<scalar_t>(), N, I);
+  });
+  return {gelu_is_reduced(h) ? out.to(h.scalar_type()) : out, pre};
+}
+
+// Returns dh and dbias in dout's dtype.
+std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& dout, const at::Tensor& pre) {
+  TORCH_CHECK(dout.device().is_cpu(), "bias_gelu backward: expected dout on the CPU, got ", dout.device());
+  check_floating(dout, "bias_gelu backward dout");
+  TORCH_CHECK(dout.sizes() == pre.sizes() && dout.is_contiguous() && pre.is_contiguous() &&
+                  pre.scalar_type() == (gelu_is_reduced(dout) ? at::kFloat : dout.scalar_type()),
+              "bias_gelu backward: expected contiguous dout and pre of one shape, pre in the compute dtype; got ",
+              dout.sizes(), " ", dout.scalar_type(), " and ", pre.sizes(), " ", pre.scalar_type());
+  const int64_t I = pre.size(-1), N = pre.numel() / I;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto dw = gelu_widen(dout);
+  auto dh = maybe_poison(at::empty_like(pre)), db = maybe_poison(at::empty({I}, pre.options()));
+  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "bias_gelu_bwd_cpu", [&] {
+    bias_gelu_bwd_kernel<scalar_t>(dw.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(),
+                                   db.data_ptr<scalar_t>(), N, I);
+  });
+  const auto st = dout.scalar_type();
+  return {dh.scalar_type() == st ? dh : dh.to(st), db.scalar_type() == st ? db : db.to(st)};
+}
+
+TORCH_LIBRARY_IMPL(minift, CPU, m) {
+  m.impl("bias_gelu_fwd", &bias_gelu_fwd_cpu);
+  m.impl("bias_gelu_bwd", &bias_gelu_bwd_cpu);
+}
+
+}  // namespace minift

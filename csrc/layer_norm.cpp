@@ -1,0 +1,233 @@
+// The post-LN residual of BertSelfOutput and BertOutput on the CPU, fused: out = LayerNorm(dropout(y) + x).
+//
+// Forward, for each row n of H features in parallel (version 1: one pass to form z, one for the
+// statistics, one to normalise, all in one row that stays in cache):
+//   z_j = y_j keep_j / (1 - p) + x_j     (keep_j: the Philox bits of element n H + j, as dropout_fwd draws them)
+//   mu = mean_j z_j,  r = 1 / sqrt(mean_j (z_j - mu)^2 + eps),  out_j = (z_j - mu) r w_j + b_j
+// It saves z, mu and r (and the keep mask when p > 0) for the backward.
+//
+// Backward, per row, with g_j = dout_j w_j and xhat_j = (z_j - mu) r (the derivation is in
+// minift/functional.py, add_layer_norm_backward):
+//   dz_j = r (g_j - mean_k g_k - xhat_j mean_k g_k xhat_k),   dx = dz,   dy_j = dz_j keep_j / (1 - p)
+//   dw_j = sum_n dout_nj xhat_nj,   db_j = sum_n dout_nj
+// dx and dy are one tensor when p = 0 (the op then returns an empty dy). The column sums dw and db
+// are taken in the same pass: each of kChunks fixed blocks of rows adds into its own partial row,
+// and the partials are added in block order, so the result does not depend on the thread count.
+// float32 and float64 compute in their own type; float16 and bfloat16 inputs are widened to
+// float32 first (z, mu and r are then kept in float32) and the results rounded back.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "checks.h"
+#include "cpu_vec.h"
+#include "philox.h"
+
+namespace minift {
+
+constexpr int64_t kChunks = 32;   // row blocks of the column sums (fixed: the sums do not depend on threads)
+
+static bool is_reduced(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+static at::Tensor widen(const at::Tensor& t) { return is_reduced(t) ? t.to(at::kFloat) : t; }
+
+// sum_j (x_j - mu)^2
+template <typename T>
+static T row_sq_dev(const T* x, int64_t n, T mu) {
+  const Vec<T> vm(mu);
+  Vec<T> acc(T(0));
+  int64_t j = 0;
+  for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
+    const Vec<T> d = Vec<T>::loadu(x + j) - vm;
+    acc = at::vec::fmadd(d, d, acc);
+  }
+  T s = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
+  for (; j < n; ++j) s += (x[j] - mu) * (x[j] - mu);
+  return s;
+}
+
+template <typename T>
+static void add_layer_norm_fwd_kernel(const T* y, const T* x, const T* w, const T* b, T* out, T* z, T* mean,
+                                      T* rstd, bool* keep, int64_t N, int64_t H, T eps, double p, uint64_t seed,
+                                      uint64_t offset) {
+  const uint32_t threshold = dropout_threshold((float)p);
+  const T keep_scale = p > 0 ? (T)(1.0 / (1.0 - p)) : T(1);
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> mult(H);                                             // this thread's dropout multipliers
+    for (int64_t n = begin; n < end; ++n) {
+      const T *yr = y + n * H, *xr = x + n * H;
+      T *zr = z + n * H, *orow = out + n * H;
+      int64_t j = 0;
+      if (p > 0) {
+        for_each_keep(seed, offset, (uint64_t)(n * H), H, threshold, [&](int64_t k, bool kept) {
+          keep[n * H + k] = kept;
+          mult[k] = kept ? keep_scale : T(0);
+        });
+        for (; j + Vec<T>::size() <= H; j += Vec<T>::size())       // z = y keep / (1 - p) + x
+          (Vec<T>::loadu(yr + j) * Vec<T>::loadu(mult.data() + j) + Vec<T>::loadu(xr + j)).store(zr + j);
+        for (; j < H; ++j) zr[j] = yr[j] * mult[j] + xr[j];
+      } else {
+        for (; j + Vec<T>::size() <= H; j += Vec<T>::size())       // z = y + x
+          (Vec<T>::loadu(yr + j) + Vec<T>::loadu(xr + j)).store(zr + j);
+        for (; j < H; ++j) zr[j] = yr[j] + xr[j];
+      }
+      const T mu = row_sum(zr, H) / (T)H;                              // mu = mean z
+      const T r = T(1) / std::sqrt(row_sq_dev(zr, H, mu) / (T)H + eps);  // r = 1 / sqrt(var z + eps)
+      mean[n] = mu;
+      rstd[n] = r;
+      const Vec<T> vm(mu), vr(r);
+      for (j = 0; j + Vec<T>::size() <= H; j += Vec<T>::size())     // out = (z - mu) r w + b
+        ((Vec<T>::loadu(zr + j) - vm) * vr * Vec<T>::loadu(w + j) + Vec<T>::loadu(b + j)).store(orow + j);
+      for (; j < H; ++j) orow[j] = (zr[j] - mu) * r * w[j] + b[j];
+    }
+  });
+}
+
+template <typename T>
+static void add_layer_norm_bwd_kernel(const T* dout, const T* z, const T* w, const T* mean, const T* rstd,
+                                      const bool* keep, T* dx, T* dy, T* dw, T* db, int64_t N, int64_t H, double p) {
+  const T keep_scale = p > 0 ? (T)(1.0 / (1.0 - p)) : T(1);
+  const int64_t chunks = std::min(kChunks, N), rows = (N + chunks - 1) / chunks;
+  std::vector<T> partial(chunks * 2 * H, T(0));                       // per block: dw partial, db partial
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<T> g(H), xhat(H);
+    for (int64_t c = c0; c < c1; ++c) {
+      T *pw = partial.data() + c * 2 * H, *pb = pw + H;
+      for (int64_t n = c * rows; n < std::min(N, (c + 1) * rows); ++n) {
+        const T *dr = dout + n * H, *zr = z + n * H;
+        const T mu = mean[n], r = rstd[n];
+        const Vec<T> vm(mu), vr(r);
+        Vec<T> sg(T(0)), sgx(T(0));
+        int64_t j = 0;
+        for (; j + Vec<T>::size() <= H; j += Vec<T>::size()) {
+          const Vec<T> d = Vec<T>::loadu(dr + j), xh = (Vec<T>::loadu(zr + j) - vm) * vr;   // xhat = (z - mu) r
+          const Vec<T> gj = d * Vec<T>::loadu(w + j);                                   // g = dout w
+          gj.store(g.data() + j);
+          xh.store(xhat.data() + j);
+          sg = sg + gj;
+          sgx = at::vec::fmadd(gj, xh, sgx);
+          (Vec<T>::loadu(pw + j) + d * xh).store(pw + j);              // dw += dout xhat
+          (Vec<T>::loadu(pb + j) + d).store(pb + j);                   // db += dout
+        }
+        auto add = [](Vec<T>& a, Vec<T>& b) { return a + b; };
+        T sum_g = at::vec::vec_reduce_all<T>(add, sg), sum_gx = at::vec::vec_reduce_all<T>(add, sgx);
+        for (; j < H; ++j) {
+          const T xh = (zr[j] - mu) * r;
+          g[j] = dr[j] * w[j];
+          xhat[j] = xh;
+          sum_g += g[j];
+          sum_gx += g[j] * xh;
+          pw[j] += dr[j] * xh;
+          pb[j] += dr[j];
+        }
+        const T a = sum_g / (T)H, cc = sum_gx / (T)H;                // mean g, mean g xhat
+        T* dxr = dx + n * H;
+        const Vec<T> va(a), vc(cc);
+        for (j = 0; j + Vec<T>::size() <= H; j += Vec<T>::size())    // dz = r (g - mean g - xhat mean(g xhat))
+          (vr * (Vec<T>::loadu(g.data() + j) - va - Vec<T>::loadu(xhat.data() + j) * vc)).store(dxr + j);
+        for (; j < H; ++j) dxr[j] = r * (g[j] - a - xhat[j] * cc);
+        if (p > 0) {
+          const bool* kr = keep + n * H;
+          T* dyr = dy + n * H;
+          for (j = 0; j < H; ++j) dyr[j] = kr[j] ? dxr[j] * keep_scale : T(0);   // dy = dz keep / (1 - p)
+        }
+      }
+    }
+  });
+  for (int64_t j = 0; j < H; ++j) {                                   // the partials, in block order
+    T sw = 0, sb = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      sw += partial[c * 2 * H + j];
+      sb += partial[c * 2 * H + H + j];
+    }
+    dw[j] = sw;
+    db[j] = sb;
+  }
+}
+
+static void check_add_layer_norm_inputs(const at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
+                                        const at::Tensor& bias, double p) {
+  TORCH_CHECK(y.device().is_cpu(), "add_layer_norm: expected y on the CPU, got ", y.device());
+  check_floating(y, "add_layer_norm y");
+  TORCH_CHECK(y.dim() >= 1 && y.numel() > 0, "add_layer_norm: expected a non-empty y (..., H), got ", y.sizes());
+  TORCH_CHECK(y.is_contiguous(), "add_layer_norm: expected a contiguous y (call .contiguous()), got strides ",
+              y.strides());
+  check_same_layout(x, y, "add_layer_norm x", "y");
+  const int64_t H = y.size(-1);
+  for (auto [t, name] : {std::pair{&weight, "weight"}, std::pair{&bias, "bias"}}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == H && t->scalar_type() == y.scalar_type() && t->is_contiguous() &&
+                    t->device() == y.device(),
+                "add_layer_norm: expected a contiguous ", name, " of shape (", H, ",) in ", y.scalar_type(),
+                " on ", y.device(), ", got ", t->sizes(), " ", t->scalar_type(), " on ", t->device());
+  }
+  TORCH_CHECK(p >= 0 && p < 1, "add_layer_norm: expected 0 <= dropout_p < 1, got ", p);
+}
+
+// Returns out (like y), z (like y; float32 for float16/bfloat16), mean and rstd (rows of y, in z's
+// dtype), keep (like y, bool; empty when p = 0).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cpu(
+    const at::Tensor& y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps, double p,
+    int64_t seed, int64_t offset) {
+  check_add_layer_norm_inputs(y, x, weight, bias, p);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;                // widening here is not differentiated
+  const int64_t H = y.size(-1), N = y.numel() / H;
+  auto yw = widen(y), xw = widen(x), ww = widen(weight), bw = widen(bias);
+  auto out = maybe_poison(at::empty_like(yw)), z = maybe_poison(at::empty_like(yw));
+  auto rows = y.sizes().vec();
+  rows.pop_back();
+  auto mean = maybe_poison(at::empty(rows, yw.options())), rstd = maybe_poison(at::empty(rows, yw.options()));
+  auto keep = p > 0 ? at::empty_like(y, y.options().dtype(at::kBool)) : at::empty({0}, y.options().dtype(at::kBool));
+  AT_DISPATCH_FLOATING_TYPES(yw.scalar_type(), "add_layer_norm_fwd_cpu", [&] {
+    add_layer_norm_fwd_kernel<scalar_t>(yw.data_ptr<scalar_t>(), xw.data_ptr<scalar_t>(), ww.data_ptr<scalar_t>(),
+                                        bw.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+                                        mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(),
+                                        p > 0 ? keep.data_ptr<bool>() : nullptr, N, H, (scalar_t)eps, p,
+                                        (uint64_t)seed, (uint64_t)offset);
+  });
+  return {is_reduced(y) ? out.to(y.scalar_type()) : out, z, mean, rstd, keep};
+}
+
+// Returns dx (like z, in weight's dtype), dy (the same when p > 0; empty when p = 0, where dy = dx),
+// dweight and dbias (like weight).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& z, const at::Tensor& weight, const at::Tensor& mean,
+    const at::Tensor& rstd, const at::Tensor& keep, double p) {
+  TORCH_CHECK(dout.device().is_cpu(), "add_layer_norm backward: expected dout on the CPU, got ", dout.device());
+  TORCH_CHECK(dout.sizes() == z.sizes() && dout.is_contiguous() && z.is_contiguous() &&
+                  dout.scalar_type() == weight.scalar_type(),
+              "add_layer_norm backward: expected a contiguous dout of shape ", z.sizes(), " in ",
+              weight.scalar_type(), ", got ", dout.sizes(), " ", dout.scalar_type());
+  const int64_t H = z.size(-1), N = z.numel() / H;
+  TORCH_CHECK(mean.numel() == N && rstd.numel() == N && mean.scalar_type() == z.scalar_type() &&
+                  rstd.scalar_type() == z.scalar_type(),
+              "add_layer_norm backward: expected mean and rstd of ", N, " rows in ", z.scalar_type());
+  TORCH_CHECK(p == 0 || (keep.scalar_type() == at::kBool && keep.sizes() == z.sizes() && keep.is_contiguous()),
+              "add_layer_norm backward: expected a contiguous bool keep mask of shape ", z.sizes(), ", got ",
+              keep.sizes(), " ", keep.scalar_type());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto dw_in = widen(dout), ww = widen(weight);
+  auto dx = maybe_poison(at::empty_like(z)), dwt = maybe_poison(at::empty_like(ww));
+  auto dbt = maybe_poison(at::empty_like(ww));
+  auto dy = p > 0 ? maybe_poison(at::empty_like(z)) : at::empty({0}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "add_layer_norm_bwd_cpu", [&] {
+    add_layer_norm_bwd_kernel<scalar_t>(dw_in.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), ww.data_ptr<scalar_t>(),
+                                        mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(),
+                                        p > 0 ? keep.data_ptr<bool>() : nullptr, dx.data_ptr<scalar_t>(),
+                                        p > 0 ? dy.data_ptr<scalar_t>() : nullptr, dwt.data_ptr<scalar_t>(),
+                                        dbt.data_ptr<scalar_t>(), N, H, p);
+  });
+  const auto st = weight.scalar_type();
+  auto narrow = [&](const at::Tensor& t) { return t.numel() > 0 && t.scalar_type() != st ? t.to(st) : t; };
+  return {narrow(dx), narrow(dy), narrow(dwt), narrow(dbt)};
+}
+
+TORCH_LIBRARY_IMPL(minift, CPU, m) {
+  m.impl("add_layer_norm_fwd", &add_layer_norm_fwd_cpu);
+  m.impl("add_layer_norm_bwd", &add_layer_norm_bwd_cpu);
+}
+
+}  // namespace minift

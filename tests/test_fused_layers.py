@@ -1,0 +1,192 @@
+"""The fused CPU kernels of the encoder layer's elementwise parts: residual add + dropout + layer norm
+(BertSelfOutput, BertOutput) and bias + GELU (BertIntermediate), each against PyTorch's autograd as
+the oracle, with its hand-derived reference in minift.functional. Seeded, irregular shapes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minift import functional as RF
+from minift import ops
+
+pytestmark = pytest.mark.skipif(not ops.extension_available(), reason="minift._C is not built")
+
+SHAPES = [(3, 7, 45), (2, 5, 384), (1, 1, 8), (13, 33)]        # (..., H): H off the vector width, and MiniLM's
+
+
+def rnd(*shape, seed=0, dtype=torch.float64, scale=1.0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
+
+
+def keep_mask(shape, p, seed):
+    """The keep mask the kernels draw for (seed, offset 0): the bits of dropout_fwd's stream."""
+    return torch.ops.minift.dropout_fwd(torch.zeros(shape), p, seed, 0)[1]
+
+
+def ln_inputs(shape, dtype):
+    H = shape[-1]
+    return [rnd(*shape, seed=1, dtype=dtype), rnd(*shape, seed=2, dtype=dtype, shift=0.5),
+            rnd(H, seed=3, dtype=dtype, scale=0.3, shift=1.0), rnd(H, seed=4, dtype=dtype)]
+
+
+def oracle_add_layer_norm(y, x, w, b, keep, p, eps=1e-12):
+    z = (torch.where(keep, y / (1 - p), torch.zeros_like(y)) if p > 0 else y) + x
+    return F.layer_norm(z, (y.shape[-1],), w, b, eps)
+
+
+def compiled_add_layer_norm(y, x, w, b, p, seed, eps=1e-12):
+    return torch.ops.minift.add_layer_norm_fwd(y, x, w, b, eps, p, seed, 0)[0]
+
+
+def out_and_grads(fn, inputs, dout):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    return [out.detach()] + list(torch.autograd.grad(out, inputs, dout))
+
+
+# ------------------------------------------------------------------------------------------
+# residual add + dropout + layer norm
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_add_layer_norm_fp32_equals_torch(shape, p):
+    inputs = ln_inputs(shape, torch.float32)
+    keep = keep_mask(shape, p, seed=11)
+    dout = rnd(*shape, seed=5, dtype=torch.float32)
+    ours = out_and_grads(lambda y, x, w, b: compiled_add_layer_norm(y, x, w, b, p, 11), inputs, dout)
+    want = out_and_grads(lambda y, x, w, b: oracle_add_layer_norm(y, x, w, b, keep, p), inputs, dout)
+    for name, a, e in zip(["out", "dy", "dx", "dweight", "dbias"], ours, want):
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_add_layer_norm_gradcheck_float64(p):
+    y, x, w, b = (t.requires_grad_() for t in ln_inputs((2, 3, 7), torch.float64))
+    keep = keep_mask((2, 3, 7), p, seed=5) if p > 0 else None
+    assert torch.autograd.gradcheck(lambda *a: compiled_add_layer_norm(*a, p, 5, eps=1e-5), (y, x, w, b))
+    assert torch.autograd.gradcheck(lambda *a: RF.AddLayerNorm.apply(*a, keep, p, 1e-5), (y, x, w, b))
+    assert torch.autograd.gradgradcheck(lambda *a: RF.AddLayerNorm.apply(*a, keep, p, 1e-5), (y, x, w, b))
+
+
+def test_add_layer_norm_reference_equals_torch():
+    inputs, p = ln_inputs((4, 9, 21), torch.float64), 0.25
+    keep, dout = keep_mask((4, 9, 21), p, seed=3), rnd(4, 9, 21, seed=6)
+    ours = out_and_grads(lambda *a: RF.AddLayerNorm.apply(*a, keep, p, 1e-12), inputs, dout)
+    want = out_and_grads(lambda *a: oracle_add_layer_norm(*a, keep, p), inputs, dout)
+    for a, e in zip(ours, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_add_layer_norm_draws_the_dropout_stream():
+    """The fused dropout is dropout_fwd's: the same keep mask for the same seed; about 1 - p kept."""
+    y, x, w, b = ln_inputs((6, 10, 384), torch.float32)
+    _, z, mean, rstd, keep = torch.ops.minift.add_layer_norm_fwd(y, x, w, b, 1e-12, 0.1, 42, 0)
+    assert torch.equal(keep, keep_mask(y.shape, 0.1, seed=42))
+    assert abs(keep.float().mean().item() - 0.9) < 0.01
+    torch.testing.assert_close(z, torch.where(keep, y / 0.9, 0.0) + x)
+    assert mean.shape == rstd.shape == (6, 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_layer_norm_low_precision_within_2x_torch(dtype):
+    """Output and gradients against float64: at most twice the error of PyTorch's own ops in dtype."""
+    shape, p = (3, 11, 384), 0.1
+    inputs, keep, dout = ln_inputs(shape, torch.float64), keep_mask(shape, p, seed=8), rnd(*shape, seed=9)
+    want = out_and_grads(lambda *a: oracle_add_layer_norm(*a, keep, p), inputs, dout)
+    low = [t.to(dtype) for t in inputs]
+    ours = out_and_grads(lambda *a: compiled_add_layer_norm(*a, p, 8), low, dout.to(dtype))
+    theirs = out_and_grads(lambda *a: oracle_add_layer_norm(*a, keep, p), low, dout.to(dtype))
+    for name, a, t, e in zip(["out", "dy", "dx", "dweight", "dbias"], ours, theirs, want):
+        assert a.dtype == dtype, name
+        err, base = (a.double() - e).abs().max().item(), (t.double() - e).abs().max().item()
+        assert err <= 2 * base, (name, err, base)
+
+
+# ------------------------------------------------------------------------------------------
+# bias + GELU
+# ------------------------------------------------------------------------------------------
+
+def gelu_inputs(shape, dtype):
+    return [rnd(*shape, seed=1, dtype=dtype, scale=2.0), rnd(shape[-1], seed=2, dtype=dtype)]
+
+
+def compiled_bias_gelu(h, b):
+    return torch.ops.minift.bias_gelu_fwd(h, b)[0]
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(2, 3, 1536)])
+def test_bias_gelu_fp32_equals_torch(shape):
+    inputs, dout = gelu_inputs(shape, torch.float32), rnd(*shape, seed=3, dtype=torch.float32)
+    ours = out_and_grads(compiled_bias_gelu, inputs, dout)
+    want = out_and_grads(lambda h, b: F.gelu(h + b), inputs, dout)
+    for name, a, e in zip(["out", "dh", "dbias"], ours, want):
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_bias_gelu_gradcheck_float64():
+    h, b = (t.requires_grad_() for t in gelu_inputs((3, 4, 9), torch.float64))
+    assert torch.autograd.gradcheck(compiled_bias_gelu, (h, b))
+    assert torch.autograd.gradcheck(RF.bias_gelu, (h, b))
+    assert torch.autograd.gradgradcheck(RF.bias_gelu, (h, b))
+
+
+def test_bias_gelu_reference_equals_torch():
+    inputs, dout = gelu_inputs((5, 17), torch.float64), rnd(5, 17, seed=4)
+    ours = out_and_grads(RF.bias_gelu, inputs, dout)
+    want = out_and_grads(lambda h, b: F.gelu(h + b), inputs, dout)
+    for a, e in zip(ours, want):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bias_gelu_low_precision_within_2x_torch(dtype):
+    shape = (3, 11, 1536)
+    inputs, dout = gelu_inputs(shape, torch.float64), rnd(*shape, seed=5)
+    want = out_and_grads(lambda h, b: F.gelu(h + b), inputs, dout)
+    low = [t.to(dtype) for t in inputs]
+    ours = out_and_grads(compiled_bias_gelu, low, dout.to(dtype))
+    theirs = out_and_grads(lambda h, b: F.gelu(h + b), low, dout.to(dtype))
+    for name, a, t, e in zip(["out", "dh", "dbias"], ours, theirs, want):
+        assert a.dtype == dtype, name
+        err, base = (a.double() - e).abs().max().item(), (t.double() - e).abs().max().item()
+        assert err <= 2 * base, (name, err, base)
+
+
+# ------------------------------------------------------------------------------------------
+# both: every element written, opcheck, the public wrappers
+# ------------------------------------------------------------------------------------------
+
+def test_every_output_element_is_written(monkeypatch):
+    monkeypatch.setenv("MINIFT_POISON_OUTPUTS", "1")
+    for p in (0.0, 0.2):
+        inputs = [t.requires_grad_() for t in ln_inputs((3, 5, 37), torch.float32)]
+        out = compiled_add_layer_norm(*inputs, p, 3)
+        grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+        assert all(torch.isfinite(t).all() for t in (out, *grads))
+    h, b = (t.requires_grad_() for t in gelu_inputs((3, 5, 37), torch.float32))
+    out = compiled_bias_gelu(h, b)
+    assert all(torch.isfinite(t).all() for t in (out, *torch.autograd.grad(out, (h, b), torch.ones_like(out))))
+
+
+def test_opcheck():
+    y, x, w, b = (t.requires_grad_() for t in ln_inputs((2, 3, 10), torch.float32))
+    torch.library.opcheck(torch.ops.minift.add_layer_norm_fwd.default, (y, x, w, b, 1e-12, 0.0, 0, 0))
+    torch.library.opcheck(torch.ops.minift.add_layer_norm_fwd.default, (y, x, w, b, 1e-12, 0.2, 7, 0))
+    h, bias = (t.requires_grad_() for t in gelu_inputs((2, 3, 10), torch.float32))
+    torch.library.opcheck(torch.ops.minift.bias_gelu_fwd.default, (h, bias))
+
+
+def test_public_wrappers_and_their_fallback():
+    """ops.add_layer_norm / ops.bias_gelu run the kernels; without dropout they equal PyTorch."""
+    y, x, w, b = ln_inputs((2, 3, 10), torch.float32)
+    torch.testing.assert_close(ops.add_layer_norm(y, x, w, b, 1e-12, 0.1, training=False),
+                               F.layer_norm(y + x, (10,), w, b, 1e-12))
+    torch.manual_seed(0)
+    a = ops.add_layer_norm(y, x, w, b, 1e-12, 0.5)
+    torch.manual_seed(0)
+    assert torch.equal(a, ops.add_layer_norm(y, x, w, b, 1e-12, 0.5))       # torch.manual_seed reproduces it
+    h, bias = gelu_inputs((2, 3, 10), torch.float32)
+    torch.testing.assert_close(ops.bias_gelu(h, bias), F.gelu(h + bias))
