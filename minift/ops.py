@@ -79,6 +79,27 @@ def source_dir() -> Path:
     return here.parent / "csrc"
 
 
+def _jit_precompiled_header(flags: list[str]) -> list[str]:
+    """The flags that compile the kernel files against a precompiled header of torch's headers
+    (``_build.precompiled_header``), built with the options torch's ``load`` compiles them with;
+    kept beside the build folder, so that later loads find their objects up to date."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    from ._build import precompiled_header, torch_cxx_std
+    try:
+        where = os.path.join(os.path.dirname(cpp_extension._get_build_directory("minift_jit", False)), "minift_jit_pch")
+        # the ABI macro, where this torch's load() passes one (older versions do)
+        abi = getattr(cpp_extension, "_get_glibcxx_abi_build_flags", lambda: [])()
+    except Exception:            # a torch without these internals: compile without it
+        return []
+    includes = [f"-I{p}" for p in [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]]
+    return precompiled_header(cpp_extension.get_cxx_compiler(),
+                              ["-fPIC", torch_cxx_std(), "-DTORCH_API_INCLUDE_EXTENSION_H", *abi, *flags, *includes],
+                              where)
+
+
 def _jit_build() -> str:
     """Compile csrc/ with ninja; returns what happened to the CUDA kernels."""
     from torch.utils.cpp_extension import CUDA_HOME, load
@@ -90,6 +111,7 @@ def _jit_build() -> str:
     debug = os.environ.get("DEBUG", "0") == "1"
     flags = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     flags += ["-fopenmp", *cpu_flags()]
+    flags += _jit_precompiled_header(flags)
     common = dict(name="minift_jit", extra_ldflags=["-fopenmp"], extra_include_paths=[str(src)],
                   is_python_module=False, verbose=False)
     if not torch.cuda.is_available():
