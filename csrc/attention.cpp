@@ -203,12 +203,6 @@ static AttnDims attention_dims(const at::Tensor& q, const at::Tensor& k) {
   return AttnDims{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
 }
 
-static bool is_reduced(const at::Tensor& t) {
-  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-}
-
-// float16/bfloat16 are computed in float32; float32/float64 as they are.
-static at::Tensor widen(const at::Tensor& t) { return is_reduced(t) ? t.to(at::kFloat) : t; }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const std::optional<at::Tensor>& mask, double dropout_p,

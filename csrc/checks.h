@@ -17,6 +17,13 @@ inline at::Tensor maybe_poison(at::Tensor t) {
   return t;
 }
 
+// float16 and bfloat16 inputs are computed in float32 (is_reduced says which; widen converts);
+// float32 and float64 as they are.
+inline bool is_reduced(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+inline at::Tensor widen(const at::Tensor& t) { return is_reduced(t) ? t.to(at::kFloat) : t; }
+
 inline void check_floating(const at::Tensor& t, const char* name) {
   auto st = t.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, name,

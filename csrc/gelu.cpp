@@ -24,11 +24,6 @@ namespace minift {
 
 constexpr int64_t kGeluChunks = 32;   // row blocks of the column sum db
 
-static bool gelu_is_reduced(const at::Tensor& t) {
-  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-}
-static at::Tensor gelu_widen(const at::Tensor& t) { return gelu_is_reduced(t) ? t.to(at::kFloat) : t; }
-
 template <typename T>
 static void bias_gelu_fwd_kernel(const T* h, const T* b, T* out, T* pre, int64_t N, int64_t I) {
   const T inv_sqrt2 = (T)M_SQRT1_2;
@@ -101,13 +96,13 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_fwd_cpu(const at::Tensor& h, const 
               "bias_gelu: expected a contiguous bias of shape (", I, ",) in ", h.scalar_type(), ", got ",
               bias.sizes(), " ", bias.scalar_type(), " on ", bias.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  auto hw = gelu_widen(h), bw = gelu_widen(bias);
+  auto hw = widen(h), bw = widen(bias);
   auto out = maybe_poison(at::empty_like(hw)), pre = maybe_poison(at::empty_like(hw));
   AT_DISPATCH_FLOATING_TYPES(hw.scalar_type(), "bias_gelu_fwd_cpu", [&] {
     bias_gelu_fwd_kernel<scalar_t>(hw.data_ptr<scalar_t>(), bw.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                    pre.data_ptr<scalar_t>(), N, I);
   });
-  return {gelu_is_reduced(h) ? out.to(h.scalar_type()) : out, pre};
+  return {is_reduced(h) ? out.to(h.scalar_type()) : out, pre};
 }
 
 // Returns dh and dbias in dout's dtype.
@@ -115,12 +110,12 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& dout, con
   TORCH_CHECK(dout.device().is_cpu(), "bias_gelu backward: expected dout on the CPU, got ", dout.device());
   check_floating(dout, "bias_gelu backward dout");
   TORCH_CHECK(dout.sizes() == pre.sizes() && dout.is_contiguous() && pre.is_contiguous() &&
-                  pre.scalar_type() == (gelu_is_reduced(dout) ? at::kFloat : dout.scalar_type()),
+                  pre.scalar_type() == (is_reduced(dout) ? at::kFloat : dout.scalar_type()),
               "bias_gelu backward: expected contiguous dout and pre of one shape, pre in the compute dtype; got ",
               dout.sizes(), " ", dout.scalar_type(), " and ", pre.sizes(), " ", pre.scalar_type());
   const int64_t I = pre.size(-1), N = pre.numel() / I;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  auto dw = gelu_widen(dout);
+  auto dw = widen(dout);
   auto dh = maybe_poison(at::empty_like(pre)), db = maybe_poison(at::empty({I}, pre.options()));
   AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "bias_gelu_bwd_cpu", [&] {
     bias_gelu_bwd_kernel<scalar_t>(dw.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(),

@@ -30,11 +30,6 @@ namespace minift {
 
 constexpr int64_t kChunks = 32;   // row blocks of the column sums (fixed: the sums do not depend on threads)
 
-static bool is_reduced(const at::Tensor& t) {
-  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-}
-static at::Tensor widen(const at::Tensor& t) { return is_reduced(t) ? t.to(at::kFloat) : t; }
-
 // sum_j (x_j - mu)^2
 template <typename T>
 static T row_sq_dev(const T* x, int64_t n, T mu) {
