@@ -91,19 +91,16 @@ class BuildWithCPUFallback(BuildExtension):
     def build_extension(self, ext):
         """Each extension's C++ files compile against a precompiled header of the torch headers they
         all include (minift/_build.py), built first with their own flags: about half the CPU time."""
-        import sysconfig
-
-        from torch.utils.cpp_extension import get_cxx_compiler, include_paths
+        from torch.utils.cpp_extension import get_cxx_compiler
         args = ext.extra_compile_args
         cxx_args = args["cxx"] if isinstance(args, dict) else args
         if not any(a.startswith("-std=") for a in cxx_args):
             # the standard torch would append at compile time, given here so that the precompiled
             # header is built with it too
             cxx_args.append(_build.torch_cxx_std())
-        # torch's and Python's headers only, and none of the extension's own macros (the headers do not
-        # read them): the CUDA attempt and a CPU-only rebuild after it share one precompiled header
-        includes = [f"-I{d}" for d in [*include_paths(), sysconfig.get_paths()["include"]]]
-        cxx_args += _build.precompiled_header(get_cxx_compiler(), [*self.compiler.compiler_so[1:], *includes, *cxx_args],
+        # none of the extension's own macros or include paths (torch's headers do not read them): the
+        # CUDA attempt and a CPU-only rebuild after it share one precompiled header
+        cxx_args += _build.precompiled_header(get_cxx_compiler(), [*self.compiler.compiler_so[1:], *cxx_args],
                                               os.path.join(os.path.abspath(self.build_temp), "pch"))
         super().build_extension(ext)
 

@@ -55,16 +55,21 @@ def torch_cxx_std() -> str:
 
 def precompiled_header(cxx: str, flags: list[str], directory: str) -> list[str]:
     """Builds ``directory/minift_pch.h`` and its ``.gch`` with ``cxx`` and ``flags`` (the flags the
-    kernel files are compiled with) unless an up-to-date one is there; returns the flags that make a
-    compile use it, or [] where it cannot be built (not GCC or Clang, MINIFT_NO_PCH=1, a failure)."""
+    kernel files are compiled with, less include paths: torch's and Python's are added here) unless
+    an up-to-date one is there; returns the flags that make a compile use it, or [] where it cannot
+    be built (not GCC or Clang, MINIFT_NO_PCH=1, a failure)."""
     import hashlib
     import subprocess
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
     if os.name == "nt" or os.environ.get("MINIFT_NO_PCH", "0") == "1":
         return []
     os.makedirs(directory, exist_ok=True)
     header = os.path.join(directory, "minift_pch.h")
     text = "#pragma once\n" + "".join(f"#include <{h}>\n" for h in PCH_HEADERS)
-    cmd = [cxx, *flags, "-x", "c++-header", header, "-o", header + ".gch"]
+    includes = [f"-I{d}" for d in [*include_paths(), sysconfig.get_paths()["include"]]]
+    cmd = [cxx, *flags, *includes, "-x", "c++-header", header, "-o", header + ".gch"]
     stamp = hashlib.sha256(("\0".join(cmd) + text).encode()).hexdigest()
     use = ["-include", header, "-Winvalid-pch"]
     try:

@@ -100,7 +100,8 @@ def entity_f1(pred_seqs: list[list[str]], gold_seqs: list[list[str]]) -> dict:
 
 def is_bio(names: list[str]) -> bool:
     """Whether a tag set is IOB2/IOBES (every tag "O" or B-/I-/E-/S- plus a type, at least one B- or
-    S-): entity-level scores are then meaningful."""
+    S-): entity-level scores are then meaningful. Wider than ``crf.is_bio``, which asks for the B-/I-
+    tags alone that the CRF's transition constraints are written for."""
     import re
     return (all(n == "O" or re.fullmatch(r"[BIES]-.+", n) for n in names)
             and any(n.startswith(("B-", "S-")) for n in names))

@@ -83,8 +83,6 @@ def _jit_precompiled_header(flags: list[str]) -> list[str]:
     """The flags that compile the kernel files against a precompiled header of torch's headers
     (``_build.precompiled_header``), built with the options torch's ``load`` compiles them with;
     kept beside the build folder, so that later loads find their objects up to date."""
-    import sysconfig
-
     from torch.utils import cpp_extension
 
     from ._build import precompiled_header, torch_cxx_std
@@ -94,10 +92,8 @@ def _jit_precompiled_header(flags: list[str]) -> list[str]:
         abi = getattr(cpp_extension, "_get_glibcxx_abi_build_flags", lambda: [])()
     except Exception:            # a torch without these internals: compile without it
         return []
-    includes = [f"-I{p}" for p in [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]]
     return precompiled_header(cpp_extension.get_cxx_compiler(),
-                              ["-fPIC", torch_cxx_std(), "-DTORCH_API_INCLUDE_EXTENSION_H", *abi, *flags, *includes],
-                              where)
+                              ["-fPIC", torch_cxx_std(), "-DTORCH_API_INCLUDE_EXTENSION_H", *abi, *flags], where)
 
 
 def _jit_build() -> str:

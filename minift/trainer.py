@@ -334,9 +334,9 @@ class Trainer:
         CRF's scores in a group of their own, at that learning rate and without decay (they are
         scores that start at zero, not weights to shrink). The schedule scales every group alike."""
         groups = optim.param_groups(self.model, self.cfg.weight_decay)
-        crf = getattr(self.model, "crf", None)
         if not self.cfg.crf_lr:
             return groups
+        crf = getattr(self.model, "crf", None)
         if crf is None:
             raise UserError(f"--crf-lr {self.cfg.crf_lr}: the model has no CRF head (add --crf)")
         mine = [p for p in crf.parameters() if p.requires_grad]

@@ -474,3 +474,20 @@ def test_crf_lr_gives_the_transitions_their_own_learning_rate(bio_files, tiny_mo
     code, _, err = run(["finetune", "--model", tiny_model_dir, "--token-task", "--train", d / "train.conll",
                         "--crf-lr", "0.05", "--out", tmp_path / "x", *TINY], capsys)
     user_error(code, err, "--crf-lr 0.05", "--crf")
+
+
+def test_trainer_refuses_crf_lr_without_a_crf_head(bio_files, tiny_model_dir, tmp_path):
+    """From the Python API (the CLI refuses earlier): a --crf-lr the model cannot use is an error
+    that names it, not a silently ignored setting; the run folder is not created."""
+    from minift import data
+    from minift.config import TrainConfig
+    from minift.errors import UserError
+    from minift.trainer import Trainer
+    d, _ = bio_files
+    ds = data.from_files(d / "train.conll", d / "dev.conll", token_task=True)
+    model = cli._build_model(tiny_model_dir, ds, "torch", crf=False)
+    cfg = TrainConfig(crf_lr=0.05, epochs=1, batch_size=16, max_length=40, progress=False)
+    with pytest.raises(UserError, match=r"--crf-lr 0.05: the model has no CRF head \(add --crf\)"):
+        Trainer(model, minift.Tokenizer.from_pretrained(tiny_model_dir), ds, cfg, tmp_path / "run",
+                log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
