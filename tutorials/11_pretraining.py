@@ -166,19 +166,26 @@ def show_fill(model, title):
         print(f"  {text:46s} " + "  ".join(f"{t} {p:.2f}" for t, p in top))
 
 
+def pretrain(model, lines, lr, epochs, out, **kw):
+    """MLM on the first ``lines`` training snippets; prints the held-out numbers of each epoch (epoch 0:
+    before the first step) and returns the trainer and its history."""
+    t0 = time.time()
+    cfg = TrainConfig(lr=lr, epochs=epochs, batch_size=32, seed=0, progress=False)
+    trainer = P.PretrainTrainer(model, tokenizer, corpus(lines), cfg, out, **kw)
+    history = trainer.fit()["history"]
+    print(f"{trainer.total_steps} steps in {time.time() - t0:.0f} s")
+    for e in history:
+        print(f"  after epoch {e['epoch']:2d}: held-out MLM loss {e['dev_mlm_loss']:.3f}, perplexity "
+              f"{e['dev_perplexity']:9.1f}, top-1 accuracy {e['dev_mlm_accuracy']:.3f}")
+    return trainer, history
+
+
 torch.manual_seed(0)
 tiny_mlm = minift.BertForMaskedLM(tiny_config)
 untrained = P.fill_mask(tiny_mlm, tokenizer, PROBES, top_k=1)
 print("untrained: the most probable token at each [MASK] has p =",
       ", ".join(f"{top[0][0][1]:.6f}" for top in untrained), f"(1/V = {1 / V:.6f}): random words")
-t0 = time.time()
-mlm_cfg = TrainConfig(lr=1e-3, epochs=MLM_EPOCHS, batch_size=32, seed=0, progress=False)
-tiny_trainer = P.PretrainTrainer(tiny_mlm, tokenizer, corpus(MLM_LINES), mlm_cfg, OUT / "tiny_mlm")
-tiny_history = tiny_trainer.fit()["history"]
-print(f"{tiny_trainer.total_steps} steps in {time.time() - t0:.0f} s")
-for e in tiny_history:
-    print(f"  after epoch {e['epoch']:2d}: held-out MLM loss {e['dev_mlm_loss']:.3f}, perplexity "
-          f"{e['dev_perplexity']:9.1f}, top-1 accuracy {e['dev_mlm_accuracy']:.3f}")
+tiny_trainer, tiny_history = pretrain(tiny_mlm, MLM_LINES, 1e-3, MLM_EPOCHS, OUT / "tiny_mlm")
 show_fill(tiny_mlm, "pre-trained:")
 assert tiny_history[-1]["dev_mlm_loss"] < tiny_history[0]["dev_mlm_loss"] - (1.0 if FAST else 3.0)
 
@@ -229,15 +236,8 @@ torch.manual_seed(0)
 minilm_mlm, keep = P.load_for_pretraining("minilm", impl=IMPL)
 print("new MLM head:", ", ".join(P.new_mlm_head(minilm_mlm)))
 print("kept unchanged:", ", ".join(sorted(keep)))
-t0 = time.time()
-dapt_cfg = TrainConfig(lr=1e-4, epochs=DAPT_EPOCHS, batch_size=32, seed=0, progress=False)
-dapt_trainer = P.PretrainTrainer(minilm_mlm, tokenizer, corpus(DAPT_LINES), dapt_cfg, OUT / "minilm_mlm",
-                                 keep_tensors=keep)
-dapt_history = dapt_trainer.fit()["history"]
-print(f"{dapt_trainer.total_steps} steps in {time.time() - t0:.0f} s")
-for e in dapt_history:
-    print(f"  after epoch {e['epoch']}: held-out MLM loss {e['dev_mlm_loss']:.3f}, perplexity {e['dev_perplexity']:9.1f}, "
-          f"top-1 accuracy {e['dev_mlm_accuracy']:.3f}")
+_, dapt_history = pretrain(minilm_mlm, DAPT_LINES, 1e-4, DAPT_EPOCHS, OUT / "minilm_mlm",
+                           keep_tensors=keep)
 show_fill(minilm_mlm, "MiniLM after continued MLM:")
 assert dapt_history[-1]["dev_mlm_loss"] < dapt_history[0]["dev_mlm_loss"]
 
