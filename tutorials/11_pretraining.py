@@ -30,6 +30,7 @@
 import math
 import os
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -431,6 +432,7 @@ print(f"\nwhole tutorial: {time.time() - t_start:.0f} s")
 assert all(0.0 <= a <= 1.0 for a in results.values())
 if not FAST:   # the claim everyone agrees on: a large pre-trained encoder beats a tiny one from scratch
     assert statistics.mean(accs(names[2], 100)) > statistics.mean(accs(names[0], 100))
+shutil.rmtree(OUT)   # every run's checkpoints (gigabytes at the default sizes); the numbers are above
 
 # %% [markdown]
 # ## Discussion
