@@ -113,3 +113,18 @@ def test_doctor_reports_mode(capsys):
     out = capsys.readouterr().out
     assert "compiled kernels: ahead-of-time" in out or "compiled kernels: just-in-time" in out
     assert "torch" in out
+
+
+def test_precompiled_header_failure_falls_back_with_a_message(tmp_path, capsys, monkeypatch):
+    """A compiler that cannot build the precompiled header: no flags (the kernels compile without it),
+    one line saying so, and no stamp that would let a later build think it exists; MINIFT_NO_PCH=1
+    skips it without a word."""
+    from minift._build import precompiled_header
+    monkeypatch.delenv("MINIFT_NO_PCH", raising=False)
+    assert precompiled_header("false", ["-O3"], str(tmp_path / "pch")) == []
+    out = capsys.readouterr().out
+    assert out.startswith("minift: no precompiled header (") and "compile without it" in out
+    assert not (tmp_path / "pch" / "minift_pch.h.stamp").exists()
+    monkeypatch.setenv("MINIFT_NO_PCH", "1")
+    assert precompiled_header("c++", ["-O3"], str(tmp_path / "off")) == []
+    assert capsys.readouterr().out == "" and not (tmp_path / "off").exists()
