@@ -334,8 +334,11 @@ def test_internal_errors_keep_their_traceback(monkeypatch, capsys):
 def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(base, tmp_path):
     out = tmp_path / "run"
     argv = [a if a != "1" or i == 0 or base[i - 1] != "--epochs" else "10" for i, a in enumerate(base)]
+    # SIGINT as at a terminal: a shell without job control starts its background commands with
+    # SIGINT ignored, and that would pass down to this child through the test run
     proc = subprocess.Popen([sys.executable, "-m", "minift.cli", *argv, "--out", str(out)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not (out / "last" / "run.json").is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
