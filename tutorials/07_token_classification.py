@@ -25,7 +25,7 @@ from minift.ewt import ud_english_ewt
 from minift.trainer import TrainConfig, Trainer
 
 FAST = os.environ.get("MINIFT_TUTORIAL_FAST") == "1"
-N_TRAIN, N_EVAL = (800, 100) if FAST else (2000, 1000)
+N_TRAIN, N_EVAL = (400, 100) if FAST else (2000, 1000)
 
 full = ud_english_ewt()
 print("UD English-EWT:", full.sizes(), "tags:", " ".join(full.labels))
