@@ -128,3 +128,29 @@ def test_precompiled_header_failure_falls_back_with_a_message(tmp_path, capsys, 
     monkeypatch.setenv("MINIFT_NO_PCH", "1")
     assert precompiled_header("c++", ["-O3"], str(tmp_path / "off")) == []
     assert capsys.readouterr().out == "" and not (tmp_path / "off").exists()
+
+
+FAKE_PYTHON = """#!/bin/sh
+# Stands in for python in scripts/setup.sh: every pip install succeeds at once, except minift's own
+# (-e .), which prints a compiler error and fails, as a broken build does.
+case "$*" in
+  *"-e ."*) echo "csrc/attention.cpp:1: error: a broken build"; sleep 1; exit 3;;
+esac
+exit 0
+"""
+
+
+def test_setup_test_mode_reports_a_failed_build_with_its_log(tmp_path):
+    """setup.sh --test builds minift while the test-only packages install: a failed build must stop
+    the script with the build's exit code, its compiler output and a line saying what failed."""
+    py = tmp_path / "python"
+    py.write_text(FAKE_PYTHON)
+    py.chmod(0o755)
+    (tmp_path / "chromium").write_text("#!/bin/sh\nexit 0\n")       # never reach for apt-get here
+    (tmp_path / "chromium").chmod(0o755)
+    env = {**os.environ, "PYTHON": str(py), "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh"), "--test"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert "csrc/attention.cpp:1: error: a broken build" in r.stdout
+    assert "installing minift (pip install --no-build-isolation -e .) failed: its output is above" in r.stderr
