@@ -192,38 +192,67 @@ def real_lengths_batch(B: int = 32):
         return ids, mask, f"random lengths 12-40 ({type(e).__name__})"
 
 
-def bench_step_cpu(repeats: int = 9, profile_steps: int = 3) -> tuple[list[Row], str]:
-    """One fine-tuning step (forward, backward, AdamW) of MiniLM-shaped
-    BertForSequenceClassification, B=32, fp32: transformers (sdpa, torch.optim.AdamW) against
-    minift's impl="torch" and impl="fused" (its fused AdamW), at the real bucketed lengths and
-    padded to T=64 and T=128. The implementations take turns step by step (the median of each),
-    so a machine that slows down during the run slows all three alike. Also returns a profile of
-    minift fused's step at the real lengths: the operators that take the time."""
+def bench_step_cpu(repeats: int = 9, profile_steps: int = 3, shape: str | dict = "minilm", batch: int = 32,
+                   padded_lengths: tuple[int, ...] = (64, 128)) -> tuple[list[Row], str, str]:
+    """One fine-tuning step (forward, backward, AdamW) of BertForSequenceClassification, fp32:
+    transformers (sdpa, torch.optim.AdamW) against minift's impl="torch" and impl="fused" (its fused
+    AdamW), on ``batch`` real snippets at their bucketed lengths and padded to each of
+    ``padded_lengths``. ``shape``: a name in SHAPES (MiniLM's by default) or a dict of BertConfig
+    sizes. The implementations take turns step by step (the median of each), so a machine that
+    slows down during the run slows all three alike.
+
+    Before any timing the three compute the first batch from the same weights, without dropout: an
+    encoder output that differs beyond float32 rounding (1e-4) is an error (a fast step that
+    computes something else is no result). Returns the rows, a line with that check and the three
+    losses, and a profile of minift fused's step at the real lengths (the operators that take the
+    time)."""
     import transformers
 
     import minift
     from . import optim
-    cfg_kw = SHAPES["minilm"]
+    cfg_kw = SHAPES[shape] if isinstance(shape, str) else dict(shape)
     hf_cfg = transformers.BertConfig(**cfg_kw, num_labels=2, attn_implementation="sdpa")
     torch.manual_seed(0)
     hf = transformers.BertForSequenceClassification(hf_cfg)
     ours = minift.BertForSequenceClassification(minift.BertConfig(**cfg_kw, num_labels=2))
     missing, _ = ours.load_state_dict(hf.state_dict(), strict=False)
     assert not missing, f"transformers' weights do not cover minift's model: {missing}"
+    ids, mask, source = real_lengths_batch(batch)
+    labels = torch.randint(0, 2, (batch,), generator=torch.Generator().manual_seed(1))
+
+    def padded(T):
+        if T is None:
+            return ids, mask
+        if T < ids.shape[1]:
+            raise ValueError(f"padded length {T} is shorter than the real batch's {ids.shape[1]} tokens")
+        out_ids, out_mask = torch.zeros(batch, T, dtype=ids.dtype), torch.zeros(batch, T, dtype=mask.dtype)
+        out_ids[:, :ids.shape[1]], out_mask[:, :ids.shape[1]] = ids, mask
+        return out_ids, out_mask
+
+    # the same function first: the encoder's output at the real tokens (a random head makes every
+    # loss about log 2, whatever the encoder computes) and the loss, same weights, no dropout
+    hf.eval()
+    ours.eval()
+    real = mask.bool()
+    with torch.no_grad():
+        hidden = {"transformers": hf.bert(input_ids=ids, attention_mask=mask).last_hidden_state[real]}
+        first = {"transformers": hf(input_ids=ids, attention_mask=mask, labels=labels).loss.item()}
+        for impl in ("torch", "fused"):
+            ours.set_impl(impl)
+            hidden[impl] = ours.bert(ids, mask).last_hidden_state[real]
+            first[impl] = ours(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+    worst = max((h - hidden["transformers"]).abs().max().item() for h in hidden.values())
+    if worst > 1e-4:
+        raise RuntimeError(f"the implementations disagree before any step: the encoder outputs differ by up to "
+                           f"{worst:.2e} (losses {first}): nothing to time")
+    checked = (f"encoder outputs within {worst:.1e} of transformers'; loss of the first batch from the same "
+               f"weights, no dropout: " + ", ".join(f"{k} {v:.6f}" for k, v in first.items()))
+
     hf.train()
     ours.train()
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-5)
     ours_opts = {"torch": optim.AdamW(ours.parameters(), lr=1e-5),
                  "fused": optim.AdamW(ours.parameters(), lr=1e-5, fused=True)}
-    ids, mask, source = real_lengths_batch(32)
-    labels = torch.randint(0, 2, (32,), generator=torch.Generator().manual_seed(1))
-
-    def padded(T):
-        if T is None:
-            return ids, mask
-        out_ids, out_mask = torch.zeros(32, T, dtype=ids.dtype), torch.zeros(32, T, dtype=mask.dtype)
-        out_ids[:, :ids.shape[1]], out_mask[:, :ids.shape[1]] = ids, mask
-        return out_ids, out_mask
 
     def step(impl, x, m):
         if impl == "transformers":
@@ -238,9 +267,10 @@ def bench_step_cpu(repeats: int = 9, profile_steps: int = 3) -> tuple[list[Row],
 
     rows = []
     impls = ["transformers", "torch", "fused"]
-    for T in (None, 64, 128):
+    size = shape if isinstance(shape, str) else "H={hidden_size} L={num_hidden_layers}".format(**cfg_kw)
+    for T in (None, *padded_lengths):
         x, m = padded(T)
-        name = f"train step minilm B=32 T={x.shape[1]}{' (real lengths)' if T is None else ' (padded)'} fp32"
+        name = f"train step {size} B={batch} T={x.shape[1]}{' (real lengths)' if T is None else ' (padded)'} fp32"
         for impl in impls:
             step(impl, x, m)                                   # warm-up
         times = {impl: [] for impl in impls}
@@ -260,7 +290,7 @@ def bench_step_cpu(repeats: int = 9, profile_steps: int = 3) -> tuple[list[Row],
         for _ in range(profile_steps):
             step("fused", x, m)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-    return rows, table
+    return rows, checked, table
 
 
 SHAPES = {

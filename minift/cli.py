@@ -742,10 +742,10 @@ def cmd_bench(args) -> int:
 
     from . import bench
     if args.step:
-        rows, profile = bench.bench_step_cpu()
+        rows, checked, profile = bench.bench_step_cpu()
         header = bench.run_header(torch.device("cpu"))
-        table = bench.format_rows(rows) + "\n\nProfile of minift fused's step at the real lengths:\n\n```\n" \
-            + profile.strip() + "\n```"
+        table = bench.format_rows(rows) + f"\n\nChecked first: {checked}.\n\nProfile of minift fused's step at the " \
+            "real lengths:\n\n```\n" + profile.strip() + "\n```"
     else:
         rows, header = bench.run(quick=args.quick)
         table = bench.format_rows(rows)

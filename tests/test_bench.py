@@ -1,0 +1,74 @@
+"""`minift bench`: the tables it prints and appends, and the step benchmark's check that the three
+implementations it times compute the same function (on a small encoder: the timings themselves are
+the benchmark's business, not the tests')."""
+import math
+
+import pytest
+import torch
+
+from minift import bench
+from minift.cli import main
+
+pytest.importorskip("transformers")
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def tiny_step(step_bench=bench.bench_step_cpu, **kw):
+    return step_bench(repeats=2, profile_steps=1, shape=TINY, batch=4, padded_lengths=(48,), **kw)
+
+
+def test_step_bench_times_the_same_function_three_ways():
+    rows, checked, profile = tiny_step()
+    assert [r.impl for r in rows] == ["transformers", "minift torch", "minift fused"] * 2
+    assert all(r.case.startswith("train step H=32 L=2 B=4 ") for r in rows)
+    assert all(r.case.endswith("(real lengths) fp32") for r in rows[:3])
+    assert all(r.case.endswith("T=48 (padded) fp32") for r in rows[3:])
+    assert all(math.isfinite(r.ms) and r.ms > 0 for r in rows)
+    # the three losses of the first batch: printed, and equal to float32 rounding
+    assert checked.startswith("encoder outputs within ")
+    losses = [float(part.split()[-1]) for part in checked.split("no dropout: ", 1)[1].split(", ")]
+    assert len(losses) == 3 and max(losses) - min(losses) < 1e-4, checked
+    assert 0.3 < losses[0] < 1.2, "two classes from a random head: a loss near log 2"
+    assert "aten::" in profile and "Self CPU" in profile
+
+
+def test_step_bench_refuses_implementations_that_disagree(monkeypatch):
+    """torch's GELU made 1% wrong (transformers' activation; minift's fused kernel has its own): the
+    benchmark stops before timing anything."""
+    gelu = torch.nn.functional.gelu
+    monkeypatch.setattr(torch.nn.functional, "gelu", lambda *a, **k: gelu(*a, **k) * 1.01)
+    with pytest.raises(RuntimeError, match="disagree before any step"):
+        tiny_step()
+
+
+def test_step_bench_refuses_a_padding_shorter_than_the_batch():
+    with pytest.raises(ValueError, match="shorter than the real batch"):
+        bench.bench_step_cpu(repeats=1, profile_steps=1, shape=TINY, batch=4, padded_lengths=(8,))
+
+
+def test_cli_bench_step_prints_and_appends_the_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "bench_step_cpu", lambda: tiny_step())
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# earlier results\n")
+    assert main(["bench", "--step", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    text = results.read_text()
+    assert text.startswith("# earlier results\n"), "appended, never overwritten"
+    assert "### `minift bench --step`: " in text and "device cpu" in text
+    assert text.count("| train step H=32 L=2 B=4 ") == 6
+    assert "Checked first: encoder outputs within " in text and "```" in text and "aten::" in text
+    assert "| train step H=32 L=2 B=4 " in out and f"appended to {results}" in out
+
+
+def test_cli_bench_quick_rows_and_ratios(capsys):
+    assert main(["bench", "--quick"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| case | impl | ms | vs first | notes |"
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]     # "|---|" is not "| "
+    assert {r[1] for r in rows} >= {"naive", "sdpa", "minift", "F.cross_entropy"}
+    first = {}
+    for case, impl, ms, ratio, _ in rows:
+        first.setdefault(case, float(ms))
+        assert float(ms) > 0
+        assert abs(float(ratio.rstrip("x")) - first[case] / float(ms)) < 0.01 * first[case] / float(ms) + 0.005
