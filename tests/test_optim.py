@@ -45,10 +45,12 @@ PAIRS = {
 
 @pytest.fixture(scope="module")
 def trajectories(tokenizer):
-    """200 steps of every optimizer pair on the same stream of real gradients."""
+    """200 steps of every optimizer pair on the same stream of real gradients (MiniLM cut to one
+    encoder layer, which has every kind of parameter the full model has: 2 million weights, 14
+    optimizers, 200 steps take about half a minute on one core)."""
     torch.manual_seed(0)
     source = minift.BertForSequenceClassification.from_pretrained(
-        "minilm", num_labels=2, num_hidden_layers=2, hidden_dropout_prob=0.0,
+        "minilm", num_labels=2, num_hidden_layers=1, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0)
     source.bert.embeddings.word_embeddings.weight.requires_grad_(False)
     texts = ["a gripping, funny film", "tedious and overlong", "the cast is superb", "not worth the ticket",
@@ -86,7 +88,7 @@ def test_optimizer_matches_torch_after_200_steps(trajectories, name):
     a, b = trajectories[name]
     moved = max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters()))
     assert moved <= 1e-6, moved
-    start = minift.BertForSequenceClassification.from_pretrained("minilm", num_labels=2, num_hidden_layers=2)
+    start = minift.BertForSequenceClassification.from_pretrained("minilm", num_labels=2, num_hidden_layers=1)
     travelled = max((pa.float() - ps).abs().max().item() for (n, pa), (_, ps) in
                     zip(a.bert.named_parameters(), start.bert.named_parameters()))
     assert travelled > 1e-3, "the parameters must actually have moved"

@@ -24,7 +24,7 @@ from minift import data, peft, tasks
 from minift.trainer import TrainConfig, Trainer
 
 FAST = os.environ.get("MINIFT_TUTORIAL_FAST") == "1"
-N_TRAIN, N_EVAL = (640, 200) if FAST else (640, 400)
+N_TRAIN, N_EVAL = (640, 100) if FAST else (640, 400)
 full = tasks.rotten_tomatoes()
 ds = data.Dataset("rt", "classification", full.train[:N_TRAIN], full.dev[:N_EVAL], full.test[:N_EVAL], full.labels)
 tok = minift.Tokenizer.from_pretrained("minilm")
