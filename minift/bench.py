@@ -111,6 +111,46 @@ def bench_xent(device, sizes, dtypes, repeats) -> list[Row]:
     return rows
 
 
+def bench_layers(sizes, repeats) -> list[Row]:
+    """The fused layers of BertIntermediate and BertSelfOutput/BertOutput (CPU kernels), forward and
+    backward, against the same in PyTorch ops with autograd: bias + GELU on (N, I), and
+    LayerNorm(dropout(y) + x) on (N, H) with p = 0.1. The notes give the bytes the fused kernels must
+    move at least (every input read once, every output and saved tensor written once, forward and
+    backward), per millisecond; "copy" is a plain copy of the same bytes, the machine's pace."""
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for N, H, I in sizes:
+        h = torch.randn(N, I, generator=g, requires_grad=True)
+        b = (0.1 * torch.randn(I, generator=g)).requires_grad_()
+        dout = torch.randn(N, I, generator=g)
+        # forward: read h, write out and pre; backward: read dout and pre, write dh
+        nbytes = 6 * N * I * 4
+        name = f"bias+GELU fwd+bwd N={N} I={I} float32"
+        src, dst = torch.randn(nbytes // 8, generator=g), torch.empty(nbytes // 8)
+        for impl, fn in {"PyTorch": lambda: torch.autograd.backward(F.gelu(h + b), dout),
+                         "minift": lambda: torch.autograd.backward(ops.bias_gelu(h, b), dout),
+                         "copy": lambda: dst.copy_(src)}.items():
+            ms = timeit(fn, torch.device("cpu"), repeats=repeats)
+            rows.append(Row(name, impl, ms, f"{nbytes / ms / 1e6:.1f} GB/s"))
+        y, x = (torch.randn(N, H, generator=g, requires_grad=True) for _ in range(2))
+        w = (1 + 0.1 * torch.randn(H, generator=g)).requires_grad_()
+        beta = (0.1 * torch.randn(H, generator=g)).requires_grad_()
+        dout = torch.randn(N, H, generator=g)
+        # forward: read y and x, write out and z (the 1-byte keep mask and the row statistics aside);
+        # backward: read dout and z, write dy and dx
+        nbytes = 8 * N * H * 4
+        name = f"add+dropout+LayerNorm fwd+bwd N={N} H={H} p=0.1 float32"
+        src, dst = torch.randn(nbytes // 8, generator=g), torch.empty(nbytes // 8)
+        for impl, fn in {"PyTorch": lambda: torch.autograd.backward(
+                             F.layer_norm(F.dropout(y, 0.1) + x, (H,), w, beta, 1e-12), dout),
+                         "minift": lambda: torch.autograd.backward(
+                             ops.add_layer_norm(y, x, w, beta, 1e-12, 0.1, training=True), dout),
+                         "copy": lambda: dst.copy_(src)}.items():
+            ms = timeit(fn, torch.device("cpu"), repeats=repeats)
+            rows.append(Row(name, impl, ms, f"{nbytes / ms / 1e6:.1f} GB/s"))
+    return rows
+
+
 def bench_model(device, shapes, precisions, repeats) -> list[Row]:
     """One training step (forward, backward, AdamW) of BertForSequenceClassification, and one
     inference forward (eval mode, no gradient) of the same batch."""
@@ -314,6 +354,10 @@ def run(quick: bool = False) -> tuple[list[Row], str]:
         model_shapes, precisions = [("minilm", SHAPES["minilm"])], ["fp32"]
     rows = bench_attention(device, attn_shapes, dtypes, repeats)
     rows += bench_xent(device, xent_sizes, xent_dtypes, repeats)
+    if device.type == "cpu":       # the fused layers are CPU kernels (PyTorch ops on the GPU)
+        # MiniLM (H=384, I=1536) and bert-base (768, 3072) at B=32 x T=28 tokens, the default task's
+        rows += bench_layers([(896, 384, 1536)] if quick else [(896, 384, 1536), (896, 768, 3072)],
+                             20 if quick else 50)
     if not quick:
         rows += bench_model(device, model_shapes, precisions, 9 if device.type == "cpu" else repeats)
     return rows, run_header(device)

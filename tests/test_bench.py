@@ -66,7 +66,8 @@ def test_cli_bench_quick_rows_and_ratios(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert lines[0] == "| case | impl | ms | vs first | notes |"
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]     # "|---|" is not "| "
-    assert {r[1] for r in rows} >= {"naive", "sdpa", "minift", "F.cross_entropy"}
+    assert {r[1] for r in rows} == {"naive", "sdpa", "minift", "F.cross_entropy", "PyTorch", "copy"}
+    assert any(r[0].startswith("bias+GELU") for r in rows) and any(r[0].startswith("add+dropout+LayerNorm") for r in rows)
     first = {}
     for case, impl, ms, ratio, _ in rows:
         first.setdefault(case, float(ms))
