@@ -141,8 +141,10 @@ def test_bias_gelu_reference_equals_torch():
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_bias_gelu_low_precision_within_2x_torch(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bias_gelu_within_2x_torch(dtype):
+    """Against float64: each output no further than twice PyTorch's own result in the same dtype
+    (float32 too: the backward's erf polynomial shares its exponential with the density)."""
     shape = (3, 11, 1536)
     inputs, dout = gelu_inputs(shape, torch.float64), rnd(*shape, seed=5)
     want = out_and_grads(lambda h, b: F.gelu(h + b), inputs, dout)
