@@ -8,6 +8,7 @@ decodes the best path with Viterbi (with BIO constraints on the BIO task).
 
     python benchmarks/crf_vs_softmax.py                  # MiniLM fine-tuned, all of EWT, 3 epochs, seeds 0 1 2
     python benchmarks/crf_vs_softmax.py --probe --train-size 1000 --eval-size 500    # CPU-sized
+    python benchmarks/crf_vs_softmax.py --train-size 600 --eval-size 300 --crf-lr 0 1e-2   # fine-tuned, CPU-sized
 
 ``--probe`` (for a CPU): the encoder stays frozen and runs once; each run trains only the linear
 emission layer (softmax) or the emission layer and the CRF (transitions with start/end, BIO
@@ -139,6 +140,8 @@ def main() -> None:
     p.add_argument("--probe", action="store_true", help="frozen encoder, train the emissions (and CRF) only")
     p.add_argument("--probe-epochs", type=int, default=10)
     p.add_argument("--probe-lr", type=float, default=1e-2)
+    p.add_argument("--crf-lr", type=float, nargs="+", default=[0.0],
+                   help="full fine-tuning: the CRF transitions' learning rate(s), one CRF row each (0: --lr)")
     args = p.parse_args()
     logging.getLogger("minift").setLevel(logging.WARNING)
     tok = minift.Tokenizer.from_pretrained(args.model)
@@ -160,7 +163,8 @@ def main() -> None:
             tags = {k: [[ds.labels.index(t) for t in e.label] for e in getattr(ds, k)] for k in feats}
         else:
             encoded = encode_dataset(tok, ds, TrainConfig(max_length=args.max_length))
-        for crf in (False, True):
+        heads = [(False, 0.0)] + [(True, crf_lr) for crf_lr in (args.crf_lr if not args.probe else [0.0])]
+        for crf, crf_lr in heads:
             scores = []
             for seed in args.seeds:
                 t0 = time.time()
@@ -183,7 +187,8 @@ def main() -> None:
                                                                        **kw) if crf else
                          minift.BertForTokenClassification.from_pretrained(args.model, **kw))
                 cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-                                  max_length=args.max_length, seed=seed, progress=False, precision="fp32")
+                                  max_length=args.max_length, seed=seed, progress=False, precision="fp32",
+                                  crf_lr=crf_lr)
                 with tempfile.TemporaryDirectory() as out:
                     m = Trainer(model, tok, ds, cfg, out, device=args.device, log=lambda *a: None,
                                 encoded=encoded).fit()
@@ -194,10 +199,13 @@ def main() -> None:
                     row["entity_f1"] = metrics.entity_f1([[ds.labels[t] for t in s] for s in pred],
                                                          [[ds.labels[t] for t in s] for s in gold])["f1"]
                 scores.append(row)
-                print(f"  {'CRF' if crf else 'softmax':8s} seed {seed}: "
+                print(f"  {'CRF' if crf else 'softmax':8s} seed {seed}"
+                      + (f" (CRF lr {crf_lr or args.lr:g})" if crf else "") + ": "
                       + ", ".join(f"test {k} {v:.4f}" for k, v in row.items()) + f"  ({time.time() - t0:.0f} s)",
                       flush=True)
-            table.append((ds.name, "BERT + CRF" if crf else "BERT + softmax", scores))
+            head = ("BERT + softmax" if not crf else "BERT + CRF" if args.probe else
+                    f"BERT + CRF, CRF lr {crf_lr or args.lr:g}")
+            table.append((ds.name, head, scores))
     print(f"\n| task | head | test token accuracy, seeds {'/'.join(map(str, args.seeds))} | mean | "
           f"test entity F1 | mean |")
     print("|---|---|---|---|---|---|")
