@@ -34,10 +34,10 @@ TORCH_LIBRARY(minift, m) {
   // weights as derived in cross_entropy.cpp (the mean then divides by the kept targets' weights).
   m.def("xent_bwd(Tensor grad, Tensor logits, Tensor target, Tensor? weight, Tensor stats, int ignore_index, "
         "float label_smoothing, int reduction) -> Tensor");
-  // AdamW's update of one parameter in place (CPU): param, exp_avg, exp_avg_sq are written.
+  // AdamW's update of one parameter in place (CPU, and CUDA for float32): param, exp_avg, exp_avg_sq are written.
   m.def("adamw_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, float lr, "
         "float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
-  // Inverted dropout of x (CPU): y = x keep / (1 - p) with Philox bits of (seed, offset), and the keep mask.
+  // Inverted dropout of x (CPU and CUDA): y = x keep / (1 - p) with Philox bits of (seed, offset), and the keep mask.
   m.def("dropout_fwd(Tensor x, float p, int seed, int offset) -> (Tensor, Tensor)");
   // out = LayerNorm(dropout(y) + x) over the last dim (CPU), y and x (..., H), weight and bias (H,); the
   // dropout with Philox bits of (seed, offset) as dropout_fwd draws them. Returns out, z = dropout(y) + x,

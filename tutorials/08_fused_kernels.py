@@ -104,7 +104,12 @@ assert abs(loss - ref).item() < 1e-12 and (grad - ref_grad).abs().max() < 1e-12
 #     m' = max(m, s_j);  l' = l e^{m - m'} + e^{s_j - m'};  acc' = acc e^{m - m'} + e^{s_j - m'} v_j
 #
 # At the end, out = acc / l. Nothing of size T is kept: this is what makes FlashAttention's memory
-# O(T) instead of O(T^2), and it is exactly the loop of minift's CPU and CUDA kernels.
+# O(T) instead of O(T^2). It is the loop of minift's first CUDA kernel (csrc/cuda/kernels.cu, one
+# warp per query row). The other two kernels keep the idea (nothing T x T) but not this loop: the
+# CPU kernel takes 64 queries at a time, their scores against all keys by one matrix product into a
+# 64 x T scratch, then a plain softmax over each row; the tensor-core kernel
+# (csrc/cuda/attention_tc.cu) passes over the keys twice, first for each row's max and sum, then
+# for P V, because its matrix fragments do not say which thread holds which element to rescale.
 
 # %%
 def online_attention_row(q, K, V):

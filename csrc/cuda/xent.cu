@@ -39,8 +39,8 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
-// Sum (or max, or a merged online-softmax pair) over the TPR threads of one row: a warp shuffle,
-// then, when a row has several warps, shared memory across them. Every thread gets the result.
+// Sum over the TPR threads of one row: a warp shuffle, then, when a row has several warps, shared
+// memory across them. Every thread gets the result. (The (max, sum) pairs merge in MaxSum below.)
 template <int TPR>
 __device__ __forceinline__ float group_sum(float x, float* shared) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
