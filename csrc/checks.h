@@ -7,6 +7,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "reduction.h"
+
 namespace minift {
 
 // MINIFT_POISON_OUTPUTS=1: outputs are filled with NaN before a kernel writes them, so that an
@@ -107,8 +109,10 @@ inline void check_xent_weight(const std::optional<at::Tensor>& weight, const at:
                     " like the logits, got ", w.device());
 }
 
-// The reduction argument of xent_fwd/xent_bwd, with at::Reduction's numbering.
-enum XentReduction : int64_t { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };
+// The reduction argument of xent_fwd/xent_bwd (reduction.h), with at::Reduction's numbering.
+static_assert(kReduceNone == at::Reduction::None && kReduceMean == at::Reduction::Mean &&
+                  kReduceSum == at::Reduction::Sum,
+              "reduction.h must number the reductions as at::Reduction does");
 
 inline void check_reduction(int64_t reduction) {
   TORCH_CHECK(reduction >= kReduceNone && reduction <= kReduceSum,

@@ -43,6 +43,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -419,6 +420,16 @@ at::Tensor xent_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const 
     });
   });
   return dz;
+}
+
+// The names of the reduction argument's values in code order (reduction.h): where Python takes them from.
+static std::vector<std::string> xent_reduction_names() {
+  static_assert(kReduceNone == 0 && kReduceMean == 1 && kReduceSum == 2, "the names below are in code order");
+  return {"none", "mean", "sum"};
+}
+
+TORCH_LIBRARY_FRAGMENT(minift, m) {
+  m.def("xent_reduction_names() -> str[]", &xent_reduction_names);
 }
 
 TORCH_LIBRARY_IMPL(minift, CPU, m) {

@@ -27,6 +27,7 @@ cross-entropy kernels themselves on a small batch.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -39,7 +40,18 @@ import torch.nn.functional as F
 
 from .functional import adamw_update_, check_class_weight, key_padding_keep, naive_attention
 
-_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # the xent ops' reduction argument (at::Reduction's numbers)
+_REDUCTIONS = ("none", "mean", "sum")     # softmax_cross_entropy's reduction=, F.cross_entropy's names
+
+
+def _reduction_code(name: str) -> int:
+    """The xent ops' reduction argument for ``name``: its number in csrc/reduction.h (the one
+    definition, at::Reduction's numbering), which the extension lists in code order."""
+    return _reduction_names().index(name)
+
+
+@functools.cache
+def _reduction_names() -> tuple[str, ...]:
+    return tuple(torch.ops.minift.xent_reduction_names())
 
 _F32, _F64, _F16, _BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
 # The dtypes each compiled kernel takes, by device type (csrc/*.cpp and csrc/cuda/cuda_ops.cpp).
@@ -246,6 +258,8 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _register() -> None:
+    _reduction_names()          # read once here, outside any tracing (the fake of xent_fwd uses it)
+
     @torch.library.register_fake("minift::attention_fwd")
     def _(q, k, v, key_padding_mask, dropout_p, scale, seed, offset):
         return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_acc_dtype(q))
@@ -257,7 +271,7 @@ def _register() -> None:
     @torch.library.register_fake("minift::xent_fwd")
     def _(logits, target, weight, ignore_index, label_smoothing, reduction):
         n = logits.shape[0]
-        loss_shape = (n,) if reduction == _REDUCTIONS["none"] else ()
+        loss_shape = (n,) if reduction == _reduction_code("none") else ()
         # the loss, and the row statistics (row max, log sum exp(z - max)) the backward reads
         return (logits.new_empty(loss_shape, dtype=_acc_dtype(logits)),
                 logits.new_empty((2, n), dtype=_acc_dtype(logits)))
@@ -418,5 +432,5 @@ def softmax_cross_entropy(logits, target, ignore_index: int = -100, label_smooth
                                label_smoothing=label_smoothing, reduction=reduction)
     loss, _ = torch.ops.minift.xent_fwd(logits.contiguous(), target.contiguous(),
                                         None if weight is None else weight.contiguous(), int(ignore_index),
-                                        float(label_smoothing), _REDUCTIONS[reduction])
+                                        float(label_smoothing), _reduction_code(reduction))
     return loss

@@ -412,3 +412,12 @@ torch.save([out.detach(), lse, *grads], r"{tmp_path}/" + ("loop" if forced else 
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert blas[0].abs().sum() > 0 and (blas[0][2] == 0).all()
     assert "matmul=" in torch.ops.minift.cpu_kernel_info()
+
+
+def test_reduction_codes_come_from_the_extension_and_match_torch():
+    """The xent ops' reduction argument is defined once (csrc/reduction.h); Python reads its names
+    from the extension, and each code is the one PyTorch's own reduction enum gives the name."""
+    from torch.nn import _reduction
+    assert ops._reduction_names() == tuple(torch.ops.minift.xent_reduction_names()) == ("none", "mean", "sum")
+    for name in ("none", "mean", "sum"):
+        assert ops._reduction_code(name) == _reduction.get_enum(name)

@@ -3,6 +3,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "../reduction.h"
+
 namespace minift {
 namespace cuda {
 
@@ -38,8 +40,7 @@ cudaError_t dropout_fwd(DType dt, const void* x, void* y, bool* keep, int64_t n,
                         uint64_t offset, cudaStream_t stream);
 cudaError_t adamw_step(float* p, const float* g, float* m, float* v, int64_t n, double lr, double beta1, double beta2,
                        double eps, double weight_decay, int64_t step, cudaStream_t stream);
-// The reduction argument of the cross-entropy, with at::Reduction's numbers.
-constexpr int kReductionNone = 0, kReductionMean = 1, kReductionSum = 2;
+// The reduction argument of the cross-entropy: kReduceNone, kReduceMean, kReduceSum (../reduction.h).
 
 // z (N, C) -> rows (N,) per-row losses and lse (N,); for mean/sum also loss[0] (rows is then scratch).
 cudaError_t xent_fwd(DType dt, const void* z, const int64_t* target, float* rows, float* lse, float* loss, int64_t N,

@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(kReduceBlock)
     }
     const float kept = count > 0 ? (float)count : 1.f;
     if (rows == nullptr) out[0] = grad[0] / kept;
-    else out[0] = reduction == kReductionMean ? sum / kept : sum;
+    else out[0] = reduction == kReduceMean ? sum / kept : sum;
   }
 }
 
@@ -275,7 +275,7 @@ cudaError_t xent_fwd(DType dt, const void* z, const int64_t* target, float* rows
     case DType::F16: dispatch_fwd<__half>(z, target, rows, lse, N, C, ignore_index, eps, stream); break;
     case DType::BF16: dispatch_fwd<__nv_bfloat16>(z, target, rows, lse, N, C, ignore_index, eps, stream); break;
   }
-  if (reduction != kReductionNone)
+  if (reduction != kReduceNone)
     xent_reduce_kernel<<<1, kReduceBlock, 0, stream>>>(rows, nullptr, target, N, ignore_index, reduction, loss);
   return cudaGetLastError();
 }
@@ -284,8 +284,8 @@ cudaError_t xent_bwd(DType dt, const float* grad, const void* z, const int64_t* 
                      float* weight, int64_t N, int64_t C, int64_t ignore_index, float eps, int reduction,
                      cudaStream_t stream) {
   const float* w = grad;
-  int64_t w_stride = reduction == kReductionNone ? 1 : 0;           // none: g_n per row; sum: g for all
-  if (reduction == kReductionMean) {                                 // mean: g / count, counted on the GPU
+  int64_t w_stride = reduction == kReduceNone ? 1 : 0;           // none: g_n per row; sum: g for all
+  if (reduction == kReduceMean) {                                 // mean: g / count, counted on the GPU
     xent_reduce_kernel<<<1, kReduceBlock, 0, stream>>>(nullptr, grad, target, N, ignore_index, reduction, weight);
     w = weight;
   }
