@@ -250,66 +250,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   return {dq, dk, dv};
 }
 
-// The keep mask the kernels draw, as a tensor (B, H, Tq, Tk): for tests and teaching only.
-at::Tensor dropout_mask_cpu(const at::Tensor& like, int64_t B, int64_t H, int64_t Tq, int64_t Tk, double p,
-                            int64_t seed, int64_t offset) {
-  TORCH_CHECK(p >= 0 && p < 1, "dropout_mask: expected 0 <= p < 1, got ", p);
-  TORCH_CHECK(B >= 0 && H >= 0 && Tq >= 0 && Tk >= 0, "dropout_mask: expected non-negative sizes");
-  auto keep = at::empty({B, H, Tq, Tk}, like.options().dtype(at::kBool));
-  bool* kp = keep.data_ptr<bool>();
-  const uint32_t threshold = dropout_threshold((float)p);
-  at::parallel_for(0, B * H * Tq * Tk, 4096, [&](int64_t begin, int64_t end) {
-    for_each_keep((uint64_t)seed, (uint64_t)offset, (uint64_t)begin, end - begin, threshold,
-                  [&](int64_t j, bool keep) { kp[begin + j] = keep; });
-  });
-  return keep;
-}
-
-// Inverted dropout of any tensor with the same Philox stream: element n of x is kept when the bits
-// of element n of (seed, offset) are >= p 2^32; y = x / (1 - p) there, 0 elsewhere. Returns (y, keep).
-std::tuple<at::Tensor, at::Tensor> dropout_fwd_cpu(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
-  TORCH_CHECK(p >= 0 && p < 1, "dropout: expected 0 <= p < 1, got ", p);
-  check_floating(x, "dropout x");
-  TORCH_CHECK(x.is_contiguous(), "dropout: expected a contiguous x (call .contiguous()), got strides ", x.strides());
-  auto y = maybe_poison(at::empty_like(x));
-  auto keep = at::empty_like(x, x.options().dtype(at::kBool));
-  bool* kp = keep.data_ptr<bool>();
-  const uint32_t threshold = dropout_threshold((float)p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_fwd_cpu", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const acc_t scale = acc_t(1) / (acc_t(1) - (acc_t)p);
-    at::parallel_for(0, x.numel(), 16384, [&](int64_t begin, int64_t end) {
-      for_each_keep((uint64_t)seed, (uint64_t)offset, (uint64_t)begin, end - begin, threshold,
-                    [&](int64_t j, bool keep) {
-                      kp[begin + j] = keep;
-                      yp[begin + j] = keep ? (scalar_t)((acc_t)xp[begin + j] * scale) : (scalar_t)0;
-                    });
-    });
-  });
-  return {y, keep};
-}
-
-// How the CPU kernels were built and what they reach, for `minift doctor` and the tests.
-std::string cpu_kernel_info() {
-#if defined(CPU_CAPABILITY_AVX2)
-  std::string simd = "AVX2";
-#else
-  std::string simd = "none (plain loops)";
-#endif
-  return std::string("simd=") + simd + "; matmul=" + (have_blas() ? "BLAS" : "own loop");
-}
-
-TORCH_LIBRARY_FRAGMENT(minift, m) {
-  m.def("cpu_kernel_info() -> str", &cpu_kernel_info);
-}
-
 TORCH_LIBRARY_IMPL(minift, CPU, m) {
-  m.impl("dropout_fwd", &dropout_fwd_cpu);
   m.impl("attention_fwd", &attention_fwd_cpu);
   m.impl("attention_bwd", &attention_bwd_cpu);
-  m.impl("dropout_mask", &dropout_mask_cpu);
 }
 
 }  // namespace minift

@@ -1,9 +1,13 @@
 // The Python module minift._C and the schemas of the `minift` operator library.
 // Importing minift._C runs the TORCH_LIBRARY blocks: the ops are then torch.ops.minift.<name>,
-// with CPU kernels (attention.cpp, cross_entropy.cpp, optim.cpp, layer_norm.cpp, gelu.cpp), autograd (autograd.cpp) and, when built,
-// CUDA kernels (cuda/).
+// with CPU kernels (attention.cpp, cross_entropy.cpp, elementwise.cpp: dropout and AdamW, layer_norm.cpp,
+// gelu.cpp), autograd (autograd.cpp) and, when built, CUDA kernels (cuda/).
 #include <Python.h>
 #include <torch/library.h>
+
+#include <string>
+
+#include "cpu_gemm.h"
 
 extern "C" {
 PyObject* PyInit__C(void) {
@@ -12,7 +16,23 @@ PyObject* PyInit__C(void) {
 }
 }
 
+namespace minift {
+
+// How the CPU kernels were built and what they reach, for `minift doctor` and the tests.
+std::string cpu_kernel_info() {
+#if defined(CPU_CAPABILITY_AVX2)
+  std::string simd = "AVX2";
+#else
+  std::string simd = "none (plain loops)";
+#endif
+  return std::string("simd=") + simd + "; matmul=" + (have_blas() ? "BLAS" : "own loop");
+}
+
+}  // namespace minift
+
 TORCH_LIBRARY(minift, m) {
+  // "simd=...; matmul=...": what the CPU kernels were built with, for `minift doctor` and the tests.
+  m.def("cpu_kernel_info() -> str", &minift::cpu_kernel_info);
   // q (B, H, Tq, D), k and v (B, H, Tk, D), mask (B, Tk) bool, True = keep.
   // Returns O (B, H, Tq, D) and the row log-sum-exp L (B, H, Tq) in float32 (float64 for float64).
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float dropout_p, float scale, "

@@ -72,7 +72,7 @@ class AdamW(torch.optim.Optimizer):
             - \eta \lambda\, \theta_{t-1}
 
     With ``fused=True``, CPU float32/float64 parameters (and CUDA float32 ones in a CUDA build) are
-    updated by the compiled kernel ``minift::adamw_step_`` (csrc/optim.cpp, csrc/cuda/elementwise.cu):
+    updated by the compiled kernel ``minift::adamw_step_`` (csrc/elementwise.cpp, csrc/cuda/elementwise.cu):
     the same arithmetic in one pass over memory instead of eight. Other parameters (and a build without
     the kernels) take ``minift.functional.adamw_update_``, with one warning (minift.ops' dispatch rule).
     """

@@ -29,7 +29,7 @@ PAIRS = {
                  lambda ps: torch.optim.AdamW(ps, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)),
     "adamw_no_wd": (lambda ps: optim.AdamW(ps, lr=2e-3, weight_decay=0.0),
                     lambda ps: torch.optim.AdamW(ps, lr=2e-3, weight_decay=0.0)),
-    # the compiled one-pass update (csrc/optim.cpp), same hyperparameters
+    # the compiled one-pass update (csrc/elementwise.cpp), same hyperparameters
     "adamw_fused_wd": (lambda ps: optim.AdamW(ps, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, fused=True),
                        lambda ps: torch.optim.AdamW(ps, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)),
     "adamw_fused_no_wd": (lambda ps: optim.AdamW(ps, lr=2e-3, weight_decay=0.0, fused=True),

@@ -1,5 +1,5 @@
 // CUDA kernels that touch each element once: inverted dropout with Philox bits, and AdamW's update.
-// The CPU versions are in attention.cpp (dropout_fwd) and optim.cpp (adamw_step_); the math and the
+// The CPU versions are in ../elementwise.cpp (dropout_fwd, adamw_step_); the math and the
 // random stream are the same, so a seed gives the same dropout mask on either device.
 // No torch header, so `nvcc -c` compiles this file on a machine without a GPU.
 #include <cuda_runtime.h>
@@ -55,7 +55,7 @@ cudaError_t dropout_fwd(DType dt, const void* x, void* y, bool* keep, int64_t n,
   return cudaGetLastError();
 }
 
-// AdamW on float32, in optim.cpp's order of operations:
+// AdamW on float32, in ../elementwise.cpp's order of operations:
 //   m = m + (g - m)(1 - b1),  v = v b2 + (1 - b2) g^2
 //   theta = theta (1 - lr wd) + step_size m / (sqrt(v / (1 - b2^t)) + eps),  step_size = -lr / (1 - b1^t)
 // The square root and the division are the correctly rounded ones (__fsqrt_rn, __fdiv_rn) even
