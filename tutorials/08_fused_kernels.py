@@ -9,7 +9,7 @@
 # T x T matrix, and finally times minift's compiled kernels against PyTorch.
 #
 # The production versions are in csrc/cross_entropy.cpp, csrc/attention.cpp (CPU: blocked
-# matrix multiplies and SIMD rows) and csrc/cuda/kernels.cu (GPU, one warp per query row, the same
+# matrix multiplies and SIMD rows) and csrc/cuda/attention_v1.cu (GPU, one warp per query row, the same
 # online softmax).
 
 # %%
@@ -104,11 +104,11 @@ assert abs(loss - ref).item() < 1e-12 and (grad - ref_grad).abs().max() < 1e-12
 #     m' = max(m, s_j);  l' = l e^{m - m'} + e^{s_j - m'};  acc' = acc e^{m - m'} + e^{s_j - m'} v_j
 #
 # At the end, out = acc / l. Nothing of size T is kept: this is what makes FlashAttention's memory
-# O(T) instead of O(T^2). It is the loop of minift's first CUDA kernel (csrc/cuda/kernels.cu, one
+# O(T) instead of O(T^2). It is the loop of minift's first CUDA kernel (csrc/cuda/attention_v1.cu, one
 # warp per query row). The other two kernels keep the idea (nothing T x T) but not this loop: the
 # CPU kernel takes 64 queries at a time, their scores against all keys by one matrix product into a
 # 64 x T scratch, then a plain softmax over each row; the tensor-core kernel
-# (csrc/cuda/attention_tc.cu) passes over the keys twice, first for each row's max and sum, then
+# (csrc/cuda/attention_v2.cu) passes over the keys twice, first for each row's max and sum, then
 # for P V, because its matrix fragments do not say which thread holds which element to rescale.
 
 # %%

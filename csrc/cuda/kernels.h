@@ -1,4 +1,4 @@
-// The launchers of kernels.cu, attention_tc.cu, xent.cu and elementwise.cu: raw pointers, sizes and a stream, no torch types.
+// The launchers of attention_v1.cu, attention_v2.cu, xent.cu and elementwise.cu: raw pointers, sizes and a stream, no torch types.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -18,7 +18,7 @@ struct AttnShape {
 cudaError_t attention_fwd(DType dt, const void* q, const void* k, const void* v, const bool* mask, void* out,
                           float* lse, AttnShape s, float scale, float p, uint64_t seed, uint64_t offset,
                           cudaStream_t stream);
-// attention_tc.cu: version 2 on tensor cores (float16/bfloat16, D in 32/64/128, sm_80+), which
+// attention_v2.cu: version 2 on tensor cores (float16/bfloat16, D in 32/64/128, sm_80+), which
 // attention_fwd/attention_bwd pick when attention_tc_supported says so and the 16-bit inputs start
 // on 16-byte boundaries.
 bool attention_tc_supported(DType dt, int D);

@@ -1,8 +1,8 @@
-// CUDA kernels of minift: fused attention, forward and backward, and the dropout mask
+// Attention, version 1 (CUDA): fused attention forward and backward, and the dropout mask
 // (the cross-entropy kernels are in xent.cu).
 //
 // Version 1, the readable baseline. float16/bfloat16 with D = 32/64/128 on sm_80+ goes to
-// version 2 (attention_tc.cu: tiles in shared memory, tensor cores), forward and backward. It needs no torch header: raw pointers, sizes and a
+// version 2 (attention_v2.cu: tiles in shared memory, tensor cores), forward and backward. It needs no torch header: raw pointers, sizes and a
 // stream come in from cuda_ops.cpp, so `nvcc -c` compiles this file on a machine with no GPU.
 //
 // Attention: one warp per query row. Lanes split the head dimension D (any D; 32/64/128 use 1/2/4
@@ -162,7 +162,7 @@ __global__ void dropout_mask_kernel(bool* keep, int64_t n, float p, uint64_t see
 // Launchers
 // ------------------------------------------------------------------------------------------
 
-// Version 2 (attention_tc.cu) where the GPU, dtype and head dim allow it and every 16-bit input it
+// Version 2 (attention_v2.cu) where the GPU, dtype and head dim allow it and every 16-bit input it
 // loads 16 bytes at a time starts on a 16-byte boundary.
 static bool use_tc(DType dt, int D, std::initializer_list<const void*> inputs) {
   uintptr_t bits = 0;

@@ -1,7 +1,7 @@
 // Attention on tensor cores (version 2), forward and backward, float16/bfloat16, head dim 32, 64 or
 // 128, sm_80+.
 //
-// Version 1 (kernels.cu) gives each query row a warp and walks the keys one at a time with scalar
+// Version 1 (attention_v1.cu) gives each query row a warp and walks the keys one at a time with scalar
 // FMAs: no reuse of a loaded key across rows, no tensor cores. Here a block of 4 warps takes 64
 // query rows (16 per warp) of one (batch, head) and walks the keys in tiles of 64 held in shared
 // memory, so each key tile loaded from global memory serves 64 rows, and the products
