@@ -143,6 +143,8 @@ def main() -> None:
     p.add_argument("--crf-lr", type=float, nargs="+", default=[0.0],
                    help="full fine-tuning: the CRF transitions' learning rate(s), one CRF row each (0: --lr)")
     args = p.parse_args()
+    if args.probe and args.crf_lr != [0.0]:
+        p.error("--crf-lr is for full fine-tuning; with --probe the CRF trains at --probe-lr")
     logging.getLogger("minift").setLevel(logging.WARNING)
     tok = minift.Tokenizer.from_pretrained(args.model)
     table = []
@@ -163,8 +165,8 @@ def main() -> None:
             tags = {k: [[ds.labels.index(t) for t in e.label] for e in getattr(ds, k)] for k in feats}
         else:
             encoded = encode_dataset(tok, ds, TrainConfig(max_length=args.max_length))
-        heads = [(False, 0.0)] + [(True, crf_lr) for crf_lr in (args.crf_lr if not args.probe else [0.0])]
-        for crf, crf_lr in heads:
+        for crf, crf_lr in [(False, 0.0)] + [(True, crf_lr) for crf_lr in args.crf_lr]:
+            crf_note = "" if not crf or args.probe else f", CRF lr {crf_lr or args.lr:g}"
             scores = []
             for seed in args.seeds:
                 t0 = time.time()
@@ -199,13 +201,10 @@ def main() -> None:
                     row["entity_f1"] = metrics.entity_f1([[ds.labels[t] for t in s] for s in pred],
                                                          [[ds.labels[t] for t in s] for s in gold])["f1"]
                 scores.append(row)
-                print(f"  {'CRF' if crf else 'softmax':8s} seed {seed}"
-                      + (f" (CRF lr {crf_lr or args.lr:g})" if crf else "") + ": "
+                print(f"  {'CRF' if crf else 'softmax':8s} seed {seed}{crf_note}: "
                       + ", ".join(f"test {k} {v:.4f}" for k, v in row.items()) + f"  ({time.time() - t0:.0f} s)",
                       flush=True)
-            head = ("BERT + softmax" if not crf else "BERT + CRF" if args.probe else
-                    f"BERT + CRF, CRF lr {crf_lr or args.lr:g}")
-            table.append((ds.name, head, scores))
+            table.append((ds.name, ("BERT + CRF" if crf else "BERT + softmax") + crf_note, scores))
     print(f"\n| task | head | test token accuracy, seeds {'/'.join(map(str, args.seeds))} | mean | "
           f"test entity F1 | mean |")
     print("|---|---|---|---|---|---|")

@@ -119,35 +119,32 @@ def bench_layers(sizes, repeats) -> list[Row]:
     backward), per millisecond; "copy" is a plain copy of the same bytes, the machine's pace."""
     rows = []
     g = torch.Generator().manual_seed(0)
+
+    def against_copy(name, nbytes, impls):
+        src, dst = torch.randn(nbytes // 8, generator=g), torch.empty(nbytes // 8)   # nbytes read + written
+        for impl, fn in {**impls, "copy": lambda: dst.copy_(src)}.items():
+            ms = timeit(fn, torch.device("cpu"), repeats=repeats)
+            rows.append(Row(name, impl, ms, f"{nbytes / ms / 1e6:.1f} GB/s"))
+
     for N, H, I in sizes:
         h = torch.randn(N, I, generator=g, requires_grad=True)
         b = (0.1 * torch.randn(I, generator=g)).requires_grad_()
-        dout = torch.randn(N, I, generator=g)
+        dh = torch.randn(N, I, generator=g)
         # forward: read h, write out and pre; backward: read dout and pre, write dh
-        nbytes = 6 * N * I * 4
-        name = f"bias+GELU fwd+bwd N={N} I={I} float32"
-        src, dst = torch.randn(nbytes // 8, generator=g), torch.empty(nbytes // 8)
-        for impl, fn in {"PyTorch": lambda: torch.autograd.backward(F.gelu(h + b), dout),
-                         "minift": lambda: torch.autograd.backward(ops.bias_gelu(h, b), dout),
-                         "copy": lambda: dst.copy_(src)}.items():
-            ms = timeit(fn, torch.device("cpu"), repeats=repeats)
-            rows.append(Row(name, impl, ms, f"{nbytes / ms / 1e6:.1f} GB/s"))
+        against_copy(f"bias+GELU fwd+bwd N={N} I={I} float32", 6 * N * I * 4, {
+            "PyTorch": lambda: torch.autograd.backward(F.gelu(h + b), dh),
+            "minift": lambda: torch.autograd.backward(ops.bias_gelu(h, b), dh)})
         y, x = (torch.randn(N, H, generator=g, requires_grad=True) for _ in range(2))
         w = (1 + 0.1 * torch.randn(H, generator=g)).requires_grad_()
         beta = (0.1 * torch.randn(H, generator=g)).requires_grad_()
-        dout = torch.randn(N, H, generator=g)
+        dz = torch.randn(N, H, generator=g)
         # forward: read y and x, write out and z (the 1-byte keep mask and the row statistics aside);
         # backward: read dout and z, write dy and dx
-        nbytes = 8 * N * H * 4
-        name = f"add+dropout+LayerNorm fwd+bwd N={N} H={H} p=0.1 float32"
-        src, dst = torch.randn(nbytes // 8, generator=g), torch.empty(nbytes // 8)
-        for impl, fn in {"PyTorch": lambda: torch.autograd.backward(
-                             F.layer_norm(F.dropout(y, 0.1) + x, (H,), w, beta, 1e-12), dout),
-                         "minift": lambda: torch.autograd.backward(
-                             ops.add_layer_norm(y, x, w, beta, 1e-12, 0.1, training=True), dout),
-                         "copy": lambda: dst.copy_(src)}.items():
-            ms = timeit(fn, torch.device("cpu"), repeats=repeats)
-            rows.append(Row(name, impl, ms, f"{nbytes / ms / 1e6:.1f} GB/s"))
+        against_copy(f"add+dropout+LayerNorm fwd+bwd N={N} H={H} p=0.1 float32", 8 * N * H * 4, {
+            "PyTorch": lambda: torch.autograd.backward(F.layer_norm(F.dropout(y, 0.1) + x, (H,), w, beta, 1e-12),
+                                                      dz),
+            "minift": lambda: torch.autograd.backward(ops.add_layer_norm(y, x, w, beta, 1e-12, 0.1, training=True),
+                                                     dz)})
     return rows
 
 

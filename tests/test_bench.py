@@ -73,3 +73,15 @@ def test_cli_bench_quick_rows_and_ratios(capsys):
         first.setdefault(case, float(ms))
         assert float(ms) > 0
         assert abs(float(ratio.rstrip("x")) - first[case] / float(ms)) < 0.01 * first[case] / float(ms) + 0.005
+
+
+def test_crf_benchmark_refuses_crf_lr_with_probe():
+    """--crf-lr sets the fine-tuned CRF's learning rate; with --probe it would be ignored, so it is an error."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "crf_vs_softmax.py"
+    r = subprocess.run([sys.executable, str(script), "--probe", "--crf-lr", "1e-2"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and r.stdout == ""
+    assert "--crf-lr is for full fine-tuning; with --probe the CRF trains at --probe-lr" in r.stderr
