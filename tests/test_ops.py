@@ -364,11 +364,12 @@ def test_cross_entropy_backward_checks_the_row_statistics():
             torch.ops.minift.xent_bwd(torch.tensor(1.0), z, t, None, bad, -100, 0.0, 1)
 
 
-def test_fused_model_equals_torch_on_minilm(batch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_model_equals_torch_on_minilm(batch, device):
     torch.manual_seed(0)
-    model = minift.BertForSequenceClassification.from_pretrained("minilm", num_labels=3).eval()
-    labels = torch.tensor([2, 0, 1, 0])
-    args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    model = minift.BertForSequenceClassification.from_pretrained("minilm", num_labels=3).eval().to(device)
+    labels = torch.tensor([2, 0, 1, 0], device=device)
+    args = tuple(batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids"))
     outs, grads = {}, {}
     for impl in ("torch", "fused"):
         model.zero_grad()
@@ -376,7 +377,7 @@ def test_fused_model_equals_torch_on_minilm(batch):
         out.loss.backward()
         outs[impl] = out
         grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters()}
-    real = batch["attention_mask"].bool()
+    real = batch["attention_mask"].bool().to(device)
     assert (outs["fused"].logits - outs["torch"].logits).abs().max() <= 1e-5
     assert abs(outs["fused"].loss.item() - outs["torch"].loss.item()) <= 1e-5
     scale = max(g.abs().max() for g in grads["torch"].values())
@@ -385,6 +386,40 @@ def test_fused_model_equals_torch_on_minilm(batch):
     h_t = model.set_impl("torch").bert(*args).last_hidden_state
     h_f = model.set_impl("fused").bert(*args).last_hidden_state
     assert (h_f - h_t).abs()[real].max() <= 1e-5
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_model_under_autocast_on_cuda(batch, dtype):
+    """MiniLM under autocast on the GPU, fused and torch, each against the same model in float64 on
+    the CPU: the fused model's error (encoder output at real tokens, every parameter's gradient) is
+    at most 2x the PyTorch ops' error, measured as the norm of the difference over the reference's."""
+    torch.manual_seed(0)
+    model = minift.BertForSequenceClassification.from_pretrained("minilm", num_labels=3).eval()
+    labels = torch.tensor([2, 0, 1, 0])
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    real = batch["attention_mask"].bool()
+
+    def run(m, device, amp):
+        m.zero_grad()
+        args = tuple(batch[k].to(device) for k in keys)
+        with torch.autocast("cuda", dtype=dtype, enabled=amp):
+            hidden = m.bert(*args).last_hidden_state
+            loss = m(*args, labels=labels.to(device)).loss
+        loss.backward()
+        grads = torch.cat([p.grad.double().flatten().cpu() for p in m.parameters()])
+        return hidden.double().cpu()[real], grads
+
+    ref_h, ref_g = run(model.double().set_impl("torch"), "cpu", False)
+    model.float().cuda()
+    rel = {}
+    for impl in ("torch", "fused"):
+        h, g = run(model.set_impl(impl), "cuda", True)
+        assert torch.isfinite(h).all() and torch.isfinite(g).all(), impl
+        rel[impl] = ((h - ref_h).norm() / ref_h.norm()).item(), ((g - ref_g).norm() / ref_g.norm()).item()
+    assert 1e-4 < rel["torch"][0] < 5e-2, rel       # autocast ran in low precision (float32 gives ~1e-6)
+    assert rel["fused"][0] <= 2 * rel["torch"][0], rel
+    assert rel["fused"][1] <= 2 * rel["torch"][1], rel
 
 
 def test_attention_without_blas_equals_the_blas_path(tmp_path):
