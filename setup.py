@@ -31,6 +31,13 @@ _spec = importlib.util.spec_from_file_location("minift_build", os.path.join("min
 _build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_build)
 
+try:
+    _note = _build.choose_cxx()       # a C++ compiler that links libstdc++ as a shared library
+except RuntimeError as e:
+    sys.exit(str(e))
+if _note:
+    print(_note, file=sys.stderr, flush=True)
+
 DEBUG = os.environ.get("DEBUG", "0") == "1"
 CPU_SOURCES = sorted(glob.glob("csrc/*.cpp"))
 CUDA_SOURCES = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))

@@ -45,6 +45,11 @@ inline void check_same_layout(const at::Tensor& a, const at::Tensor& ref, const 
 
 inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const std::optional<at::Tensor>& mask, double dropout_p, at::DeviceType device) {
+  // first: inputs on different devices (the dispatcher then picks the kernel of the GPU one)
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device() && (!mask.has_value() || mask->device() == q.device()),
+              "attention: expected q, k, v", mask.has_value() ? " and key_padding_mask" : "", " on one device, got q on ",
+              q.device(), ", k on ", k.device(), ", v on ", v.device(),
+              mask.has_value() ? ", key_padding_mask on " + mask->device().str() : std::string());
   TORCH_CHECK(q.device().type() == device, "attention: expected q on ", device, ", got ", q.device());
   TORCH_CHECK(q.dim() == 4, "attention: expected q of shape (B, H, T, D), got ", q.dim(), " dims ", q.sizes());
   check_floating(q, "attention q");
@@ -75,6 +80,8 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
 
 inline void check_xent_inputs(const at::Tensor& logits, const at::Tensor& target, double label_smoothing,
                               at::DeviceType device) {
+  TORCH_CHECK(target.device() == logits.device(), "softmax_cross_entropy: expected logits and target on one device, got "
+              "logits on ", logits.device(), ", target on ", target.device());
   TORCH_CHECK(logits.device().type() == device, "softmax_cross_entropy: expected logits on ", device, ", got ",
               logits.device());
   TORCH_CHECK(logits.dim() == 2, "softmax_cross_entropy: expected logits of shape (N, C), got ", logits.sizes());

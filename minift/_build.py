@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shutil
+import subprocess
 
 
 def cpu_flags() -> list[str]:
@@ -26,6 +28,50 @@ def cpu_flags() -> list[str]:
         # fused AdamW matches the Python loop bit for bit instead of drifting by an ulp per step
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-ffp-contract=off"]
     return []
+
+
+def links_shared_libstdcxx(cxx: str) -> bool | None:
+    """Whether the compiler ``cxx`` would link the C++ runtime as the shared libstdc++.so (None where
+    that cannot be told: not on Linux, the compiler does not run, or it does not answer the query).
+
+    A toolchain that has only libstdc++.a (seen with a GCC installed under /opt, named by CXX) links a
+    private copy of the runtime into minift._C. torch uses the system's shared one, and the two
+    copies' streams and locales are not the same objects: the module then crashes (a segmentation
+    fault) the first time it formats an error message, for instance on a wrong tensor shape."""
+    if platform.system() != "Linux":
+        return None
+    try:
+        r = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    answer = r.stdout.strip()
+    if r.returncode != 0 or not answer:
+        return None
+    return os.path.isabs(answer)      # found: its path; not found: the bare name comes back
+
+
+def choose_cxx() -> str | None:
+    """Makes sure the build links libstdc++ as a shared library. If $CXX (default c++) would link it
+    statically, the first of c++ and g++ on PATH that links it shared becomes $CXX for this process
+    (torch's build reads $CXX), and a sentence saying so is returned; if none does, RuntimeError.
+    None when nothing had to change."""
+    cxx = os.environ.get("CXX", "c++")
+    if links_shared_libstdcxx(cxx) is not False:
+        return None
+    for other in ("c++", "g++"):
+        path = shutil.which(other)
+        if path and os.path.realpath(path) != os.path.realpath(shutil.which(cxx) or cxx) \
+                and links_shared_libstdcxx(path):
+            os.environ["CXX"] = path
+            return (f"minift: the C++ compiler CXX={cxx} finds no shared libstdc++.so (only the static "
+                    f"library), and a module linked with it crashes when torch's and its own C++ runtimes "
+                    f"meet; building with {path} instead (set CXX to a compiler that has libstdc++.so to "
+                    f"choose another)")
+    raise RuntimeError(
+        f"minift: the C++ compiler CXX={cxx} finds no shared libstdc++.so (`{cxx} "
+        f"-print-file-name=libstdc++.so` names no file), and no c++ or g++ on PATH does. A module "
+        f"linked with the static library crashes when torch's and its own C++ runtimes meet. Set CXX to "
+        f"a compiler with libstdc++.so (on Debian/Ubuntu: apt install g++).")
 
 
 def first_error_line(log: str) -> str:

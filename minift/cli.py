@@ -6,6 +6,7 @@ that ``minift --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -37,8 +38,13 @@ def cmd_doctor(args) -> int:
             print("  CUDA kernels: built")
         else:
             print(f"  CPU kernels only: CUDA kernels {status['cuda_build']}")
-    cxx = shutil.which("c++") or shutil.which("g++")
-    print(f"C++ compiler: {_tool_version([cxx, '--version']) if cxx else 'not found'}")
+    from ._build import links_shared_libstdcxx
+    named = os.environ.get("CXX")
+    cxx = shutil.which(named) if named else (shutil.which("c++") or shutil.which("g++"))
+    static = cxx is not None and links_shared_libstdcxx(cxx) is False
+    note = " (finds only the static libstdc++: the build picks another compiler, see minift/_build.py)" if static else ""
+    print(f"C++ compiler{f' (CXX={named})' if named else ''}: "
+          f"{_tool_version([cxx, '--version']) + note if cxx else 'not found'}")
     nvcc = shutil.which("nvcc")
     print(f"nvcc: {_tool_version([nvcc, '--version']) if nvcc else 'not found'}")
     print(f"ninja: {_tool_version(['ninja', '--version']) if shutil.which('ninja') else 'not found'}")

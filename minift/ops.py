@@ -31,6 +31,7 @@ import functools
 import glob
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +113,10 @@ def _jit_build() -> str:
     """Compile csrc/ with ninja; returns what happened to the CUDA kernels."""
     from torch.utils.cpp_extension import CUDA_HOME, load
 
-    from ._build import cpu_flags, first_error_line
+    from ._build import choose_cxx, cpu_flags, first_error_line
+    note = choose_cxx()                 # RuntimeError (no usable compiler): _load reports it as the reason
+    if note:
+        print(note, file=sys.stderr, flush=True)
     src = source_dir()
     cpu_sources = sorted(glob.glob(str(src / "*.cpp")))
     # as setup.py: DEBUG=1 builds without optimisation and with debug information (for gdb), -O3 otherwise

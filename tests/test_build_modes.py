@@ -154,3 +154,42 @@ def test_setup_test_mode_reports_a_failed_build_with_its_log(tmp_path):
     assert r.returncode == 3, (r.stdout, r.stderr)
     assert "csrc/attention.cpp:1: error: a broken build" in r.stdout
     assert "installing minift (pip install --no-build-isolation -e .) failed: its output is above" in r.stderr
+
+
+def _fake_compiler(path: Path, libstdcxx_answer: str) -> str:
+    """A c++ stand-in that answers -print-file-name=libstdc++.so as given (a static-only toolchain
+    answers the bare name) and hands anything else to the real compiler."""
+    real = shutil.which("c++") or shutil.which("g++")
+    path.write_text(f'#!/bin/sh\nif [ "$1" = "-print-file-name=libstdc++.so" ]; then echo "{libstdcxx_answer}"; '
+                    f'exit 0; fi\nexec "{real}" "$@"\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not (shutil.which("c++") or shutil.which("g++")),
+                    reason="a Linux C++ compiler")
+def test_a_compiler_with_only_the_static_libstdcxx_is_replaced(tmp_path, monkeypatch):
+    """Seen on a GPU machine: CXX named a GCC with only libstdc++.a, minift._C carried its own copy of
+    the C++ runtime and crashed (segmentation fault) on the first error message it formatted. The
+    build now picks a c++/g++ on PATH that links the shared library, and says so."""
+    from minift import _build
+    real = shutil.which("c++") or shutil.which("g++")
+    assert _build.links_shared_libstdcxx(real) is True
+    static = _fake_compiler(tmp_path / "g++-static", "libstdc++.so")
+    assert _build.links_shared_libstdcxx(static) is False
+    assert _build.links_shared_libstdcxx(str(tmp_path / "missing")) is None
+    monkeypatch.setenv("CXX", static)
+    note = _build.choose_cxx()
+    assert "finds no shared libstdc++.so" in note and os.environ["CXX"] != static
+    assert _build.links_shared_libstdcxx(os.environ["CXX"]) is True
+    monkeypatch.setenv("CXX", real)
+    assert _build.choose_cxx() is None and os.environ["CXX"] == real
+    # no good compiler anywhere: a clear error instead of a module that crashes
+    only = tmp_path / "bin"
+    only.mkdir()
+    for name in ("c++", "g++"):
+        _fake_compiler(only / name, "libstdc++.so")
+    monkeypatch.setenv("PATH", str(only))
+    monkeypatch.setenv("CXX", static)
+    with pytest.raises(RuntimeError, match="no c\\+\\+ or g\\+\\+ on PATH does"):
+        _build.choose_cxx()

@@ -329,8 +329,15 @@ def test_attention_wrong_device_mix():
     with pytest.raises(RuntimeError, match="dtype"):
         torch.ops.minift.attention_fwd(q, k.double(), v.double(), None, 0.0, 1.0, 0, 0)
     if torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="on cpu|device"):
-            torch.ops.minift.attention_fwd(q, k.cuda(), v.cuda(), None, 0.0, 1.0, 0, 0)
+        for args in [(q, k.cuda(), v.cuda()), (q.cuda(), k, v.cuda()), (q.cuda(), k.cuda(), v)]:
+            with pytest.raises(RuntimeError, match="expected q, k, v on one device, got q on "):
+                torch.ops.minift.attention_fwd(*args, None, 0.0, 1.0, 0, 0)
+        with pytest.raises(RuntimeError, match="key_padding_mask on cpu"):
+            torch.ops.minift.attention_fwd(q.cuda(), k.cuda(), v.cuda(), torch.ones(2, 5, dtype=torch.bool),
+                                           0.0, 1.0, 0, 0)
+        with pytest.raises(RuntimeError, match="logits and target on one device, got logits on cpu, target on cuda"):
+            torch.ops.minift.xent_fwd(torch.randn(4, 3), torch.zeros(4, dtype=torch.long, device="cuda"),
+                                      None, -100, 0.0, 1)
 
 
 BAD_XENT = [

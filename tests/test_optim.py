@@ -129,21 +129,27 @@ def _cuda_adamw_kernel() -> bool:
 
 @pytest.mark.skipif(not _cuda_adamw_kernel(), reason="needs a GPU and the CUDA kernels")
 def test_fused_adamw_on_cuda_equals_torch():
-    """The CUDA kernel (csrc/cuda/elementwise.cu) against torch.optim.AdamW on the same GPU, and the
-    compiled step is the one that ran (the loop would pass too)."""
+    """The CUDA kernel (csrc/cuda/elementwise.cu) against torch.optim.AdamW on the same GPU, both
+    against torch.optim.AdamW in float64: after 100 steps the kernel's error is at most 2x torch's
+    float32 error (the two round differently: 1.2e-5 apart here, on a GPU, where the CPU loop and
+    kernel agree to the bit), and the compiled step is the one that ran (the loop would pass too)."""
     g = torch.Generator().manual_seed(6)
     p1 = torch.nn.Parameter(torch.randn(1031, 7, generator=g).cuda())
     p2 = torch.nn.Parameter(p1.detach().clone())
-    o1 = optim.AdamW([p1], lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, fused=True)
-    o2 = torch.optim.AdamW([p2], lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+    p64 = torch.nn.Parameter(p1.detach().double())
+    kw = dict(lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+    opts = [optim.AdamW([p1], fused=True, **kw), torch.optim.AdamW([p2], **kw), torch.optim.AdamW([p64], **kw)]
     from minift.ops import why_not_compiled
     assert why_not_compiled("adamw_step_", p1) is None
     for _ in range(100):
-        grad = torch.randn(1031, 7, generator=g).cuda()
-        p1.grad, p2.grad = grad.clone(), grad.clone()
-        o1.step()
-        o2.step()
-    assert (p1 - p2).abs().max().item() <= 1e-6
+        grad = torch.randn(1031, 7, generator=g, dtype=torch.float64).cuda()
+        p1.grad, p2.grad, p64.grad = grad.float(), grad.float(), grad.clone()
+        for o in opts:
+            o.step()
+    ours, theirs = ((p - p64).abs().max().item() for p in (p1, p2))
+    assert 0 < theirs < 1e-4, theirs
+    assert ours <= 2 * theirs, (ours, theirs)
+    assert (p1 - p2).abs().max().item() <= 1e-4
 
 
 def test_coupled_and_decoupled_decay_differ_with_momentum():
