@@ -167,6 +167,45 @@ def test_attention_dropout_mask_is_the_cpus_on_cuda(dtype, D):
     assert (ours - ref).abs().max() <= 2 * (theirs - ref).abs().max() + 1e-6
 
 
+# float32 on the GPU with D = 32/64/128 takes attention_rows.cu: keys (queries in the dK/dV pass) come
+# in tiles of 4096 / D rows, so these lengths span several tiles with a partial last one; Tq != Tk too.
+ROWS_CASES = [(2, 3, 150, 150, 64), (1, 2, 37, 200, 32), (2, 2, 70, 45, 128), (3, 1, 129, 129, 64)]
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("B,H,Tq,Tk,D", ROWS_CASES)
+def test_attention_fp32_rows_kernel_within_2x_torch(B, H, Tq, Tk, D, p):
+    """Output and gradients of the float32 CUDA attention against float64 with the same dropout mask,
+    at most twice the error of the same attention in PyTorch float32 ops on the GPU; batch row 0 has
+    every key masked (its output and gradients are 0)."""
+    g = torch.Generator().manual_seed(B * 1000 + Tq + Tk + D)
+    q = torch.randn(B, H, Tq, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, H, Tk, D, generator=g, dtype=torch.float64) for _ in range(2))
+    dout = torch.randn(B, H, Tq, D, generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, Tk + 1, (B,), generator=g)
+    lengths[0] = 0
+    mask = torch.arange(Tk)[None] < lengths[:, None]
+    keep = ops.dropout_mask(B, H, Tq, Tk, p, seed=5, offset=3) if p > 0 else None
+    scale = D ** -0.5
+    results = {}
+    for name, device, dtype in (("ref", "cpu", torch.float64), ("ours", "cuda", torch.float32),
+                                ("torch", "cuda", torch.float32)):
+        x = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+        if name == "ours":
+            out = ops.attention_with_lse(*x, mask.cuda(), dropout_p=p, seed=5, offset=3)[0]
+        else:
+            out = RF.attention_forward(*x, mask.to(device), scale, None if keep is None else keep.to(device), p)
+        grads = torch.autograd.grad(out, x, dout.to(device, dtype))
+        results[name] = [out.detach().double().cpu()] + [t.double().cpu() for t in grads]
+    assert (results["ours"][0][0] == 0).all() and (results["ours"][2][0] == 0).all()
+    for i, name in enumerate(["out", "dq", "dk", "dv"]):
+        want = results["ref"][i]
+        err = (results["ours"][i] - want).abs().max().item()
+        base = (results["torch"][i] - want).abs().max().item()
+        assert err <= 2 * base + 1e-7, (name, err, base)
+
+
 # C <= 16 goes through the CPU's short-row walker (C <= 8 in the backward), longer rows one by one;
 # N = 1500 splits the rows across threads. On CUDA, C <= 1024 takes a warp per row and longer rows
 # a block; C = 2051 starts most rows off a 16-byte boundary (a scalar head before the vectors).

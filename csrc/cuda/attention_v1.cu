@@ -2,8 +2,10 @@
 // (the cross-entropy kernels are in xent.cu).
 //
 // Version 1, the readable baseline. float16/bfloat16 with D = 32/64/128 on sm_80+ goes to
-// version 2 (attention_v2.cu: tiles in shared memory, tensor cores), forward and backward. It needs no torch header: raw pointers, sizes and a
-// stream come in from cuda_ops.cpp, so `nvcc -c` compiles this file on a machine with no GPU.
+// version 2 (attention_v2.cu: tiles in shared memory, tensor cores), forward and backward; float32
+// with D = 32/64/128 to attention_rows.cu (a few threads per row, tiles in shared memory, no
+// atomics). It needs no torch header: raw pointers, sizes and a stream come in from cuda_ops.cpp,
+// so `nvcc -c` compiles this file on a machine with no GPU.
 //
 // Attention: one warp per query row. Lanes split the head dimension D (any D; 32/64/128 use 1/2/4
 // elements per lane). Keys stream past in order with the online softmax:
@@ -187,6 +189,8 @@ cudaError_t attention_fwd(DType dt, const void* q, const void* k, const void* v,
                           cudaStream_t stream) {
   if (use_tc(dt, s.D, {q, k, v}))                                     // version 2, on tensor cores
     return attention_fwd_tc(dt, q, k, v, mask, out, lse, s, scale, p, seed, offset, stream);
+  if (attention_rows_supported(dt, s.D, {q, k, v, out}))              // float32 on CUDA cores
+    return attention_fwd_rows(q, k, v, mask, out, lse, s, scale, p, seed, offset, stream);
   if ((s.D + 31) / 32 > kMaxPerLane) return cudaErrorInvalidValue;
   switch (dt) {
     case DType::F32: launch_fwd<float>(q, k, v, mask, out, lse, s, scale, p, seed, offset, stream); break;
@@ -212,8 +216,10 @@ static void launch_bwd(const void* dout, const void* q, const void* k, const voi
 }
 
 
-int64_t attention_bwd_scratch(DType dt, const void* dout, const void* q, const void* k, const void* v, AttnShape s) {
+int64_t attention_bwd_scratch(DType dt, const void* dout, const void* q, const void* k, const void* v,
+                              const void* out, AttnShape s) {
   if (use_tc(dt, s.D, {dout, q, k, v})) return attention_bwd_tc_scratch(s);   // dQ in float, and Delta
+  if (attention_rows_supported(dt, s.D, {dout, q, k, v, out})) return attention_bwd_rows_scratch(s);   // Delta
   return 2 * (int64_t)s.B * s.H * s.Tk * s.D;                                    // dK and dV in float
 }
 
@@ -223,6 +229,8 @@ cudaError_t attention_bwd(DType dt, const void* dout, const void* q, const void*
   if (use_tc(dt, s.D, {dout, q, k, v}))                              // version 2, on tensor cores
     return attention_bwd_tc(dt, dout, q, k, v, out, lse, mask, dq, dk, dv, scratch, s, scale, p, seed, offset,
                             stream);
+  if (attention_rows_supported(dt, s.D, {dout, q, k, v, out}))         // float32 on CUDA cores
+    return attention_bwd_rows(dout, q, k, v, out, lse, mask, dq, dk, dv, scratch, s, scale, p, seed, offset, stream);
   if ((s.D + 31) / 32 > kMaxPerLane) return cudaErrorInvalidValue;
   float* dk_acc = scratch;
   float* dv_acc = scratch + (int64_t)s.B * s.H * s.Tk * s.D;

@@ -61,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
        dv = maybe_poison(at::empty_like(v));
   const auto shape = shape_of(q, k);
   auto scratch = at::empty({cuda::attention_bwd_scratch(dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(),
-                                                        v.data_ptr(), shape)},
+                                                        v.data_ptr(), out.data_ptr(), shape)},
                            q.options().dtype(at::kFloat));
   check_cuda(cuda::attention_bwd(dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                  lse.data_ptr<float>(), mask.has_value() ? mask->data_ptr<bool>() : nullptr,

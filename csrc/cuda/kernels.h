@@ -3,6 +3,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <initializer_list>
+
 #include "../reduction.h"
 
 namespace minift {
@@ -29,8 +31,18 @@ int64_t attention_bwd_tc_scratch(AttnShape s);
 cudaError_t attention_bwd_tc(DType dt, const void* dout, const void* q, const void* k, const void* v, const void* out,
                              const float* lse, const bool* mask, void* dq, void* dk, void* dv, float* scratch,
                              AttnShape s, float scale, float p, uint64_t seed, uint64_t offset, cudaStream_t stream);
-// The float scratch attention_bwd needs, in elements, for these inputs.
-int64_t attention_bwd_scratch(DType dt, const void* dout, const void* q, const void* k, const void* v, AttnShape s);
+// attention_rows.cu: float32 with D in 32/64/128 on CUDA cores, when every pointer is 16-byte aligned.
+bool attention_rows_supported(DType dt, int D, std::initializer_list<const void*> pointers);
+cudaError_t attention_fwd_rows(const void* q, const void* k, const void* v, const bool* mask, void* out, float* lse,
+                               AttnShape s, float scale, float p, uint64_t seed, uint64_t offset, cudaStream_t stream);
+int64_t attention_bwd_rows_scratch(AttnShape s);
+cudaError_t attention_bwd_rows(const void* dout, const void* q, const void* k, const void* v, const void* out,
+                               const float* lse, const bool* mask, void* dq, void* dk, void* dv, float* scratch,
+                               AttnShape s, float scale, float p, uint64_t seed, uint64_t offset, cudaStream_t stream);
+// The float scratch attention_bwd needs, in elements, for these inputs (dQ, dK and dV are fresh
+// allocations: aligned).
+int64_t attention_bwd_scratch(DType dt, const void* dout, const void* q, const void* k, const void* v,
+                              const void* out, AttnShape s);
 cudaError_t attention_bwd(DType dt, const void* dout, const void* q, const void* k, const void* v, const void* out,
                           const float* lse, const bool* mask, void* dq, void* dk, void* dv, float* scratch,
                           AttnShape s, float scale, float p, uint64_t seed, uint64_t offset, cudaStream_t stream);
