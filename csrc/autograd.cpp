@@ -16,6 +16,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "reduction.h"
+
 namespace minift {
 
 using torch::autograd::AutogradContext;
@@ -37,6 +39,10 @@ using XentFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const a
                                                       const std::optional<at::Tensor>&, int64_t, double, int64_t);
 using XentBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const std::optional<at::Tensor>&, const at::Tensor&, int64_t, double, int64_t);
+using XentFwdGradSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,
+                                                                      double, int64_t);
+using XentBwdIntoSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  at::Tensor&, int64_t, double, int64_t);
 using DropoutFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, int64_t, int64_t);
 using AddLnFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, int64_t, int64_t);
@@ -82,12 +88,24 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
 // large logits); the backward is softmax minus the smoothed one-hot, weighted, times the output
 // gradient. The class weights get no gradient (F.cross_entropy refuses one that asks for it).
 struct XentFunction : public torch::autograd::Function<XentFunction> {
+  // one_pass (CUDA, mean or sum, no class weights, a gradient wanted): xent_fwd_grad writes dlogits for
+  // grad = 1 in the forward's pass over the logits; the backward hands that tensor out once (as it is
+  // when grad is 1, recomputed from the logits otherwise). A second backward (retain_graph) computes
+  // afresh with xent_bwd.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
                                const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                               double label_smoothing, int64_t reduction) {
-    static auto fwd = op<XentFwdSig>("minift::xent_fwd");
+                               double label_smoothing, int64_t reduction, bool one_pass) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [loss, stats] = fwd.call(logits, target, weight, ignore_index, label_smoothing, reduction);
+    at::Tensor loss, stats;
+    if (one_pass) {
+      static auto fwd_grad = op<XentFwdGradSig>("minift::xent_fwd_grad");
+      at::Tensor dz;
+      std::tie(loss, stats, dz) = fwd_grad.call(logits, target, ignore_index, label_smoothing, reduction);
+      ctx->saved_data["dz"] = dz;
+    } else {
+      static auto fwd = op<XentFwdSig>("minift::xent_fwd");
+      std::tie(loss, stats) = fwd.call(logits, target, weight, ignore_index, label_smoothing, reduction);
+    }
     ctx->save_for_backward({logits, target, stats, weight.has_value() ? *weight : at::Tensor()});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["label_smoothing"] = label_smoothing;
@@ -97,14 +115,24 @@ struct XentFunction : public torch::autograd::Function<XentFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto bwd = op<XentBwdSig>("minift::xent_bwd");
     auto s = ctx->get_saved_variables();
-    std::optional<at::Tensor> weight;
-    if (s[3].defined()) weight = s[3];
     auto g = grads[0].to(s[2].scalar_type()).contiguous();        // the loss's dtype, float32 or float64
-    auto dz = bwd.call(g, s[0], s[1], weight, s[2], ctx->saved_data["ignore_index"].toInt(),
-                       ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["reduction"].toInt());
-    return {dz, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt(), reduction = ctx->saved_data["reduction"].toInt();
+    const double smoothing = ctx->saved_data["label_smoothing"].toDouble();
+    at::Tensor dz;
+    auto kept = ctx->saved_data.find("dz");
+    if (kept != ctx->saved_data.end() && kept->second.isTensor()) {
+      static auto bwd_into = op<XentBwdIntoSig>("minift::xent_bwd_into");
+      at::Tensor buffer = kept->second.toTensor();
+      kept->second = c10::IValue();                                 // handed out once
+      dz = bwd_into.call(g, s[0], s[1], s[2], buffer, ignore_index, smoothing, reduction);
+    } else {
+      static auto bwd = op<XentBwdSig>("minift::xent_bwd");
+      std::optional<at::Tensor> weight;
+      if (s[3].defined()) weight = s[3];
+      dz = bwd.call(g, s[0], s[1], weight, s[2], ignore_index, smoothing, reduction);
+    }
+    return {dz, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -184,7 +212,9 @@ static std::tuple<at::Tensor, at::Tensor> xent_fwd_autograd(const at::Tensor& lo
   TORCH_CHECK(!weight.has_value() || !weight->requires_grad() || !at::GradMode::is_enabled(),
               "softmax_cross_entropy: the class weights get no gradient; pass weight.detach() (got a weight "
               "that requires grad)");
-  auto r = XentFunction::apply(logits, target, weight, ignore_index, label_smoothing, reduction);
+  const bool one_pass = logits.is_cuda() && reduction != kReduceNone && !weight.has_value() &&
+                        logits.requires_grad() && at::GradMode::is_enabled();
+  auto r = XentFunction::apply(logits, target, weight, ignore_index, label_smoothing, reduction, one_pass);
   return {r[0], r[1]};
 }
 

@@ -54,6 +54,14 @@ TORCH_LIBRARY(minift, m) {
   // weights as derived in cross_entropy.cpp (the mean then divides by the kept targets' weights).
   m.def("xent_bwd(Tensor grad, Tensor logits, Tensor target, Tensor? weight, Tensor stats, int ignore_index, "
         "float label_smoothing, int reduction) -> Tensor");
+  // The one-pass forward (CUDA; reduction mean or sum, no class weights): as xent_fwd, plus dlogits for
+  // grad = 1, written in the same pass over the logits.
+  m.def("xent_fwd_grad(Tensor logits, Tensor target, int ignore_index, float label_smoothing, int reduction) "
+        "-> (Tensor, Tensor, Tensor)");
+  // Its backward: dz (from xent_fwd_grad) is returned as it is when grad is exactly 1 (checked on the
+  // GPU), else overwritten with xent_bwd's result for grad.
+  m.def("xent_bwd_into(Tensor grad, Tensor logits, Tensor target, Tensor stats, Tensor(a!) dz, int ignore_index, "
+        "float label_smoothing, int reduction) -> Tensor(a!)");
   // AdamW's update of one parameter in place (CPU, and CUDA for float32): param, exp_avg, exp_avg_sq are written.
   m.def("adamw_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, float lr, "
         "float beta1, float beta2, float eps, float weight_decay, int step) -> ()");

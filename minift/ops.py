@@ -284,6 +284,15 @@ def _register() -> None:
     def _(grad, logits, target, weight, stats, ignore_index, label_smoothing, reduction):
         return torch.empty_like(logits)
 
+    @torch.library.register_fake("minift::xent_fwd_grad")
+    def _(logits, target, ignore_index, label_smoothing, reduction):
+        acc = _acc_dtype(logits)
+        return logits.new_empty((), dtype=acc), logits.new_empty((2, logits.shape[0]), dtype=acc), torch.empty_like(logits)
+
+    @torch.library.register_fake("minift::xent_bwd_into")
+    def _(grad, logits, target, stats, dz, ignore_index, label_smoothing, reduction):
+        return dz
+
     @torch.library.register_fake("minift::dropout_fwd")
     def _(x, p, seed, offset):
         return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)

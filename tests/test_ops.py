@@ -275,6 +275,47 @@ def test_cross_entropy_low_precision_within_2x_torch(device, dtype, C):
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", [2, 1000, 2051, 30522, 40000])
+def test_cross_entropy_one_pass_on_cuda(dtype, C):
+    """On CUDA, a loss whose logits need a gradient (mean or sum) is computed with its gradient in one
+    read of the logits (rows of a warp, 256 and 512 threads; 40000 classes take the two passes
+    instead). The gradient handed to backward with g = 1 (kept), with g != 1 (recomputed), and from a
+    second backward of the same graph (computed afresh): each against float64, at most 2x the error of
+    F.cross_entropy in the same dtype."""
+    N = 48
+    g = torch.Generator().manual_seed(C)
+    z = torch.randn(N, C, generator=g, dtype=torch.float64) * 4
+    t = torch.randint(0, C, (N,), generator=g)
+    t[::7] = -100
+    z_low, t_cuda = z.to("cuda", dtype), t.cuda()
+    for reduction, eps in (("mean", 0.0), ("sum", 0.1)):
+        zr = z_low.double().cpu().requires_grad_()
+        ref = F.cross_entropy(zr, t, reduction=reduction, label_smoothing=eps)
+        (dref,) = torch.autograd.grad(ref, zr)
+        zt = z_low.clone().requires_grad_()
+        (dtorch,) = torch.autograd.grad(F.cross_entropy(zt, t_cuda, reduction=reduction, label_smoothing=eps), zt)
+        base = (dtorch.double().cpu() - dref).abs().max().item()
+
+        def check(dz, scale):
+            err = (dz.double().cpu() - scale * dref).abs().max().item()
+            assert err <= 2 * scale * base + 1e-7, (reduction, scale, err, base)
+
+        zo = z_low.clone().requires_grad_()
+        loss = ops.softmax_cross_entropy(zo, t_cuda, reduction=reduction, label_smoothing=eps)
+        assert abs(loss.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item())) * (1 if dtype == torch.float32 else 100)
+        loss.backward(retain_graph=True)                                       # g = 1: the forward's dz
+        check(zo.grad, 1.0)
+        first = zo.grad.clone()
+        (again,) = torch.autograd.grad(loss, zo, torch.tensor(0.37, device="cuda"))   # a second backward
+        check(again, 0.37)
+        assert torch.equal(zo.grad, first)                                       # the first is untouched
+        zo2 = z_low.clone().requires_grad_()
+        (ops.softmax_cross_entropy(zo2, t_cuda, reduction=reduction, label_smoothing=eps) * 0.37).backward()
+        check(zo2.grad, 0.37)                                                    # g != 1: recomputed
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
 def test_cross_entropy_bad_target_stops_the_cuda_kernel():
     """On the GPU the targets are checked inside the kernel, which stops with a message; the CUDA
     context is then unusable, so this runs in its own process."""

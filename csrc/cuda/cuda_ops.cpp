@@ -118,9 +118,11 @@ std::tuple<at::Tensor, at::Tensor> xent_fwd_cuda(const at::Tensor& logits, const
   return {loss, stats};
 }
 
-at::Tensor xent_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
-                         const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index,
-                         double label_smoothing, int64_t reduction) {
+// dz: the tensor to write (a fresh one for xent_bwd; xent_fwd_grad's for xent_bwd_into, kept when grad is 1).
+static at::Tensor xent_bwd_cuda_impl(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                                     const std::optional<at::Tensor>& weight, const at::Tensor& stats,
+                                     int64_t ignore_index, double label_smoothing, int64_t reduction,
+                                     std::optional<at::Tensor> into, bool keep_if_one) {
   check_xent_inputs(logits, target, label_smoothing, at::kCUDA);
   refuse_class_weights(weight);
   check_reduction(reduction);
@@ -128,7 +130,9 @@ at::Tensor xent_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const
   auto dt = cuda_dtype(logits, "softmax_cross_entropy");
   const int64_t N = logits.size(0), C = logits.size(1);
   c10::cuda::CUDAGuard guard(logits.device());
-  auto dz = maybe_poison(at::empty_like(logits));
+  if (into.has_value()) check_same_layout(*into, logits, "softmax_cross_entropy backward dz", "the logits");
+  TORCH_CHECK(!keep_if_one || reduction != kReduceNone, "xent_bwd_into: expected reduction mean or sum, got none");
+  auto dz = into.has_value() ? *into : maybe_poison(at::empty_like(logits));
   // the mean's g / count, one float on the GPU; the other reductions read grad directly
   auto mean_scale = reduction == kReduceMean ? at::empty({1}, logits.options().dtype(at::kFloat)) : at::Tensor();
   // row 0 of stats is the lse that xent_fwd_cuda wrote (its row 1 is 0)
@@ -136,9 +140,54 @@ at::Tensor xent_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const
                             stats.data_ptr<float>(), dz.data_ptr(),
                             mean_scale.defined() ? mean_scale.data_ptr<float>() : nullptr,
                             N, C, ignore_index,
-                            (float)label_smoothing, (int)reduction, c10::cuda::getCurrentCUDAStream()),
+                            (float)label_smoothing, (int)reduction, keep_if_one, c10::cuda::getCurrentCUDAStream()),
              "softmax_cross_entropy backward");
   return dz;
+}
+
+at::Tensor xent_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                         const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index,
+                         double label_smoothing, int64_t reduction) {
+  return xent_bwd_cuda_impl(grad, logits, target, weight, stats, ignore_index, label_smoothing, reduction,
+                            std::nullopt, false);
+}
+
+at::Tensor xent_bwd_into_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                              const at::Tensor& stats, at::Tensor dz, int64_t ignore_index, double label_smoothing,
+                              int64_t reduction) {
+  return xent_bwd_cuda_impl(grad, logits, target, std::nullopt, stats, ignore_index, label_smoothing, reduction, dz,
+                            true);
+}
+
+// The one-pass forward: loss, stats and dz for grad = 1. Where the one-pass kernel does not take the
+// row (longer than 32768 classes, or logits not 16-byte aligned) the two-pass kernels run here instead.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_fwd_grad_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                                  int64_t ignore_index, double label_smoothing,
+                                                                  int64_t reduction) {
+  check_xent_inputs(logits, target, label_smoothing, at::kCUDA);
+  check_reduction(reduction);
+  TORCH_CHECK(reduction != kReduceNone, "xent_fwd_grad: expected reduction mean or sum, got none");
+  auto dt = cuda_dtype(logits, "softmax_cross_entropy");
+  const int64_t N = logits.size(0), C = logits.size(1);
+  c10::cuda::CUDAGuard guard(logits.device());
+  auto dz = maybe_poison(at::empty_like(logits));
+  if (!cuda::xent_fwd_grad_supported(dt, logits.data_ptr(), dz.data_ptr(), C)) {   // rows too long, or misaligned:
+    auto [loss, stats] = xent_fwd_cuda(logits, target, std::nullopt, ignore_index, label_smoothing, reduction);
+    auto one = at::ones({}, logits.options().dtype(at::kFloat));                 // the two passes, both now
+    xent_bwd_cuda_impl(one, logits, target, std::nullopt, stats, ignore_index, label_smoothing, reduction, dz, false);
+    return {loss, stats, dz};
+  }
+  auto rows = maybe_poison(at::empty({N}, logits.options().dtype(at::kFloat)));
+  auto stats = maybe_poison(at::empty({2, N}, logits.options().dtype(at::kFloat)));
+  stats.select(0, 1).zero_();                                        // b_n = 0: row 0 holds the whole lse
+  auto loss = maybe_poison(at::empty({}, logits.options().dtype(at::kFloat)));
+  auto w0 = at::empty({1}, logits.options().dtype(at::kFloat));
+  check_cuda(cuda::xent_fwd_grad(dt, logits.data_ptr(), target.data_ptr<int64_t>(), rows.data_ptr<float>(),
+                                 stats.data_ptr<float>(), loss.data_ptr<float>(), dz.data_ptr(), w0.data_ptr<float>(),
+                                 N, C, ignore_index, (float)label_smoothing, (int)reduction,
+                                 c10::cuda::getCurrentCUDAStream()),
+             "softmax_cross_entropy forward");
+  return {loss, stats, dz};
 }
 
 std::tuple<at::Tensor, at::Tensor> dropout_fwd_cuda(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
@@ -178,6 +227,8 @@ TORCH_LIBRARY_IMPL(minift, CUDA, m) {
   m.impl("dropout_mask", &dropout_mask_cuda);
   m.impl("xent_fwd", &xent_fwd_cuda);
   m.impl("xent_bwd", &xent_bwd_cuda);
+  m.impl("xent_fwd_grad", &xent_fwd_grad_cuda);
+  m.impl("xent_bwd_into", &xent_bwd_into_cuda);
   m.impl("dropout_fwd", &dropout_fwd_cuda);
   m.impl("adamw_step_", &adamw_step_cuda);
 }

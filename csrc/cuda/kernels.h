@@ -58,9 +58,17 @@ cudaError_t adamw_step(float* p, const float* g, float* m, float* v, int64_t n, 
 cudaError_t xent_fwd(DType dt, const void* z, const int64_t* target, float* rows, float* lse, float* loss, int64_t N,
                      int64_t C, int64_t ignore_index, float eps, int reduction, cudaStream_t stream);
 // grad (N,) for none, (1,) otherwise -> dz (N, C); weight: one float of scratch for the mean (else null).
+// keep_if_one: dz already holds the gradient for g = 1 (xent_fwd_grad wrote it), and the kernel
+// leaves it as it is when grad[0] is exactly 1 (checked on the GPU), else overwrites it.
 cudaError_t xent_bwd(DType dt, const float* grad, const void* z, const int64_t* target, const float* lse, void* dz,
                      float* weight, int64_t N, int64_t C, int64_t ignore_index, float eps, int reduction,
-                     cudaStream_t stream);
+                     bool keep_if_one, cudaStream_t stream);
+// The one-pass forward (mean and sum): the loss as xent_fwd, and dz (N, C) for an incoming gradient
+// of 1; w0: one float of scratch. Where xent_fwd_grad_supported is false, cudaErrorInvalidValue.
+bool xent_fwd_grad_supported(DType dt, const void* z, const void* dz, int64_t C);
+cudaError_t xent_fwd_grad(DType dt, const void* z, const int64_t* target, float* rows, float* lse, float* loss,
+                          void* dz, float* w0, int64_t N, int64_t C, int64_t ignore_index, float eps, int reduction,
+                          cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace minift

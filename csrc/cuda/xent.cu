@@ -164,7 +164,8 @@ template <typename T, int TPR, int VEC>
 __global__ void __launch_bounds__(kXentBlock)
     xent_bwd_kernel(const float* __restrict__ w, int64_t w_stride, const T* __restrict__ z,
                     const int64_t* __restrict__ target, const float* __restrict__ lse, T* __restrict__ dz, int64_t N,
-                    int64_t C, int64_t ignore_index, float eps) {
+                    int64_t C, int64_t ignore_index, float eps, const float* __restrict__ skip_if_one) {
+  if (skip_if_one != nullptr && *skip_if_one == 1.f) return;        // dz already holds this gradient
   const int lane = threadIdx.x % TPR;
   const int64_t n = (int64_t)blockIdx.x * (kXentBlock / TPR) + threadIdx.x / TPR;
   if (n >= N) return;
@@ -191,9 +192,85 @@ __global__ void __launch_bounds__(kXentBlock)
     drow[c] = from_f<T>(ignored ? 0.f : grad_of(to_f(row[c]), c, y, l, smooth, hit, g));
 }
 
+// Version 3, the one-pass forward (loss and gradient together), for reduction mean and sum when the
+// logits need a gradient: a row is read once, into registers (up to MAXP 16-byte packs per
+// thread), its (max, sum) merged across the row's threads, and the gradient written from the same
+// registers with the weight w0 = 1 (sum) or 1 / #rows not ignored (mean, from the count kernel
+// before). That is one read of the logits and one write of the gradient in all, against a read in
+// the forward and a read and a write in the backward: the backward then has nothing to do when the
+// incoming gradient is exactly 1 (loss.backward()), and recomputes dz from the logits otherwise.
+template <typename T, int TPR, int VEC, int MAXP>
+__global__ void __launch_bounds__(TPR > kXentBlock ? TPR : kXentBlock)
+    xent_fwd_grad_kernel(const T* __restrict__ z, const int64_t* __restrict__ target, float* __restrict__ rows,
+                         float* __restrict__ lse, T* __restrict__ dz, const float* __restrict__ w0, int64_t N,
+                         int64_t C, int64_t ignore_index, float eps) {
+  __shared__ float shared_m[32], shared_s[32];
+  constexpr int kBlock = TPR > kXentBlock ? TPR : kXentBlock;
+  const int lane = threadIdx.x % TPR;
+  const int64_t n = (int64_t)blockIdx.x * (kBlock / TPR) + threadIdx.x / TPR;
+  if (TPR < kBlock && n >= N) return;                                // whole rows leave together
+  const int64_t y = target[n];
+  if (y != ignore_index && (y < 0 || y >= C)) {
+    if (lane == 0)
+      printf("minift softmax_cross_entropy: expected targets in [0, %lld) or ignore_index %lld, got %lld at row %lld\n",
+             (long long)C, (long long)ignore_index, (long long)y, (long long)n);
+    __trap();
+  }
+  const T* row = z + n * C;
+  T* drow = dz + n * C;
+  const int64_t head = head_of<T, VEC>(row, C);                       // dz rows share z's alignment
+  const int64_t nvec = (C - head) / VEC;
+  const int64_t tail0 = head + nvec * VEC;
+  // this thread's numbers: packs lane, lane + TPR, ...; one scalar of the head and one of the tail
+  Pack<T, VEC> packs[MAXP];
+  const Pack<T, VEC>* body = reinterpret_cast<const Pack<T, VEC>*>(row + head);
+#pragma unroll
+  for (int k = 0; k < MAXP; ++k)
+    if (lane + (int64_t)k * TPR < nvec) packs[k] = body[lane + (int64_t)k * TPR];   // all loads in flight first
+  const float xh = lane < head ? to_f(row[lane]) : 0.f;
+  const float xt = tail0 + lane < C ? to_f(row[tail0 + lane]) : 0.f;
+  MaxSum st{-INFINITY, 0.f};
+  float sum_z = 0.f;
+  if (lane < head) absorb<1>(st, sum_z, {xh}, 1);
+#pragma unroll
+  for (int k = 0; k < MAXP; ++k)
+    if (lane + (int64_t)k * TPR < nvec) {
+      float x[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) x[j] = to_f(packs[k].v[j]);
+      absorb<VEC>(st, sum_z, x, VEC);
+    }
+  if (tail0 + lane < C) absorb<1>(st, sum_z, {xt}, 1);
+  st = group_merge<TPR>(st, shared_m, shared_s);
+  if (eps > 0.f) sum_z = group_sum<TPR>(sum_z, shared_m);
+  const float l = st.m + __logf(st.s);                                 // lse = m + log sum e^{z - m}
+  const bool ignored = y == ignore_index;
+  if (lane == 0) {
+    lse[n] = l;
+    rows[n] = ignored ? 0.f : (1.f - eps) * (l - to_f(row[y])) + eps * (l - sum_z / (float)C);
+  }
+  const float g = ignored ? 0.f : w0[0], smooth = eps / (float)C, hit = 1.f - eps;
+  if (lane < head) drow[lane] = from_f<T>(ignored ? 0.f : grad_of(xh, lane, y, l, smooth, hit, g));
+  Pack<T, VEC>* dbody = reinterpret_cast<Pack<T, VEC>*>(drow + head);
+#pragma unroll
+  for (int k = 0; k < MAXP; ++k) {
+    const int64_t i = lane + (int64_t)k * TPR;
+    if (i < nvec) {
+      Pack<T, VEC> d;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j)
+        d.v[j] = from_f<T>(ignored ? 0.f : grad_of(to_f(packs[k].v[j]), head + i * VEC + j, y, l, smooth, hit, g));
+      dbody[i] = d;
+    }
+  }
+  if (tail0 + lane < C)
+    drow[tail0 + lane] = from_f<T>(ignored ? 0.f : grad_of(xt, tail0 + lane, y, l, smooth, hit, g));
+}
+
 // One block: the sum of the row losses in a fixed order and the number of rows not ignored.
 // out[0] = sum, or sum / max(count, 1) for the mean. With rows == nullptr it computes the mean's
-// backward weight instead: out[0] = grad[0] / max(count, 1).
+// backward weight instead: out[0] = grad[0] / max(count, 1); with grad null too, the one-pass
+// forward's weight: 1 / max(count, 1) for the mean, 1 for the sum.
 __global__ void __launch_bounds__(kReduceBlock)
     xent_reduce_kernel(const float* __restrict__ rows, const float* __restrict__ grad,
                        const int64_t* __restrict__ target, int64_t N, int64_t ignore_index, int reduction,
@@ -224,7 +301,8 @@ __global__ void __launch_bounds__(kReduceBlock)
       count += shared_count[k];
     }
     const float kept = count > 0 ? (float)count : 1.f;
-    if (rows == nullptr) out[0] = grad[0] / kept;
+    if (rows == nullptr && grad == nullptr) out[0] = reduction == kReduceMean ? 1.f / kept : 1.f;
+    else if (rows == nullptr) out[0] = grad[0] / kept;
     else out[0] = reduction == kReduceMean ? sum / kept : sum;
   }
 }
@@ -239,10 +317,11 @@ static void launch_fwd(const void* z, const int64_t* target, float* rows, float*
 
 template <typename T, int TPR, int VEC>
 static void launch_bwd(const float* w, int64_t w_stride, const void* z, const int64_t* target, const float* lse,
-                       void* dz, int64_t N, int64_t C, int64_t ignore_index, float eps, cudaStream_t stream) {
+                       void* dz, int64_t N, int64_t C, int64_t ignore_index, float eps, const float* skip,
+                       cudaStream_t stream) {
   const int64_t blocks = (N + kXentBlock / TPR - 1) / (kXentBlock / TPR);
   xent_bwd_kernel<T, TPR, VEC><<<(unsigned)blocks, kXentBlock, 0, stream>>>(w, w_stride, (const T*)z, target, lse,
-                                                                           (T*)dz, N, C, ignore_index, eps);
+                                                                           (T*)dz, N, C, ignore_index, eps, skip);
 }
 
 // The row width picks the threads per row; 16-byte vectors whenever the pointers allow them.
@@ -256,15 +335,17 @@ static void dispatch_fwd(const void* z, const int64_t* target, float* rows, floa
 
 template <typename T>
 static void dispatch_bwd(const float* w, int64_t w_stride, const void* z, const int64_t* target, const float* lse,
-                         void* dz, int64_t N, int64_t C, int64_t ignore_index, float eps, cudaStream_t stream) {
+                         void* dz, int64_t N, int64_t C, int64_t ignore_index, float eps, const float* skip,
+                         cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
   const bool same_alignment = ((uintptr_t)z & 15) == ((uintptr_t)dz & 15);
   if (C <= 1024) {
-    if (same_alignment) launch_bwd<T, 32, V>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, stream);
-    else launch_bwd<T, 32, 1>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, stream);
+    if (same_alignment) launch_bwd<T, 32, V>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, skip, stream);
+    else launch_bwd<T, 32, 1>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, skip, stream);
   } else {
-    if (same_alignment) launch_bwd<T, kXentBlock, V>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, stream);
-    else launch_bwd<T, kXentBlock, 1>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, stream);
+    if (same_alignment)
+      launch_bwd<T, kXentBlock, V>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, skip, stream);
+    else launch_bwd<T, kXentBlock, 1>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, skip, stream);
   }
 }
 
@@ -280,9 +361,65 @@ cudaError_t xent_fwd(DType dt, const void* z, const int64_t* target, float* rows
   return cudaGetLastError();
 }
 
+// The rows' threads for the one-pass forward: a warp up to 1024 classes, then 256 or 1024 threads, so
+// that a row fits in MAXP packs per thread; 0 when it does not fit (or z and dz are aligned
+// differently), and the two-pass kernels run.
+static int fwd_grad_threads(DType dt, const void* z, const void* dz, int64_t C) {
+  if (((uintptr_t)z & 15) != ((uintptr_t)dz & 15)) return 0;
+  const int64_t vec = dt == DType::F32 ? 4 : 8;
+  const int64_t packs = C / vec + 1;
+  if (C <= 1024) return 32;                                 // 8 packs: up to 1024 classes per warp
+  if (packs <= (int64_t)kXentBlock * 8) return kXentBlock;  // 8 packs of 256 threads: 8192 float32 classes
+  if (packs <= 512LL * (vec == 4 ? 16 : 8)) return 512;     // 512 threads (128 registers each): 16 float
+                                                             // packs (32768 classes) or 8 of 16-bit (32768)
+  return 0;
+}
+
+bool xent_fwd_grad_supported(DType dt, const void* z, const void* dz, int64_t C) {
+  return fwd_grad_threads(dt, z, dz, C) > 0;
+}
+
+template <typename T, int TPR, int MAXP>
+static void launch_fwd_grad(const void* z, const int64_t* target, float* rows, float* lse, void* dz, const float* w0,
+                            int64_t N, int64_t C, int64_t ignore_index, float eps, cudaStream_t stream) {
+  constexpr int kBlock = TPR > kXentBlock ? TPR : kXentBlock;
+  const int64_t blocks = (N + kBlock / TPR - 1) / (kBlock / TPR);
+  xent_fwd_grad_kernel<T, TPR, 16 / sizeof(T), MAXP><<<(unsigned)blocks, kBlock, 0, stream>>>(
+      (const T*)z, target, rows, lse, (T*)dz, w0, N, C, ignore_index, eps);
+}
+
+template <typename T>
+static void dispatch_fwd_grad(int threads, const void* z, const int64_t* target, float* rows, float* lse, void* dz,
+                              const float* w0, int64_t N, int64_t C, int64_t ignore_index, float eps,
+                              cudaStream_t stream) {
+  if (threads == 32) launch_fwd_grad<T, 32, 8>(z, target, rows, lse, dz, w0, N, C, ignore_index, eps, stream);
+  else if (threads == kXentBlock)
+    launch_fwd_grad<T, kXentBlock, 8>(z, target, rows, lse, dz, w0, N, C, ignore_index, eps, stream);
+  else launch_fwd_grad<T, 512, sizeof(T) == 4 ? 16 : 8>(z, target, rows, lse, dz, w0, N, C, ignore_index, eps, stream);
+}
+
+cudaError_t xent_fwd_grad(DType dt, const void* z, const int64_t* target, float* rows, float* lse, float* loss,
+                          void* dz, float* w0, int64_t N, int64_t C, int64_t ignore_index, float eps, int reduction,
+                          cudaStream_t stream) {
+  const int threads = fwd_grad_threads(dt, z, dz, C);
+  if (threads == 0 || reduction == kReduceNone) return cudaErrorInvalidValue;
+  // w0: 1 / #rows not ignored for the mean, 1 for the sum
+  xent_reduce_kernel<<<1, kReduceBlock, 0, stream>>>(nullptr, nullptr, target, N, ignore_index, reduction, w0);
+  switch (dt) {
+    case DType::F32: dispatch_fwd_grad<float>(threads, z, target, rows, lse, dz, w0, N, C, ignore_index, eps, stream); break;
+    case DType::F16: dispatch_fwd_grad<__half>(threads, z, target, rows, lse, dz, w0, N, C, ignore_index, eps, stream); break;
+    case DType::BF16:
+      dispatch_fwd_grad<__nv_bfloat16>(threads, z, target, rows, lse, dz, w0, N, C, ignore_index, eps, stream);
+      break;
+  }
+  xent_reduce_kernel<<<1, kReduceBlock, 0, stream>>>(rows, nullptr, target, N, ignore_index, reduction, loss);
+  return cudaGetLastError();
+}
+
 cudaError_t xent_bwd(DType dt, const float* grad, const void* z, const int64_t* target, const float* lse, void* dz,
                      float* weight, int64_t N, int64_t C, int64_t ignore_index, float eps, int reduction,
-                     cudaStream_t stream) {
+                     bool keep_if_one, cudaStream_t stream) {
+  const float* skip = keep_if_one ? grad : nullptr;              // one-pass forward: dz is right when g = 1
   const float* w = grad;
   int64_t w_stride = reduction == kReduceNone ? 1 : 0;           // none: g_n per row; sum: g for all
   if (reduction == kReduceMean) {                                 // mean: g / count, counted on the GPU
@@ -290,10 +427,10 @@ cudaError_t xent_bwd(DType dt, const float* grad, const void* z, const int64_t* 
     w = weight;
   }
   switch (dt) {
-    case DType::F32: dispatch_bwd<float>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, stream); break;
-    case DType::F16: dispatch_bwd<__half>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, stream); break;
+    case DType::F32: dispatch_bwd<float>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, skip, stream); break;
+    case DType::F16: dispatch_bwd<__half>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, skip, stream); break;
     case DType::BF16:
-      dispatch_bwd<__nv_bfloat16>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, stream);
+      dispatch_bwd<__nv_bfloat16>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, skip, stream);
       break;
   }
   return cudaGetLastError();
