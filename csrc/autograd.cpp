@@ -41,8 +41,8 @@ using XentBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Te
                               const std::optional<at::Tensor>&, const at::Tensor&, int64_t, double, int64_t);
 using XentFwdGradSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,
                                                                       double, int64_t);
-using XentBwdIntoSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                  at::Tensor&, int64_t, double, int64_t);
+using XentBwdIntoSig = at::Tensor&(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, int64_t, double, int64_t);
 using DropoutFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, int64_t, int64_t);
 using AddLnFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, int64_t, int64_t);
@@ -125,7 +125,7 @@ struct XentFunction : public torch::autograd::Function<XentFunction> {
       static auto bwd_into = op<XentBwdIntoSig>("minift::xent_bwd_into");
       at::Tensor buffer = kept->second.toTensor();
       kept->second = c10::IValue();                                 // handed out once
-      dz = bwd_into.call(g, s[0], s[1], s[2], buffer, ignore_index, smoothing, reduction);
+      dz = bwd_into.call(buffer, g, s[0], s[1], s[2], ignore_index, smoothing, reduction);
     } else {
       static auto bwd = op<XentBwdSig>("minift::xent_bwd");
       std::optional<at::Tensor> weight;

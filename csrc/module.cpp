@@ -60,7 +60,7 @@ TORCH_LIBRARY(minift, m) {
         "-> (Tensor, Tensor, Tensor)");
   // Its backward: dz (from xent_fwd_grad) is returned as it is when grad is exactly 1 (checked on the
   // GPU), else overwritten with xent_bwd's result for grad.
-  m.def("xent_bwd_into(Tensor grad, Tensor logits, Tensor target, Tensor stats, Tensor(a!) dz, int ignore_index, "
+  m.def("xent_bwd_into(Tensor(a!) dz, Tensor grad, Tensor logits, Tensor target, Tensor stats, int ignore_index, "
         "float label_smoothing, int reduction) -> Tensor(a!)");
   // AdamW's update of one parameter in place (CPU, and CUDA for float32): param, exp_avg, exp_avg_sq are written.
   m.def("adamw_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, float lr, "

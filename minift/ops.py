@@ -290,7 +290,7 @@ def _register() -> None:
         return logits.new_empty((), dtype=acc), logits.new_empty((2, logits.shape[0]), dtype=acc), torch.empty_like(logits)
 
     @torch.library.register_fake("minift::xent_bwd_into")
-    def _(grad, logits, target, stats, dz, ignore_index, label_smoothing, reduction):
+    def _(dz, grad, logits, target, stats, ignore_index, label_smoothing, reduction):
         return dz
 
     @torch.library.register_fake("minift::dropout_fwd")

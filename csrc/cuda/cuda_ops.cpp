@@ -152,11 +152,11 @@ at::Tensor xent_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const
                             std::nullopt, false);
 }
 
-at::Tensor xent_bwd_into_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
-                              const at::Tensor& stats, at::Tensor dz, int64_t ignore_index, double label_smoothing,
-                              int64_t reduction) {
-  return xent_bwd_cuda_impl(grad, logits, target, std::nullopt, stats, ignore_index, label_smoothing, reduction, dz,
-                            true);
+at::Tensor& xent_bwd_into_cuda(at::Tensor& dz, const at::Tensor& grad, const at::Tensor& logits,
+                               const at::Tensor& target, const at::Tensor& stats, int64_t ignore_index,
+                               double label_smoothing, int64_t reduction) {
+  xent_bwd_cuda_impl(grad, logits, target, std::nullopt, stats, ignore_index, label_smoothing, reduction, dz, true);
+  return dz;
 }
 
 // The one-pass forward: loss, stats and dz for grad = 1. Where the one-pass kernel does not take the
