@@ -18,6 +18,9 @@
 // (printf, then __trap, as PyTorch's own device-side asserts do) instead of a host check that would
 // wait for the GPU on every call.
 //
+// exp, log and the divisions are accurate_math.h's (about one ulp, and divisions rounded once; the
+// fast-math intrinsics cost 3-4x PyTorch's error).
+//
 // The mean and sum are one more block: it adds the row losses in a fixed order (the same result on
 // every run) and counts the rows not ignored. No torch header, so `nvcc -c` compiles this file.
 #include <cuda_runtime.h>
@@ -25,6 +28,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "accurate_math.h"
 #include "common.cuh"
 #include "kernels.h"
 
@@ -63,7 +67,7 @@ struct MaxSum {
 __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
   const float m = fmaxf(a.m, b.m);
   if (m == -INFINITY) return {m, 0.f};
-  return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
+  return {m, a.s * exp_f32(a.m - m) + b.s * exp_f32(b.m - m)};
 }
 
 template <int TPR>
@@ -106,11 +110,11 @@ __device__ __forceinline__ void absorb(MaxSum& st, float& sum_z, const float (&x
     if (j < count) vmax = fmaxf(vmax, x[j]);
   const float m = fmaxf(st.m, vmax);
   if (m == -INFINITY) return;                                        // only -inf so far: nothing to add
-  float s = st.s * __expf(st.m - m);
+  float s = st.s * exp_f32(st.m - m);
 #pragma unroll
   for (int j = 0; j < K; ++j)
     if (j < count) {
-      s += __expf(x[j] - m);
+      s += exp_f32(x[j] - m);
       sum_z += x[j];
     }
   st = {m, s};
@@ -149,15 +153,15 @@ __global__ void __launch_bounds__(kXentBlock)
   st = group_merge<TPR>(st, shared_m, shared_s);
   if (eps > 0.f) sum_z = group_sum<TPR>(sum_z, shared_m);
   if (lane == 0) {
-    const float l = st.m + __logf(st.s);                               // lse = m + log sum e^{z - m}
+    const float l = st.m + log_f32(st.s);                               // lse = m + log sum e^{z - m}
     lse[n] = l;
-    rows[n] = y == ignore_index ? 0.f : (1.f - eps) * (l - to_f(row[y])) + eps * (l - sum_z / (float)C);
+    rows[n] = y == ignore_index ? 0.f : (1.f - eps) * (l - to_f(row[y])) + eps * (l - div_rn(sum_z, (float)C));
   }
 }
 
 // One element of the gradient: (p - q) w, or 0 for an ignored row.
 __device__ __forceinline__ float grad_of(float x, int64_t c, int64_t y, float l, float smooth, float hit, float w) {
-  return (__expf(x - l) - smooth - (c == y ? hit : 0.f)) * w;
+  return (exp_f32(x - l) - smooth - (c == y ? hit : 0.f)) * w;
 }
 
 template <typename T, int TPR, int VEC>
@@ -171,7 +175,7 @@ __global__ void __launch_bounds__(kXentBlock)
   if (n >= N) return;
   const int64_t y = target[n];
   const bool ignored = y == ignore_index;
-  const float g = ignored ? 0.f : w[n * w_stride], l = lse[n], smooth = eps / (float)C, hit = 1.f - eps;
+  const float g = ignored ? 0.f : w[n * w_stride], l = lse[n], smooth = div_rn(eps, (float)C), hit = 1.f - eps;
   const T* row = z + n * C;
   T* drow = dz + n * C;
   const int64_t head = head_of<T, VEC>(row, C);                       // dz rows share z's alignment
@@ -243,13 +247,13 @@ __global__ void __launch_bounds__(TPR > kXentBlock ? TPR : kXentBlock)
   if (tail0 + lane < C) absorb<1>(st, sum_z, {xt}, 1);
   st = group_merge<TPR>(st, shared_m, shared_s);
   if (eps > 0.f) sum_z = group_sum<TPR>(sum_z, shared_m);
-  const float l = st.m + __logf(st.s);                                 // lse = m + log sum e^{z - m}
+  const float l = st.m + log_f32(st.s);                                 // lse = m + log sum e^{z - m}
   const bool ignored = y == ignore_index;
   if (lane == 0) {
     lse[n] = l;
-    rows[n] = ignored ? 0.f : (1.f - eps) * (l - to_f(row[y])) + eps * (l - sum_z / (float)C);
+    rows[n] = ignored ? 0.f : (1.f - eps) * (l - to_f(row[y])) + eps * (l - div_rn(sum_z, (float)C));
   }
-  const float g = ignored ? 0.f : w0[0], smooth = eps / (float)C, hit = 1.f - eps;
+  const float g = ignored ? 0.f : w0[0], smooth = div_rn(eps, (float)C), hit = 1.f - eps;
   if (lane < head) drow[lane] = from_f<T>(ignored ? 0.f : grad_of(xh, lane, y, l, smooth, hit, g));
   Pack<T, VEC>* dbody = reinterpret_cast<Pack<T, VEC>*>(drow + head);
 #pragma unroll
@@ -301,9 +305,9 @@ __global__ void __launch_bounds__(kReduceBlock)
       count += shared_count[k];
     }
     const float kept = count > 0 ? (float)count : 1.f;
-    if (rows == nullptr && grad == nullptr) out[0] = reduction == kReduceMean ? 1.f / kept : 1.f;
-    else if (rows == nullptr) out[0] = grad[0] / kept;
-    else out[0] = reduction == kReduceMean ? sum / kept : sum;
+    if (rows == nullptr && grad == nullptr) out[0] = reduction == kReduceMean ? div_rn(1.f, kept) : 1.f;
+    else if (rows == nullptr) out[0] = div_rn(grad[0], kept);
+    else out[0] = reduction == kReduceMean ? div_rn(sum, kept) : sum;
   }
 }
 
