@@ -4,6 +4,10 @@
 # (their CUDA cases run when a GPU is present), then the side-by-side benchmarks, which append
 # their table to benchmarks/RESULTS.md. Every stage runs even when one before it failed; the last
 # lines say which passed. LOG_DIR (default: the current folder) receives one log per stage.
+# SKIP_BUILD=1 / SKIP_BENCH=1 leave those stages out; FINETUNE_SEEDS="0 1 2" also runs the main job
+# (`minift finetune --epochs 3`) once per seed under /usr/bin/time.
+# On a machine without network, the model-level tests and the main job need MiniLM and the corpus:
+# `python scripts/gpu_carry.py .gpu/site` here writes a 46 MB copy to carry, then PYTHONPATH=.gpu/site.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR="${LOG_DIR:-.}"
@@ -36,4 +40,8 @@ stage tests python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider tests/test
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   stage bench bash benchmarks/run.sh
 fi
+for seed in ${FINETUNE_SEEDS:-}; do
+  stage "finetune_seed$seed" /usr/bin/time -f "wall %e s" python3 -m minift.cli finetune --epochs 3 --seed "$seed" \
+    --out "${TMPDIR:-/tmp}/minift-gpu-seed$seed" --overwrite
+done
 printf '%s\n' "${summary[@]}"
