@@ -88,7 +88,7 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
 // large logits); the backward is softmax minus the smoothed one-hot, weighted, times the output
 // gradient. The class weights get no gradient (F.cross_entropy refuses one that asks for it).
 struct XentFunction : public torch::autograd::Function<XentFunction> {
-  // one_pass (CUDA, mean or sum, no class weights, a gradient wanted): xent_fwd_grad writes dlogits for
+  // one_pass (CUDA, mean, no class weights, a gradient wanted): xent_fwd_grad writes dlogits for
   // grad = 1 in the forward's pass over the logits; the backward hands that tensor out once (as it is
   // when grad is 1, recomputed from the logits otherwise). A second backward (retain_graph) computes
   // afresh with xent_bwd.
@@ -212,7 +212,10 @@ static std::tuple<at::Tensor, at::Tensor> xent_fwd_autograd(const at::Tensor& lo
   TORCH_CHECK(!weight.has_value() || !weight->requires_grad() || !at::GradMode::is_enabled(),
               "softmax_cross_entropy: the class weights get no gradient; pass weight.detach() (got a weight "
               "that requires grad)");
-  const bool one_pass = logits.is_cuda() && reduction != kReduceNone && !weight.has_value() &&
+  // Only for the mean: `loss.backward()` on it brings grad = 1, and the forward's dz is the answer.
+  // A scaled loss (the trainer's sum / count, gradient accumulation, a GradScaler) would bring another
+  // grad, and then dz is written twice (more traffic than the two passes), so the sum keeps two passes.
+  const bool one_pass = logits.is_cuda() && reduction == kReduceMean && !weight.has_value() &&
                         logits.requires_grad() && at::GradMode::is_enabled();
   auto r = XentFunction::apply(logits, target, weight, ignore_index, label_smoothing, reduction, one_pass);
   return {r[0], r[1]};

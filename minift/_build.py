@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 
@@ -41,13 +42,22 @@ def links_shared_libstdcxx(cxx: str) -> bool | None:
     if platform.system() != "Linux":
         return None
     try:
-        r = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
+        argv = shlex.split(cxx)            # CXX may carry a wrapper or options: "ccache g++", "g++ -m64"
+        r = subprocess.run([*argv, "-print-file-name=libstdc++.so"], capture_output=True, text=True, timeout=60)
+    except (OSError, ValueError, subprocess.SubprocessError):
         return None
     answer = r.stdout.strip()
     if r.returncode != 0 or not answer:
         return None
     return os.path.isabs(answer)      # found: its path; not found: the bare name comes back
+
+
+def compiler_of(cxx: str) -> str:
+    """The compiler a CXX value names: its first word, or the second after a wrapper such as ccache."""
+    words = shlex.split(cxx) or [cxx]
+    if len(words) > 1 and os.path.basename(words[0]) in ("ccache", "sccache", "distcc", "icecc"):
+        return words[1]
+    return words[0]
 
 
 def choose_cxx() -> str | None:
@@ -58,10 +68,10 @@ def choose_cxx() -> str | None:
     cxx = os.environ.get("CXX", "c++")
     if links_shared_libstdcxx(cxx) is not False:
         return None
+    named = shutil.which(compiler_of(cxx)) or cxx
     for other in ("c++", "g++"):
         path = shutil.which(other)
-        if path and os.path.realpath(path) != os.path.realpath(shutil.which(cxx) or cxx) \
-                and links_shared_libstdcxx(path):
+        if path and os.path.realpath(path) != os.path.realpath(named) and links_shared_libstdcxx(path):
             os.environ["CXX"] = path
             return (f"minift: the C++ compiler CXX={cxx} finds no shared libstdc++.so (only the static "
                     f"library), and a module linked with it crashes when torch's and its own C++ runtimes "

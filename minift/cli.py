@@ -38,10 +38,10 @@ def cmd_doctor(args) -> int:
             print("  CUDA kernels: built")
         else:
             print(f"  CPU kernels only: CUDA kernels {status['cuda_build']}")
-    from ._build import links_shared_libstdcxx
+    from ._build import compiler_of, links_shared_libstdcxx
     named = os.environ.get("CXX")
-    cxx = shutil.which(named) if named else (shutil.which("c++") or shutil.which("g++"))
-    static = cxx is not None and links_shared_libstdcxx(cxx) is False
+    cxx = shutil.which(compiler_of(named)) if named else (shutil.which("c++") or shutil.which("g++"))
+    static = cxx is not None and links_shared_libstdcxx(named or cxx) is False
     note = " (finds only the static libstdc++: the build picks another compiler, see minift/_build.py)" if static else ""
     print(f"C++ compiler{f' (CXX={named})' if named else ''}: "
           f"{_tool_version([cxx, '--version']) + note if cxx else 'not found'}")

@@ -178,6 +178,8 @@ def test_a_compiler_with_only_the_static_libstdcxx_is_replaced(tmp_path, monkeyp
     static = _fake_compiler(tmp_path / "g++-static", "libstdc++.so")
     assert _build.links_shared_libstdcxx(static) is False
     assert _build.links_shared_libstdcxx(str(tmp_path / "missing")) is None
+    assert _build.links_shared_libstdcxx(f"{real} -m64") is True          # CXX with options
+    assert _build.compiler_of("ccache g++") == "g++" and _build.compiler_of("g++ -m64") == "g++"
     monkeypatch.setenv("CXX", static)
     note = _build.choose_cxx()
     assert "finds no shared libstdc++.so" in note and os.environ["CXX"] != static
@@ -198,8 +200,9 @@ def test_a_compiler_with_only_the_static_libstdcxx_is_replaced(tmp_path, monkeyp
 @pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
 def test_accurate_exp_and_log_of_the_cuda_kernels(tmp_path):
     """csrc/cuda/accurate_math.h (the exp and log of the CUDA cross-entropy, which replace the fast-math
-    intrinsics) compiled for the CPU from the same lines, against double precision on 2 million
-    seeded random arguments each: exp within 1.5 ulp over the normal range; log within 2 ulp, and
+    intrinsics) compiled for the CPU from the same lines (2^n too: built from its bits on both), against
+    double precision on 2 million seeded random arguments each: exp within 1.5 ulp over the whole
+    normal range, up to the largest float (where 2^n needs two steps); log within 2 ulp, and
     over [1, 40000] (a softmax row's sum of exponentials) no larger in absolute error than 1.2x the C
     library's logf."""
     src = tmp_path / "probe.cpp"
@@ -215,7 +218,7 @@ def test_accurate_exp_and_log_of_the_cuda_kernels(tmp_path):
         }}
         int main() {{
           std::mt19937 g(7);
-          std::uniform_real_distribution<float> ux(-87.f, 88.f), ue(-120.f, 120.f), us(0.f, 15.3f);
+          std::uniform_real_distribution<float> ux(-87.3f, 88.72f), ue(-120.f, 120.f), us(0.f, 15.3f);
           double e = 0, l = 0, ours = 0, libm = 0;
           for (int i = 0; i < 2000000; ++i) {{
             float x = i % 2 ? ux(g) : (float)(i - 1000000) * 1e-6f;

@@ -278,11 +278,11 @@ def test_cross_entropy_low_precision_within_2x_torch(device, dtype, C):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("C", [2, 1000, 2051, 30522, 40000])
 def test_cross_entropy_one_pass_on_cuda(dtype, C):
-    """On CUDA, a loss whose logits need a gradient (mean or sum) is computed with its gradient in one
-    read of the logits (rows of a warp, 256 and 512 threads; 40000 classes take the two passes
-    instead). The gradient handed to backward with g = 1 (kept), with g != 1 (recomputed), and from a
-    second backward of the same graph (computed afresh): each against float64, at most 2x the error of
-    F.cross_entropy in the same dtype."""
+    """On CUDA, a mean loss whose logits need a gradient is computed with its gradient in one read of
+    the logits (rows of a warp, 256 and 512 threads; 40000 classes take the two passes instead). The
+    gradient handed to backward with g = 1 (kept), with g != 1 (recomputed), and from a second
+    backward of the same graph (computed afresh): each against float64, at most 2x the error of
+    F.cross_entropy in the same dtype. The sum (two passes) is held to the same."""
     N = 48
     g = torch.Generator().manual_seed(C)
     z = torch.randn(N, C, generator=g, dtype=torch.float64) * 4

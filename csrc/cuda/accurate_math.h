@@ -8,6 +8,7 @@
 // error against double precision on the CPU.
 #pragma once
 #include <math.h>
+#include <string.h>
 
 #if defined(__CUDACC__)
 #define MINIFT_MATH __host__ __device__ __forceinline__
@@ -23,6 +24,18 @@ MINIFT_MATH float div_rn(float a, float b) {
   return __fdiv_rn(a, b);
 #else
   return a / b;
+#endif
+}
+
+// 2^n for n in [-126, 127], built from its bits (the same lines on the host and the GPU).
+MINIFT_MATH float pow2i(int n) {
+  const unsigned int bits = (unsigned int)(n + 127) << 23;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
 #endif
 }
 
@@ -47,11 +60,8 @@ MINIFT_MATH float exp_f32(float x) {
   p = fmaf(p, r, 0.5f);
   p = fmaf(p, r, 1.f);
   p = fmaf(p, r, 1.f);
-#if defined(__CUDA_ARCH__)
-  return p * __int_as_float(((int)n + 127) << 23);  // 2^n built from its bits: n is in [-126, 128]
-#else
-  return ldexpf(p, (int)n);
-#endif
+  const int ni = (int)n;                            // in [-126, 128]; 2^128 is not a float, so
+  return ni > 127 ? (p * 2.f) * pow2i(ni - 1) : p * pow2i(ni);   // the top binade goes in two steps
 }
 
 // log x = e ln 2 + log f with x = f 2^e, f in [sqrt(1/2), sqrt(2)); log f = 2 atanh(u),

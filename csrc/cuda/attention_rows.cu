@@ -79,8 +79,8 @@ attention_fwd_rows_kernel(const float* __restrict__ q, const float* __restrict__
   __shared__ float4 Ks[BK * V4], Vs[BK * V4];
   __shared__ bool keep_key[BK];
   const int sub = threadIdx.x % SPLIT;
-  const int i = blockIdx.x * kRows + threadIdx.x / SPLIT;
-  const int64_t bh = blockIdx.y;
+  const int i = blockIdx.y * kRows + threadIdx.x / SPLIT;         // (B H) on x: up to 2^31 - 1 of them
+  const int64_t bh = blockIdx.x;
   const int b = (int)(bh / s.H);
   const bool active = i < s.Tq;              // inactive threads still load tiles and join the shuffles
   const int64_t row = bh * s.Tq + i;
@@ -154,8 +154,8 @@ attention_bwd_dq_rows_kernel(const float* __restrict__ dout, const float* __rest
   __shared__ float4 Ks[BK * V4], Vs[BK * V4];
   __shared__ bool keep_key[BK];
   const int sub = threadIdx.x % SPLIT;
-  const int i = blockIdx.x * kRows + threadIdx.x / SPLIT;
-  const int64_t bh = blockIdx.y;
+  const int i = blockIdx.y * kRows + threadIdx.x / SPLIT;         // (B H) on x: up to 2^31 - 1 of them
+  const int64_t bh = blockIdx.x;
   const int b = (int)(bh / s.H);
   const bool active = i < s.Tq;
   const int64_t row = bh * s.Tq + i;
@@ -214,8 +214,8 @@ attention_bwd_dkv_rows_kernel(const float* __restrict__ dout, const float* __res
   __shared__ float4 Qs[BQ * V4], dOs[BQ * V4];
   __shared__ float lse_s[BQ], delta_s[BQ];
   const int sub = threadIdx.x % SPLIT;
-  const int j = blockIdx.x * kRows + threadIdx.x / SPLIT;
-  const int64_t bh = blockIdx.y;
+  const int j = blockIdx.y * kRows + threadIdx.x / SPLIT;
+  const int64_t bh = blockIdx.x;
   const int b = (int)(bh / s.H);
   const bool active = j < s.Tk;
   const bool kept = active && (mask == nullptr || mask[(int64_t)b * s.Tk + j]);   // a masked key gets zeros
@@ -273,7 +273,7 @@ attention_bwd_dkv_rows_kernel(const float* __restrict__ dout, const float* __res
 template <int D>
 void launch_fwd(const void* q, const void* k, const void* v, const bool* mask, void* out, float* lse, AttnShape s,
                 float scale, float p, uint64_t seed, uint64_t offset, cudaStream_t stream) {
-  const dim3 grid((s.Tq + kRows - 1) / kRows, s.B * s.H);
+  const dim3 grid(s.B * s.H, (s.Tq + kRows - 1) / kRows);
   attention_fwd_rows_kernel<D><<<grid, kRows * D / 32, 0, stream>>>(
       (const float*)q, (const float*)k, (const float*)v, mask, (float*)out, lse, s, scale, p, seed, offset);
 }
@@ -282,7 +282,7 @@ template <int D>
 void launch_bwd(const void* dout, const void* q, const void* k, const void* v, const void* out, const float* lse,
                 const bool* mask, void* dq, void* dk, void* dv, float* delta, AttnShape s, float scale, float p,
                 uint64_t seed, uint64_t offset, cudaStream_t stream) {
-  const dim3 grid_q((s.Tq + kRows - 1) / kRows, s.B * s.H), grid_k((s.Tk + kRows - 1) / kRows, s.B * s.H);
+  const dim3 grid_q(s.B * s.H, (s.Tq + kRows - 1) / kRows), grid_k(s.B * s.H, (s.Tk + kRows - 1) / kRows);
   attention_bwd_dq_rows_kernel<D><<<grid_q, kRows * D / 32, 0, stream>>>(
       (const float*)dout, (const float*)q, (const float*)k, (const float*)v, (const float*)out, lse, mask,
       (float*)dq, delta, s, scale, p, seed, offset);

@@ -196,8 +196,8 @@ __global__ void __launch_bounds__(kXentBlock)
     drow[c] = from_f<T>(ignored ? 0.f : grad_of(to_f(row[c]), c, y, l, smooth, hit, g));
 }
 
-// Version 3, the one-pass forward (loss and gradient together), for reduction mean and sum when the
-// logits need a gradient: a row is read once, into registers (up to MAXP 16-byte packs per
+// Version 3, the one-pass forward (loss and gradient together), for reduction mean when the logits
+// need a gradient (the op also takes sum; autograd.cpp says why it asks for the mean only): a row is read once, into registers (up to MAXP 16-byte packs per
 // thread), its (max, sum) merged across the row's threads, and the gradient written from the same
 // registers with the weight w0 = 1 (sum) or 1 / #rows not ignored (mean, from the count kernel
 // before). That is one read of the logits and one write of the gradient in all, against a read in
@@ -365,7 +365,7 @@ cudaError_t xent_fwd(DType dt, const void* z, const int64_t* target, float* rows
   return cudaGetLastError();
 }
 
-// The rows' threads for the one-pass forward: a warp up to 1024 classes, then 256 or 1024 threads, so
+// The rows' threads for the one-pass forward: a warp up to 1024 classes, then 256 or 512 threads, so
 // that a row fits in MAXP packs per thread; 0 when it does not fit (or z and dz are aligned
 // differently), and the two-pass kernels run.
 static int fwd_grad_threads(DType dt, const void* z, const void* dz, int64_t C) {
