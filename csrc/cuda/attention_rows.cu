@@ -70,6 +70,16 @@ __device__ __forceinline__ void load_tile(float4* dst, const float4* src, int n,
   for (int x = threadIdx.x; x < n * D / 4; x += blockDim.x) dst[x] = src[x];
 }
 
+// The keys [j0, j0 + n) of one (batch, head) into shared memory: their K and V rows, and whether the
+// padding mask keeps each (the forward and the dQ pass stream the keys the same way).
+__device__ __forceinline__ void load_key_tile(float4* Ks, float4* Vs, bool* keep_key, const float4* kb,
+                                              const float4* vb, const bool* mask, int b, int Tk, int j0, int n,
+                                              int D) {
+  load_tile(Ks, kb + (int64_t)j0 * (D / 4), n, D);
+  load_tile(Vs, vb + (int64_t)j0 * (D / 4), n, D);
+  for (int x = threadIdx.x; x < n; x += blockDim.x) keep_key[x] = mask == nullptr || mask[(int64_t)b * Tk + j0 + x];
+}
+
 template <int D>
 __global__ void __launch_bounds__(kRows * D / 32)
 attention_fwd_rows_kernel(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
@@ -100,9 +110,7 @@ attention_fwd_rows_kernel(const float* __restrict__ q, const float* __restrict__
   for (int j0 = 0; j0 < s.Tk; j0 += BK) {
     const int n = min(BK, s.Tk - j0);
     __syncthreads();                                                   // the last tile is read
-    load_tile(Ks, kb + (int64_t)j0 * V4, n, D);
-    load_tile(Vs, vb + (int64_t)j0 * V4, n, D);
-    for (int x = threadIdx.x; x < n; x += blockDim.x) keep_key[x] = mask == nullptr || mask[(int64_t)b * s.Tk + j0 + x];
+    load_key_tile(Ks, Vs, keep_key, kb, vb, mask, b, s.Tk, j0, n, D);
     __syncthreads();
     for (int jc = 0; jc < n; jc += kChunk) {
       float sc[kChunk];
@@ -179,9 +187,7 @@ attention_bwd_dq_rows_kernel(const float* __restrict__ dout, const float* __rest
   for (int j0 = 0; j0 < s.Tk; j0 += BK) {
     const int n = min(BK, s.Tk - j0);
     __syncthreads();
-    load_tile(Ks, kb + (int64_t)j0 * V4, n, D);
-    load_tile(Vs, vb + (int64_t)j0 * V4, n, D);
-    for (int x = threadIdx.x; x < n; x += blockDim.x) keep_key[x] = mask == nullptr || mask[(int64_t)b * s.Tk + j0 + x];
+    load_key_tile(Ks, Vs, keep_key, kb, vb, mask, b, s.Tk, j0, n, D);
     __syncthreads();
     for (int j = 0; j < n; ++j) {
       const float qk = row_sum<SPLIT>(dot_part<SPLIT>(qr, Ks + j * V4, sub));

@@ -120,6 +120,21 @@ __device__ __forceinline__ void absorb(MaxSum& st, float& sum_z, const float (&x
   st = {m, s};
 }
 
+// A target outside [0, C) that is not ignore_index stops the kernel, with the row in the message.
+__device__ __forceinline__ void check_target(int64_t y, int64_t C, int64_t ignore_index, int64_t n, int lane) {
+  if (y != ignore_index && (y < 0 || y >= C)) {
+    if (lane == 0)
+      printf("minift softmax_cross_entropy: expected targets in [0, %lld) or ignore_index %lld, got %lld at row %lld\n",
+             (long long)C, (long long)ignore_index, (long long)y, (long long)n);
+    __trap();
+  }
+}
+
+// loss_n = (1 - eps)(lse - z_y) + eps (lse - mean_c z_c)
+__device__ __forceinline__ float row_loss(float l, float zy, float sum_z, int64_t C, float eps) {
+  return (1.f - eps) * (l - zy) + eps * (l - div_rn(sum_z, (float)C));
+}
+
 template <typename T, int TPR, int VEC>
 __global__ void __launch_bounds__(kXentBlock)
     xent_fwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ target, float* __restrict__ rows,
@@ -129,12 +144,7 @@ __global__ void __launch_bounds__(kXentBlock)
   const int64_t n = (int64_t)blockIdx.x * (kXentBlock / TPR) + threadIdx.x / TPR;
   if (n >= N) return;                                                // a whole row group leaves together
   const int64_t y = target[n];
-  if (y != ignore_index && (y < 0 || y >= C)) {
-    if (lane == 0)
-      printf("minift softmax_cross_entropy: expected targets in [0, %lld) or ignore_index %lld, got %lld at row %lld\n",
-             (long long)C, (long long)ignore_index, (long long)y, (long long)n);
-    __trap();
-  }
+  check_target(y, C, ignore_index, n, lane);
   const T* row = z + n * C;
   MaxSum st{-INFINITY, 0.f};
   float sum_z = 0.f;
@@ -155,7 +165,7 @@ __global__ void __launch_bounds__(kXentBlock)
   if (lane == 0) {
     const float l = st.m + log_f32(st.s);                               // lse = m + log sum e^{z - m}
     lse[n] = l;
-    rows[n] = y == ignore_index ? 0.f : (1.f - eps) * (l - to_f(row[y])) + eps * (l - div_rn(sum_z, (float)C));
+    rows[n] = y == ignore_index ? 0.f : row_loss(l, to_f(row[y]), sum_z, C, eps);
   }
 }
 
@@ -214,12 +224,7 @@ __global__ void __launch_bounds__(TPR > kXentBlock ? TPR : kXentBlock)
   const int64_t n = (int64_t)blockIdx.x * (kBlock / TPR) + threadIdx.x / TPR;
   if (TPR < kBlock && n >= N) return;                                // whole rows leave together
   const int64_t y = target[n];
-  if (y != ignore_index && (y < 0 || y >= C)) {
-    if (lane == 0)
-      printf("minift softmax_cross_entropy: expected targets in [0, %lld) or ignore_index %lld, got %lld at row %lld\n",
-             (long long)C, (long long)ignore_index, (long long)y, (long long)n);
-    __trap();
-  }
+  check_target(y, C, ignore_index, n, lane);
   const T* row = z + n * C;
   T* drow = dz + n * C;
   const int64_t head = head_of<T, VEC>(row, C);                       // dz rows share z's alignment
@@ -251,7 +256,7 @@ __global__ void __launch_bounds__(TPR > kXentBlock ? TPR : kXentBlock)
   const bool ignored = y == ignore_index;
   if (lane == 0) {
     lse[n] = l;
-    rows[n] = ignored ? 0.f : (1.f - eps) * (l - to_f(row[y])) + eps * (l - div_rn(sum_z, (float)C));
+    rows[n] = ignored ? 0.f : row_loss(l, to_f(row[y]), sum_z, C, eps);
   }
   const float g = ignored ? 0.f : w0[0], smooth = div_rn(eps, (float)C), hit = 1.f - eps;
   if (lane < head) drow[lane] = from_f<T>(ignored ? 0.f : grad_of(xh, lane, y, l, smooth, hit, g));
