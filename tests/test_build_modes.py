@@ -191,6 +191,11 @@ def test_a_compiler_with_only_the_static_libstdcxx_is_replaced(tmp_path, monkeyp
     assert _build.links_shared_libstdcxx(os.environ["CXX"]) is True
     monkeypatch.setenv("CXX", real)
     assert _build.choose_cxx() is None and os.environ["CXX"] == real
+    # doctor names the compiler CXX gives, and says the build will not use it
+    r = subprocess.run([sys.executable, "-m", "minift.cli", "doctor"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "CXX": static, "MINIFT_NO_EXTENSION": "1"}, cwd=ROOT)
+    line = next(x for x in r.stdout.splitlines() if x.startswith("C++ compiler"))
+    assert f"(CXX={static})" in line and "finds only the static libstdc++: the build picks another compiler" in line
     # no good compiler anywhere: a clear error instead of a module that crashes
     only = tmp_path / "bin"
     only.mkdir()

@@ -316,14 +316,35 @@ def test_cross_entropy_one_pass_on_cuda(dtype, C):
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
-def test_cross_entropy_bad_target_stops_the_cuda_kernel():
-    """On the GPU the targets are checked inside the kernel, which stops with a message; the CUDA
-    context is then unusable, so this runs in its own process."""
-    code = ("import torch; from minift import ops; z = torch.randn(4, 5, device='cuda'); "
+@pytest.mark.parametrize("needs_grad", [False, True])
+def test_cross_entropy_bad_target_stops_the_cuda_kernel(needs_grad):
+    """On the GPU the targets are checked inside the kernel, which stops with a message (the two-pass
+    forward, and the one-pass forward a mean with a gradient wanted takes); the CUDA context is then
+    unusable, so this runs in its own process."""
+    code = (f"import torch; from minift import ops; z = torch.randn(4, 5, device='cuda', requires_grad={needs_grad}); "
             "t = torch.tensor([0, 1, 9, 2], device='cuda'); ops.softmax_cross_entropy(z, t); torch.cuda.synchronize()")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "expected targets in [0, 5) or ignore_index -100, got 9 at row 2" in r.stdout + r.stderr
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+def test_one_pass_cross_entropy_ops_refuse_what_they_do_not_do():
+    """The one-pass ops (CUDA only) take the mean or the sum, and write into a dz shaped like the
+    logits; anything else is refused with a message, and the dz passed in is left as it was."""
+    z = torch.randn(6, 5, device="cuda")
+    t = torch.tensor([0, 1, 2, 3, 4, 0], device="cuda")
+    with pytest.raises(RuntimeError, match="xent_fwd_grad: expected reduction mean or sum, got none"):
+        torch.ops.minift.xent_fwd_grad(z, t, -100, 0.0, 0)
+    loss, stats, dz = torch.ops.minift.xent_fwd_grad(z, t, -100, 0.0, 1)
+    kept = dz.clone()
+    one = torch.ones((), device="cuda")
+    with pytest.raises(RuntimeError, match="xent_bwd_into: expected reduction mean or sum, got none"):
+        torch.ops.minift.xent_bwd_into(dz, torch.ones(6, device="cuda"), z, t, stats, -100, 0.0, 0)
+    with pytest.raises(RuntimeError, match="softmax_cross_entropy backward dz: expected shape"):
+        torch.ops.minift.xent_bwd_into(dz[:, :4].contiguous(), one, z, t, stats, -100, 0.0, 1)
+    assert torch.equal(dz, kept)
+    assert torch.equal(torch.ops.minift.xent_bwd_into(dz, one, z, t, stats, -100, 0.0, 1), kept)   # g = 1: kept
 
 
 @pytest.mark.parametrize("device", DEVICES)
