@@ -215,8 +215,10 @@ static std::tuple<at::Tensor, at::Tensor> xent_fwd_autograd(const at::Tensor& lo
   // Only for the mean: `loss.backward()` on it brings grad = 1, and the forward's dz is the answer.
   // A scaled loss (the trainer's sum / count, gradient accumulation, a GradScaler) would bring another
   // grad, and then dz is written twice (more traffic than the two passes), so the sum keeps two passes.
+  // Rows longer than a warp holds take the two passes (xent.cu says why).
   const bool one_pass = logits.is_cuda() && reduction == kReduceMean && !weight.has_value() &&
-                        logits.requires_grad() && at::GradMode::is_enabled();
+                        logits.requires_grad() && at::GradMode::is_enabled() &&
+                        logits.dim() == 2 && logits.size(1) <= kXentOnePassMaxClasses;
   auto r = XentFunction::apply(logits, target, weight, ignore_index, label_smoothing, reduction, one_pass);
   return {r[0], r[1]};
 }

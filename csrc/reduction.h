@@ -9,4 +9,8 @@ namespace minift {
 
 enum XentReduction : int64_t { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };
 
+// The longest row the one-pass CUDA forward (xent_fwd_grad, xent.cu) takes: a warp per row. The
+// autograd wrapper asks for the one pass only up to this length.
+constexpr int64_t kXentOnePassMaxClasses = 1024;
+
 }  // namespace minift

@@ -86,11 +86,8 @@ at::Tensor dropout_mask_cuda(const at::Tensor& like, int64_t B, int64_t H, int64
 // Targets are checked on the GPU, inside the kernel (see xent.cu): a host-side check would wait for
 // the GPU on every call.
 //
-// The op's row statistics are (2, N): a shift a_n and b_n = log sum_c e^{z_c - a_n}. The CPU kernel
-// keeps a_n = max and b_n = log s apart (cross_entropy.cpp). The CUDA kernels still work with the
-// log-sum-exp in one number, lse = m + log s: the forward writes it into row 0 (a_n = lse) and
-// row 1 is zero (b_n = 0), and the backward reads row 0 as its lse. That keeps the kernels' old
-// accuracy (log s rounded away at |z| >= 1e8 in float32) until they compute the CPU's formulas.
+// The op's row statistics are (2, N): the row max m and log s = log sum_c e^{z_c - m}, kept apart
+// on the GPU as on the CPU (cross_entropy.cpp, xent.cu).
 // The CUDA kernels take no class weights yet: a weighted call stops here with a message.
 static void refuse_class_weights(const std::optional<at::Tensor>& weight) {
   TORCH_CHECK(!weight.has_value(), "softmax_cross_entropy on CUDA: per-class weights are not implemented in the "
@@ -108,7 +105,6 @@ std::tuple<at::Tensor, at::Tensor> xent_fwd_cuda(const at::Tensor& logits, const
   c10::cuda::CUDAGuard guard(logits.device());
   auto rows = maybe_poison(at::empty({N}, logits.options().dtype(at::kFloat)));
   auto stats = maybe_poison(at::empty({2, N}, logits.options().dtype(at::kFloat)));
-  stats.select(0, 1).zero_();                                        // b_n = 0: row 0 holds the whole lse
   auto loss = reduction == kReduceNone ? rows : maybe_poison(at::empty({}, logits.options().dtype(at::kFloat)));
   check_cuda(cuda::xent_fwd(dt, logits.data_ptr(), target.data_ptr<int64_t>(), rows.data_ptr<float>(),
                             stats.data_ptr<float>(), reduction == kReduceNone ? nullptr : loss.data_ptr<float>(), N,
@@ -135,7 +131,6 @@ static at::Tensor xent_bwd_cuda_impl(const at::Tensor& grad, const at::Tensor& l
   auto dz = into.has_value() ? *into : maybe_poison(at::empty_like(logits));
   // the mean's g / count, one float on the GPU; the other reductions read grad directly
   auto mean_scale = reduction == kReduceMean ? at::empty({1}, logits.options().dtype(at::kFloat)) : at::Tensor();
-  // row 0 of stats is the lse that xent_fwd_cuda wrote (its row 1 is 0)
   check_cuda(cuda::xent_bwd(dt, grad.data_ptr<float>(), logits.data_ptr(), target.data_ptr<int64_t>(),
                             stats.data_ptr<float>(), dz.data_ptr(),
                             mean_scale.defined() ? mean_scale.data_ptr<float>() : nullptr,
@@ -160,7 +155,8 @@ at::Tensor& xent_bwd_into_cuda(at::Tensor& dz, const at::Tensor& grad, const at:
 }
 
 // The one-pass forward: loss, stats and dz for grad = 1. Where the one-pass kernel does not take the
-// row (longer than 32768 classes, or logits not 16-byte aligned) the two-pass kernels run here instead.
+// row (longer than kXentOnePassMaxClasses, or logits and dz aligned differently) the two-pass
+// kernels run here instead.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_fwd_grad_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                                   int64_t ignore_index, double label_smoothing,
                                                                   int64_t reduction) {
@@ -179,7 +175,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_fwd_grad_cuda(const at::Tens
   }
   auto rows = maybe_poison(at::empty({N}, logits.options().dtype(at::kFloat)));
   auto stats = maybe_poison(at::empty({2, N}, logits.options().dtype(at::kFloat)));
-  stats.select(0, 1).zero_();                                        // b_n = 0: row 0 holds the whole lse
   auto loss = maybe_poison(at::empty({}, logits.options().dtype(at::kFloat)));
   auto w0 = at::empty({1}, logits.options().dtype(at::kFloat));
   check_cuda(cuda::xent_fwd_grad(dt, logits.data_ptr(), target.data_ptr<int64_t>(), rows.data_ptr<float>(),

@@ -1,4 +1,5 @@
-// The launchers of attention_v1.cu, attention_v2.cu, xent.cu and elementwise.cu: raw pointers, sizes and a stream, no torch types.
+// The launchers of attention_v1.cu, attention_v3.cu, attention_rows.cu, xent.cu and elementwise.cu: raw pointers,
+// sizes and a stream, no torch types.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -20,7 +21,7 @@ struct AttnShape {
 cudaError_t attention_fwd(DType dt, const void* q, const void* k, const void* v, const bool* mask, void* out,
                           float* lse, AttnShape s, float scale, float p, uint64_t seed, uint64_t offset,
                           cudaStream_t stream);
-// attention_v2.cu: version 2 on tensor cores (float16/bfloat16, D in 32/64/128, sm_80+), which
+// attention_v3.cu: version 3 on tensor cores (float16/bfloat16, D in 32/64/128, sm_80+), which
 // attention_fwd/attention_bwd pick when attention_tc_supported says so and the 16-bit inputs start
 // on 16-byte boundaries.
 bool attention_tc_supported(DType dt, int D);
@@ -54,19 +55,20 @@ cudaError_t adamw_step(float* p, const float* g, float* m, float* v, int64_t n, 
                        double eps, double weight_decay, int64_t step, cudaStream_t stream);
 // The reduction argument of the cross-entropy: kReduceNone, kReduceMean, kReduceSum (../reduction.h).
 
-// z (N, C) -> rows (N,) per-row losses and lse (N,); for mean/sum also loss[0] (rows is then scratch).
-cudaError_t xent_fwd(DType dt, const void* z, const int64_t* target, float* rows, float* lse, float* loss, int64_t N,
+// z (N, C) -> rows (N,) per-row losses and stats (2, N): the row max m, then log sum_c e^{z_c - m};
+// for mean/sum also loss[0] (rows is then scratch).
+cudaError_t xent_fwd(DType dt, const void* z, const int64_t* target, float* rows, float* stats, float* loss, int64_t N,
                      int64_t C, int64_t ignore_index, float eps, int reduction, cudaStream_t stream);
 // grad (N,) for none, (1,) otherwise -> dz (N, C); weight: one float of scratch for the mean (else null).
 // keep_if_one: dz already holds the gradient for g = 1 (xent_fwd_grad wrote it), and the kernel
 // leaves it as it is when grad[0] is exactly 1 (checked on the GPU), else overwrites it.
-cudaError_t xent_bwd(DType dt, const float* grad, const void* z, const int64_t* target, const float* lse, void* dz,
+cudaError_t xent_bwd(DType dt, const float* grad, const void* z, const int64_t* target, const float* stats, void* dz,
                      float* weight, int64_t N, int64_t C, int64_t ignore_index, float eps, int reduction,
                      bool keep_if_one, cudaStream_t stream);
 // The one-pass forward (mean and sum): the loss as xent_fwd, and dz (N, C) for an incoming gradient
 // of 1; w0: one float of scratch. Where xent_fwd_grad_supported is false, cudaErrorInvalidValue.
 bool xent_fwd_grad_supported(DType dt, const void* z, const void* dz, int64_t C);
-cudaError_t xent_fwd_grad(DType dt, const void* z, const int64_t* target, float* rows, float* lse, float* loss,
+cudaError_t xent_fwd_grad(DType dt, const void* z, const int64_t* target, float* rows, float* stats, float* loss,
                           void* dz, float* w0, int64_t N, int64_t C, int64_t ignore_index, float eps, int reduction,
                           cudaStream_t stream);
 

@@ -1,9 +1,13 @@
 // CUDA kernels of the fused softmax cross-entropy, version 2: one read of the logits per pass.
 //
 // The math is cross_entropy.cpp's. Row n, target y, label smoothing eps, C classes:
-//   lse = m + log sum_c e^{z_c - m},  loss_n = (1 - eps)(lse - z_y) + eps (lse - mean_c z_c)
-//   dz_c = (e^{z_c - lse} - eps/C - (1 - eps)[c = y]) * w_n
-// with w_n = g_n (reduction none), g (sum) or g / #rows not ignored (mean).
+//   m = max_c z_c,  log s = log sum_c e^{z_c - m}
+//   loss_n = (1 - eps)((m - z_y) + log s) + eps (log s + (m - mean_c z_c))
+//   dz_c = (e^{(z_c - m) - log s} - eps/C - (1 - eps)[c = y]) * w_n
+// with w_n = g_n (reduction none), g (sum) or g / #rows not ignored (mean). m and log s are kept
+// apart, in the (2, N) row statistics, and never added: lse = m + log s rounds to the spacing of
+// |lse| (1e-6 at 16), and e^{z - lse} would carry that error into every probability (in float32,
+// 8 ulp of the gradient on N(0, 4^2) logits, 3.5x F.cross_entropy's error).
 //
 // Memory is the floor: the forward reads N*C logits once, the backward reads them once more and
 // writes N*C gradients. Version 1 read each row three times (max, then sum_z, then the exps).
@@ -18,8 +22,9 @@
 // (printf, then __trap, as PyTorch's own device-side asserts do) instead of a host check that would
 // wait for the GPU on every call.
 //
-// exp, log and the divisions are accurate_math.h's (about one ulp, and divisions rounded once; the
-// fast-math intrinsics cost 3-4x PyTorch's error).
+// For float32 logits, exp, log and the divisions are accurate_math.h's (about one ulp, and divisions
+// rounded once; the fast-math intrinsics cost 3-4x PyTorch's error). For float16/bfloat16 logits the
+// exps are the fast intrinsic: its few float32 ulps vanish in the gradient's 16-bit rounding.
 //
 // The mean and sum are one more block: it adds the row losses in a fixed order (the same result on
 // every run) and counts the rows not ignored. No torch header, so `nvcc -c` compiles this file.
@@ -59,21 +64,34 @@ __device__ __forceinline__ float group_sum(float x, float* shared) {
   return x;
 }
 
+// e^x: accurate_math.h's for float32 logits, the intrinsic for 16-bit ones (see the top).
+template <typename T>
+__device__ __forceinline__ float exp_for(float x) {
+  if constexpr (sizeof(T) == 4) return exp_f32(x);
+  else return __expf(x);
+}
+
 // (m, s) with s = sum e^{x - m}; merging two keeps the larger max. m = -inf means "nothing yet".
+// c: a thread's running compensation while it absorbs float32 logits (Kahan: the sum is s - c),
+// folded into s before the threads merge (fold). A thread adds C / TPR terms one after another (156
+// at C = 40000), and plain float adds put log s 2-4 ulp off, the gradient 3x F.cross_entropy's
+// error; compensated, under one ulp.
 struct MaxSum {
-  float m, s;
+  float m, s, c;
 };
+
+__device__ __forceinline__ MaxSum fold(MaxSum a) { return {a.m, a.s - a.c, 0.f}; }
 
 __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
   const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return {m, 0.f};
-  return {m, a.s * exp_f32(a.m - m) + b.s * exp_f32(b.m - m)};
+  if (m == -INFINITY) return {m, 0.f, 0.f};
+  return {m, a.s * exp_f32(a.m - m) + b.s * exp_f32(b.m - m), 0.f};
 }
 
 template <int TPR>
 __device__ __forceinline__ MaxSum group_merge(MaxSum x, float* shared_m, float* shared_s) {
   for (int o = 16; o > 0; o >>= 1) {
-    MaxSum y{__shfl_xor_sync(0xffffffffu, x.m, o), __shfl_xor_sync(0xffffffffu, x.s, o)};
+    MaxSum y{__shfl_xor_sync(0xffffffffu, x.m, o), __shfl_xor_sync(0xffffffffu, x.s, o), 0.f};
     x = merge(x, y);
   }
   if constexpr (TPR > 32) {
@@ -84,9 +102,9 @@ __device__ __forceinline__ MaxSum group_merge(MaxSum x, float* shared_m, float* 
       shared_s[warp] = x.s;
     }
     __syncthreads();
-    x = lane < TPR / 32 ? MaxSum{shared_m[lane], shared_s[lane]} : MaxSum{-INFINITY, 0.f};
+    x = lane < TPR / 32 ? MaxSum{shared_m[lane], shared_s[lane], 0.f} : MaxSum{-INFINITY, 0.f, 0.f};
     for (int o = 16; o > 0; o >>= 1) {
-      MaxSum y{__shfl_xor_sync(0xffffffffu, x.m, o), __shfl_xor_sync(0xffffffffu, x.s, o)};
+      MaxSum y{__shfl_xor_sync(0xffffffffu, x.m, o), __shfl_xor_sync(0xffffffffu, x.s, o), 0.f};
       x = merge(x, y);
     }
   }
@@ -101,8 +119,9 @@ __device__ __forceinline__ int64_t head_of(const T* row, int64_t C) {
   return h < C ? h : C;
 }
 
-// Adds x[0..count) to a thread's online pair: one rescale per vector, one exp per element.
-template <int K>
+// Adds x[0..count) to a thread's online pair: one rescale per vector, one exp per element; the
+// adds compensated for float32 logits (see MaxSum).
+template <typename T, int K>
 __device__ __forceinline__ void absorb(MaxSum& st, float& sum_z, const float (&x)[K], int count) {
   float vmax = -INFINITY;
 #pragma unroll
@@ -110,14 +129,22 @@ __device__ __forceinline__ void absorb(MaxSum& st, float& sum_z, const float (&x
     if (j < count) vmax = fmaxf(vmax, x[j]);
   const float m = fmaxf(st.m, vmax);
   if (m == -INFINITY) return;                                        // only -inf so far: nothing to add
-  float s = st.s * exp_f32(st.m - m);
+  const float rescale = exp_for<T>(st.m - m);
+  float s = st.s * rescale, c = st.c * rescale;
 #pragma unroll
   for (int j = 0; j < K; ++j)
     if (j < count) {
-      s += exp_f32(x[j] - m);
+      const float e = exp_for<T>(x[j] - m);
+      if constexpr (sizeof(T) == 4) {
+        const float y = e - c, t = s + y;
+        c = (t - s) - y;
+        s = t;
+      } else {
+        s += e;
+      }
       sum_z += x[j];
     }
-  st = {m, s};
+  st = {m, s, c};
 }
 
 // A target outside [0, C) that is not ignore_index stops the kernel, with the row in the message.
@@ -130,15 +157,16 @@ __device__ __forceinline__ void check_target(int64_t y, int64_t C, int64_t ignor
   }
 }
 
-// loss_n = (1 - eps)(lse - z_y) + eps (lse - mean_c z_c)
-__device__ __forceinline__ float row_loss(float l, float zy, float sum_z, int64_t C, float eps) {
-  return (1.f - eps) * (l - zy) + eps * (l - div_rn(sum_z, (float)C));
+// loss_n = (1 - eps)((m - z_y) + log s) + eps (log s + (m - mean_c z_c))
+__device__ __forceinline__ float row_loss(float m, float log_s, float zy, float sum_z, int64_t C, float eps) {
+  return (1.f - eps) * ((m - zy) + log_s) + eps * (log_s + (m - div_rn(sum_z, (float)C)));
 }
+
 
 template <typename T, int TPR, int VEC>
 __global__ void __launch_bounds__(kXentBlock)
     xent_fwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ target, float* __restrict__ rows,
-                    float* __restrict__ lse, int64_t N, int64_t C, int64_t ignore_index, float eps) {
+                    float* __restrict__ stats, int64_t N, int64_t C, int64_t ignore_index, float eps) {
   __shared__ float shared_m[32], shared_s[32];
   const int lane = threadIdx.x % TPR;
   const int64_t n = (int64_t)blockIdx.x * (kXentBlock / TPR) + threadIdx.x / TPR;
@@ -146,38 +174,41 @@ __global__ void __launch_bounds__(kXentBlock)
   const int64_t y = target[n];
   check_target(y, C, ignore_index, n, lane);
   const T* row = z + n * C;
-  MaxSum st{-INFINITY, 0.f};
+  MaxSum st{-INFINITY, 0.f, 0.f};
   float sum_z = 0.f;
   const int64_t head = head_of<T, VEC>(row, C);
   const int64_t nvec = (C - head) / VEC;
-  for (int64_t c = lane; c < head; c += TPR) absorb<1>(st, sum_z, {to_f(row[c])}, 1);
+  for (int64_t c = lane; c < head; c += TPR) absorb<T, 1>(st, sum_z, {to_f(row[c])}, 1);
   const Pack<T, VEC>* body = reinterpret_cast<const Pack<T, VEC>*>(row + head);
   for (int64_t i = lane; i < nvec; i += TPR) {
     const Pack<T, VEC> p = body[i];
     float x[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) x[j] = to_f(p.v[j]);
-    absorb<VEC>(st, sum_z, x, VEC);
+    absorb<T, VEC>(st, sum_z, x, VEC);
   }
-  for (int64_t c = head + nvec * VEC + lane; c < C; c += TPR) absorb<1>(st, sum_z, {to_f(row[c])}, 1);
-  st = group_merge<TPR>(st, shared_m, shared_s);
+  for (int64_t c = head + nvec * VEC + lane; c < C; c += TPR) absorb<T, 1>(st, sum_z, {to_f(row[c])}, 1);
+  st = group_merge<TPR>(fold(st), shared_m, shared_s);
   if (eps > 0.f) sum_z = group_sum<TPR>(sum_z, shared_m);
   if (lane == 0) {
-    const float l = st.m + log_f32(st.s);                               // lse = m + log sum e^{z - m}
-    lse[n] = l;
-    rows[n] = y == ignore_index ? 0.f : row_loss(l, to_f(row[y]), sum_z, C, eps);
+    const float log_s = log_f32(st.s);                                  // log sum e^{z - m}
+    stats[n] = st.m;
+    stats[N + n] = log_s;
+    rows[n] = y == ignore_index ? 0.f : row_loss(st.m, log_s, to_f(row[y]), sum_z, C, eps);
   }
 }
 
-// One element of the gradient: (p - q) w, or 0 for an ignored row.
-__device__ __forceinline__ float grad_of(float x, int64_t c, int64_t y, float l, float smooth, float hit, float w) {
-  return (exp_f32(x - l) - smooth - (c == y ? hit : 0.f)) * w;
+// One element of the gradient: (p - q) w with p = e^{(x - m) - log s}.
+template <typename T>
+__device__ __forceinline__ float grad_of(float x, int64_t c, int64_t y, float m, float log_s, float smooth, float hit,
+                                         float w) {
+  return (exp_for<T>((x - m) - log_s) - smooth - (c == y ? hit : 0.f)) * w;
 }
 
 template <typename T, int TPR, int VEC>
 __global__ void __launch_bounds__(kXentBlock)
     xent_bwd_kernel(const float* __restrict__ w, int64_t w_stride, const T* __restrict__ z,
-                    const int64_t* __restrict__ target, const float* __restrict__ lse, T* __restrict__ dz, int64_t N,
+                    const int64_t* __restrict__ target, const float* __restrict__ stats, T* __restrict__ dz, int64_t N,
                     int64_t C, int64_t ignore_index, float eps, const float* __restrict__ skip_if_one) {
   if (skip_if_one != nullptr && *skip_if_one == 1.f) return;        // dz already holds this gradient
   const int lane = threadIdx.x % TPR;
@@ -185,13 +216,14 @@ __global__ void __launch_bounds__(kXentBlock)
   if (n >= N) return;
   const int64_t y = target[n];
   const bool ignored = y == ignore_index;
-  const float g = ignored ? 0.f : w[n * w_stride], l = lse[n], smooth = div_rn(eps, (float)C), hit = 1.f - eps;
+  const float g = ignored ? 0.f : w[n * w_stride], m = stats[n], log_s = stats[N + n];
+  const float smooth = div_rn(eps, (float)C), hit = 1.f - eps;
   const T* row = z + n * C;
   T* drow = dz + n * C;
   const int64_t head = head_of<T, VEC>(row, C);                       // dz rows share z's alignment
   const int64_t nvec = (C - head) / VEC;
   for (int64_t c = lane; c < head; c += TPR)
-    drow[c] = from_f<T>(ignored ? 0.f : grad_of(to_f(row[c]), c, y, l, smooth, hit, g));
+    drow[c] = from_f<T>(ignored ? 0.f : grad_of<T>(to_f(row[c]), c, y, m, log_s, smooth, hit, g));
   const Pack<T, VEC>* body = reinterpret_cast<const Pack<T, VEC>*>(row + head);
   Pack<T, VEC>* dbody = reinterpret_cast<Pack<T, VEC>*>(drow + head);
   for (int64_t i = lane; i < nvec; i += TPR) {
@@ -199,30 +231,34 @@ __global__ void __launch_bounds__(kXentBlock)
     Pack<T, VEC> d;
     const int64_t c0 = head + i * VEC;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) d.v[j] = from_f<T>(ignored ? 0.f : grad_of(to_f(p.v[j]), c0 + j, y, l, smooth, hit, g));
+    for (int j = 0; j < VEC; ++j) d.v[j] = from_f<T>(ignored ? 0.f : grad_of<T>(to_f(p.v[j]), c0 + j, y, m, log_s, smooth, hit, g));
     dbody[i] = d;
   }
   for (int64_t c = head + nvec * VEC + lane; c < C; c += TPR)
-    drow[c] = from_f<T>(ignored ? 0.f : grad_of(to_f(row[c]), c, y, l, smooth, hit, g));
+    drow[c] = from_f<T>(ignored ? 0.f : grad_of<T>(to_f(row[c]), c, y, m, log_s, smooth, hit, g));
 }
 
 // Version 3, the one-pass forward (loss and gradient together), for reduction mean when the logits
-// need a gradient (the op also takes sum; autograd.cpp says why it asks for the mean only): a row is read once, into registers (up to MAXP 16-byte packs per
-// thread), its (max, sum) merged across the row's threads, and the gradient written from the same
-// registers with the weight w0 = 1 (sum) or 1 / #rows not ignored (mean, from the count kernel
-// before). That is one read of the logits and one write of the gradient in all, against a read in
-// the forward and a read and a write in the backward: the backward then has nothing to do when the
-// incoming gradient is exactly 1 (loss.backward()), and recomputes dz from the logits otherwise.
-template <typename T, int TPR, int VEC, int MAXP>
-__global__ void __launch_bounds__(TPR > kXentBlock ? TPR : kXentBlock)
+// need a gradient (the op also takes sum; autograd.cpp says why it asks for the mean only), for rows
+// of up to 1024 classes: a warp reads its row once, into registers (MAXP 16-byte packs per thread),
+// merges the (max, sum) pairs of its lanes, and writes the gradient from the same registers with
+// the weight w0 = 1 (sum) or 1 / #rows not ignored (mean, from the count kernel before). That is one
+// read of the logits and one write of the gradient in all, against a read in the forward and a read
+// and a write in the backward: the backward then has nothing to do when the incoming gradient is
+// exactly 1 (loss.backward()), and recomputes dz from the logits otherwise.
+// Longer rows take the two passes. A whole row held in registers until its sum is known leaves room
+// for one or two such rows per SM: on an H100, one pass with a block of 256 or 512 threads per row
+// lost to the two passes in 13 of 18 cases between C = 1025 and 30522 (0.66-0.97x), while a warp per
+// row won every case up to 1024 (1.3-2.2x).
+template <typename T, int VEC, int MAXP>
+__global__ void __launch_bounds__(kXentBlock)
     xent_fwd_grad_kernel(const T* __restrict__ z, const int64_t* __restrict__ target, float* __restrict__ rows,
-                         float* __restrict__ lse, T* __restrict__ dz, const float* __restrict__ w0, int64_t N,
+                         float* __restrict__ stats, T* __restrict__ dz, const float* __restrict__ w0, int64_t N,
                          int64_t C, int64_t ignore_index, float eps) {
-  __shared__ float shared_m[32], shared_s[32];
-  constexpr int kBlock = TPR > kXentBlock ? TPR : kXentBlock;
+  constexpr int TPR = 32;
   const int lane = threadIdx.x % TPR;
-  const int64_t n = (int64_t)blockIdx.x * (kBlock / TPR) + threadIdx.x / TPR;
-  if (TPR < kBlock && n >= N) return;                                // whole rows leave together
+  const int64_t n = (int64_t)blockIdx.x * (kXentBlock / TPR) + threadIdx.x / TPR;
+  if (n >= N) return;                                                // whole rows leave together
   const int64_t y = target[n];
   check_target(y, C, ignore_index, n, lane);
   const T* row = z + n * C;
@@ -238,28 +274,29 @@ __global__ void __launch_bounds__(TPR > kXentBlock ? TPR : kXentBlock)
     if (lane + (int64_t)k * TPR < nvec) packs[k] = body[lane + (int64_t)k * TPR];   // all loads in flight first
   const float xh = lane < head ? to_f(row[lane]) : 0.f;
   const float xt = tail0 + lane < C ? to_f(row[tail0 + lane]) : 0.f;
-  MaxSum st{-INFINITY, 0.f};
+  MaxSum st{-INFINITY, 0.f, 0.f};
   float sum_z = 0.f;
-  if (lane < head) absorb<1>(st, sum_z, {xh}, 1);
+  if (lane < head) absorb<T, 1>(st, sum_z, {xh}, 1);
 #pragma unroll
   for (int k = 0; k < MAXP; ++k)
     if (lane + (int64_t)k * TPR < nvec) {
       float x[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) x[j] = to_f(packs[k].v[j]);
-      absorb<VEC>(st, sum_z, x, VEC);
+      absorb<T, VEC>(st, sum_z, x, VEC);
     }
-  if (tail0 + lane < C) absorb<1>(st, sum_z, {xt}, 1);
-  st = group_merge<TPR>(st, shared_m, shared_s);
-  if (eps > 0.f) sum_z = group_sum<TPR>(sum_z, shared_m);
-  const float l = st.m + log_f32(st.s);                                 // lse = m + log sum e^{z - m}
+  if (tail0 + lane < C) absorb<T, 1>(st, sum_z, {xt}, 1);
+  st = group_merge<TPR>(fold(st), nullptr, nullptr);
+  if (eps > 0.f) sum_z = group_sum<TPR>(sum_z, nullptr);
+  const float m = st.m, log_s = log_f32(st.s);                         // log sum e^{z - m}
   const bool ignored = y == ignore_index;
   if (lane == 0) {
-    lse[n] = l;
-    rows[n] = ignored ? 0.f : row_loss(l, to_f(row[y]), sum_z, C, eps);
+    stats[n] = m;
+    stats[N + n] = log_s;
+    rows[n] = ignored ? 0.f : row_loss(m, log_s, to_f(row[y]), sum_z, C, eps);
   }
   const float g = ignored ? 0.f : w0[0], smooth = div_rn(eps, (float)C), hit = 1.f - eps;
-  if (lane < head) drow[lane] = from_f<T>(ignored ? 0.f : grad_of(xh, lane, y, l, smooth, hit, g));
+  if (lane < head) drow[lane] = from_f<T>(ignored ? 0.f : grad_of<T>(xh, lane, y, m, log_s, smooth, hit, g));
   Pack<T, VEC>* dbody = reinterpret_cast<Pack<T, VEC>*>(drow + head);
 #pragma unroll
   for (int k = 0; k < MAXP; ++k) {
@@ -268,12 +305,12 @@ __global__ void __launch_bounds__(TPR > kXentBlock ? TPR : kXentBlock)
       Pack<T, VEC> d;
 #pragma unroll
       for (int j = 0; j < VEC; ++j)
-        d.v[j] = from_f<T>(ignored ? 0.f : grad_of(to_f(packs[k].v[j]), head + i * VEC + j, y, l, smooth, hit, g));
+        d.v[j] = from_f<T>(ignored ? 0.f : grad_of<T>(to_f(packs[k].v[j]), head + i * VEC + j, y, m, log_s, smooth, hit, g));
       dbody[i] = d;
     }
   }
   if (tail0 + lane < C)
-    drow[tail0 + lane] = from_f<T>(ignored ? 0.f : grad_of(xt, tail0 + lane, y, l, smooth, hit, g));
+    drow[tail0 + lane] = from_f<T>(ignored ? 0.f : grad_of<T>(xt, tail0 + lane, y, m, log_s, smooth, hit, g));
 }
 
 // One block: the sum of the row losses in a fixed order and the number of rows not ignored.
@@ -317,115 +354,93 @@ __global__ void __launch_bounds__(kReduceBlock)
 }
 
 template <typename T, int TPR, int VEC>
-static void launch_fwd(const void* z, const int64_t* target, float* rows, float* lse, int64_t N, int64_t C,
+static void launch_fwd(const void* z, const int64_t* target, float* rows, float* stats, int64_t N, int64_t C,
                        int64_t ignore_index, float eps, cudaStream_t stream) {
   const int64_t blocks = (N + kXentBlock / TPR - 1) / (kXentBlock / TPR);
-  xent_fwd_kernel<T, TPR, VEC><<<(unsigned)blocks, kXentBlock, 0, stream>>>((const T*)z, target, rows, lse, N, C,
+  xent_fwd_kernel<T, TPR, VEC><<<(unsigned)blocks, kXentBlock, 0, stream>>>((const T*)z, target, rows, stats, N, C,
                                                                            ignore_index, eps);
 }
 
 template <typename T, int TPR, int VEC>
-static void launch_bwd(const float* w, int64_t w_stride, const void* z, const int64_t* target, const float* lse,
+static void launch_bwd(const float* w, int64_t w_stride, const void* z, const int64_t* target, const float* stats,
                        void* dz, int64_t N, int64_t C, int64_t ignore_index, float eps, const float* skip,
                        cudaStream_t stream) {
   const int64_t blocks = (N + kXentBlock / TPR - 1) / (kXentBlock / TPR);
-  xent_bwd_kernel<T, TPR, VEC><<<(unsigned)blocks, kXentBlock, 0, stream>>>(w, w_stride, (const T*)z, target, lse,
+  xent_bwd_kernel<T, TPR, VEC><<<(unsigned)blocks, kXentBlock, 0, stream>>>(w, w_stride, (const T*)z, target, stats,
                                                                            (T*)dz, N, C, ignore_index, eps, skip);
 }
 
 // The row width picks the threads per row; 16-byte vectors whenever the pointers allow them.
 template <typename T>
-static void dispatch_fwd(const void* z, const int64_t* target, float* rows, float* lse, int64_t N, int64_t C,
+static void dispatch_fwd(const void* z, const int64_t* target, float* rows, float* stats, int64_t N, int64_t C,
                          int64_t ignore_index, float eps, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
-  if (C <= 1024) launch_fwd<T, 32, V>(z, target, rows, lse, N, C, ignore_index, eps, stream);
-  else launch_fwd<T, kXentBlock, V>(z, target, rows, lse, N, C, ignore_index, eps, stream);
+  if (C <= 1024) launch_fwd<T, 32, V>(z, target, rows, stats, N, C, ignore_index, eps, stream);
+  else launch_fwd<T, kXentBlock, V>(z, target, rows, stats, N, C, ignore_index, eps, stream);
 }
 
 template <typename T>
-static void dispatch_bwd(const float* w, int64_t w_stride, const void* z, const int64_t* target, const float* lse,
+static void dispatch_bwd(const float* w, int64_t w_stride, const void* z, const int64_t* target, const float* stats,
                          void* dz, int64_t N, int64_t C, int64_t ignore_index, float eps, const float* skip,
                          cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
   const bool same_alignment = ((uintptr_t)z & 15) == ((uintptr_t)dz & 15);
   if (C <= 1024) {
-    if (same_alignment) launch_bwd<T, 32, V>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, skip, stream);
-    else launch_bwd<T, 32, 1>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, skip, stream);
+    if (same_alignment) launch_bwd<T, 32, V>(w, w_stride, z, target, stats, dz, N, C, ignore_index, eps, skip, stream);
+    else launch_bwd<T, 32, 1>(w, w_stride, z, target, stats, dz, N, C, ignore_index, eps, skip, stream);
   } else {
     if (same_alignment)
-      launch_bwd<T, kXentBlock, V>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, skip, stream);
-    else launch_bwd<T, kXentBlock, 1>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, skip, stream);
+      launch_bwd<T, kXentBlock, V>(w, w_stride, z, target, stats, dz, N, C, ignore_index, eps, skip, stream);
+    else launch_bwd<T, kXentBlock, 1>(w, w_stride, z, target, stats, dz, N, C, ignore_index, eps, skip, stream);
   }
 }
 
-cudaError_t xent_fwd(DType dt, const void* z, const int64_t* target, float* rows, float* lse, float* loss, int64_t N,
+cudaError_t xent_fwd(DType dt, const void* z, const int64_t* target, float* rows, float* stats, float* loss, int64_t N,
                      int64_t C, int64_t ignore_index, float eps, int reduction, cudaStream_t stream) {
   switch (dt) {
-    case DType::F32: dispatch_fwd<float>(z, target, rows, lse, N, C, ignore_index, eps, stream); break;
-    case DType::F16: dispatch_fwd<__half>(z, target, rows, lse, N, C, ignore_index, eps, stream); break;
-    case DType::BF16: dispatch_fwd<__nv_bfloat16>(z, target, rows, lse, N, C, ignore_index, eps, stream); break;
+    case DType::F32: dispatch_fwd<float>(z, target, rows, stats, N, C, ignore_index, eps, stream); break;
+    case DType::F16: dispatch_fwd<__half>(z, target, rows, stats, N, C, ignore_index, eps, stream); break;
+    case DType::BF16: dispatch_fwd<__nv_bfloat16>(z, target, rows, stats, N, C, ignore_index, eps, stream); break;
   }
   if (reduction != kReduceNone)
     xent_reduce_kernel<<<1, kReduceBlock, 0, stream>>>(rows, nullptr, target, N, ignore_index, reduction, loss);
   return cudaGetLastError();
 }
 
-// The rows' threads for the one-pass forward: a warp up to 1024 classes, then 256 or 512 threads, so
-// that a row fits in MAXP packs per thread; 0 when it does not fit (or z and dz are aligned
-// differently), and the two-pass kernels run.
-static int fwd_grad_threads(DType dt, const void* z, const void* dz, int64_t C) {
-  if (((uintptr_t)z & 15) != ((uintptr_t)dz & 15)) return 0;
-  const int64_t vec = dt == DType::F32 ? 4 : 8;
-  const int64_t packs = C / vec + 1;
-  if (C <= 1024) return 32;                                 // 8 packs: up to 1024 classes per warp
-  if (packs <= (int64_t)kXentBlock * 8) return kXentBlock;  // 8 packs of 256 threads: 8192 float32 classes
-  if (packs <= 512LL * (vec == 4 ? 16 : 8)) return 512;     // 512 threads (128 registers each): 16 float
-                                                             // packs (32768 classes) or 8 of 16-bit (32768)
-  return 0;
-}
-
+// The one-pass forward takes rows of up to 1024 classes (a warp per row, 8 packs of 16 bytes per
+// lane: 1024 float32 or 2048 16-bit values, the head and tail scalars beside), with z and dz aligned
+// alike; otherwise the two-pass kernels run.
 bool xent_fwd_grad_supported(DType dt, const void* z, const void* dz, int64_t C) {
-  return fwd_grad_threads(dt, z, dz, C) > 0;
-}
-
-template <typename T, int TPR, int MAXP>
-static void launch_fwd_grad(const void* z, const int64_t* target, float* rows, float* lse, void* dz, const float* w0,
-                            int64_t N, int64_t C, int64_t ignore_index, float eps, cudaStream_t stream) {
-  constexpr int kBlock = TPR > kXentBlock ? TPR : kXentBlock;
-  const int64_t blocks = (N + kBlock / TPR - 1) / (kBlock / TPR);
-  xent_fwd_grad_kernel<T, TPR, 16 / sizeof(T), MAXP><<<(unsigned)blocks, kBlock, 0, stream>>>(
-      (const T*)z, target, rows, lse, (T*)dz, w0, N, C, ignore_index, eps);
+  (void)dt;
+  return C <= kXentOnePassMaxClasses && ((uintptr_t)z & 15) == ((uintptr_t)dz & 15);
 }
 
 template <typename T>
-static void dispatch_fwd_grad(int threads, const void* z, const int64_t* target, float* rows, float* lse, void* dz,
-                              const float* w0, int64_t N, int64_t C, int64_t ignore_index, float eps,
-                              cudaStream_t stream) {
-  if (threads == 32) launch_fwd_grad<T, 32, 8>(z, target, rows, lse, dz, w0, N, C, ignore_index, eps, stream);
-  else if (threads == kXentBlock)
-    launch_fwd_grad<T, kXentBlock, 8>(z, target, rows, lse, dz, w0, N, C, ignore_index, eps, stream);
-  else launch_fwd_grad<T, 512, sizeof(T) == 4 ? 16 : 8>(z, target, rows, lse, dz, w0, N, C, ignore_index, eps, stream);
+static void launch_fwd_grad(const void* z, const int64_t* target, float* rows, float* stats, void* dz, const float* w0,
+                            int64_t N, int64_t C, int64_t ignore_index, float eps, cudaStream_t stream) {
+  const int64_t blocks = (N + kXentBlock / 32 - 1) / (kXentBlock / 32);
+  xent_fwd_grad_kernel<T, 16 / sizeof(T), 8><<<(unsigned)blocks, kXentBlock, 0, stream>>>(
+      (const T*)z, target, rows, stats, (T*)dz, w0, N, C, ignore_index, eps);
 }
 
-cudaError_t xent_fwd_grad(DType dt, const void* z, const int64_t* target, float* rows, float* lse, float* loss,
+cudaError_t xent_fwd_grad(DType dt, const void* z, const int64_t* target, float* rows, float* stats, float* loss,
                           void* dz, float* w0, int64_t N, int64_t C, int64_t ignore_index, float eps, int reduction,
                           cudaStream_t stream) {
-  const int threads = fwd_grad_threads(dt, z, dz, C);
-  if (threads == 0 || reduction == kReduceNone) return cudaErrorInvalidValue;
+  if (!xent_fwd_grad_supported(dt, z, dz, C) || reduction == kReduceNone) return cudaErrorInvalidValue;
   // w0: 1 / #rows not ignored for the mean, 1 for the sum
   xent_reduce_kernel<<<1, kReduceBlock, 0, stream>>>(nullptr, nullptr, target, N, ignore_index, reduction, w0);
   switch (dt) {
-    case DType::F32: dispatch_fwd_grad<float>(threads, z, target, rows, lse, dz, w0, N, C, ignore_index, eps, stream); break;
-    case DType::F16: dispatch_fwd_grad<__half>(threads, z, target, rows, lse, dz, w0, N, C, ignore_index, eps, stream); break;
+    case DType::F32: launch_fwd_grad<float>(z, target, rows, stats, dz, w0, N, C, ignore_index, eps, stream); break;
+    case DType::F16: launch_fwd_grad<__half>(z, target, rows, stats, dz, w0, N, C, ignore_index, eps, stream); break;
     case DType::BF16:
-      dispatch_fwd_grad<__nv_bfloat16>(threads, z, target, rows, lse, dz, w0, N, C, ignore_index, eps, stream);
+      launch_fwd_grad<__nv_bfloat16>(z, target, rows, stats, dz, w0, N, C, ignore_index, eps, stream);
       break;
   }
   xent_reduce_kernel<<<1, kReduceBlock, 0, stream>>>(rows, nullptr, target, N, ignore_index, reduction, loss);
   return cudaGetLastError();
 }
 
-cudaError_t xent_bwd(DType dt, const float* grad, const void* z, const int64_t* target, const float* lse, void* dz,
+cudaError_t xent_bwd(DType dt, const float* grad, const void* z, const int64_t* target, const float* stats, void* dz,
                      float* weight, int64_t N, int64_t C, int64_t ignore_index, float eps, int reduction,
                      bool keep_if_one, cudaStream_t stream) {
   const float* skip = keep_if_one ? grad : nullptr;              // one-pass forward: dz is right when g = 1
@@ -436,10 +451,10 @@ cudaError_t xent_bwd(DType dt, const float* grad, const void* z, const int64_t* 
     w = weight;
   }
   switch (dt) {
-    case DType::F32: dispatch_bwd<float>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, skip, stream); break;
-    case DType::F16: dispatch_bwd<__half>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, skip, stream); break;
+    case DType::F32: dispatch_bwd<float>(w, w_stride, z, target, stats, dz, N, C, ignore_index, eps, skip, stream); break;
+    case DType::F16: dispatch_bwd<__half>(w, w_stride, z, target, stats, dz, N, C, ignore_index, eps, skip, stream); break;
     case DType::BF16:
-      dispatch_bwd<__nv_bfloat16>(w, w_stride, z, target, lse, dz, N, C, ignore_index, eps, skip, stream);
+      dispatch_bwd<__nv_bfloat16>(w, w_stride, z, target, stats, dz, N, C, ignore_index, eps, skip, stream);
       break;
   }
   return cudaGetLastError();
