@@ -61,7 +61,7 @@ def test_fallback_without_compiler_warns_once_and_still_runs(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.parametrize("name", ["attention_rows.cu", "attention_v1.cu", "attention_v2.cu", "elementwise.cu", "xent.cu"])
+@pytest.mark.parametrize("name", ["attention_rows.cu", "attention_v1.cu", "attention_v3.cu", "elementwise.cu", "xent.cu"])
 def test_cuda_kernels_compile_with_nvcc(tmp_path, name):
     """The .cu files include no torch header, so nvcc compiles them without a GPU or a CUDA torch,
     with the macros torch's CUDAExtension build adds (no implicit half/bfloat16 conversions), for
@@ -72,7 +72,7 @@ def test_cuda_kernels_compile_with_nvcc(tmp_path, name):
                   for m in re.findall(r"__CUDA_ARCH__\s*[<>=]+\s*\d+", p.read_text())}
     assert arch_tests <= {"__CUDA_ARCH__ < 800"}, f"a new architecture branch: compile it here too: {arch_tests}"
     cu_files = sorted(p.name for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
-    assert cu_files == ["attention_rows.cu", "attention_v1.cu", "attention_v2.cu", "elementwise.cu", "xent.cu"]
+    assert cu_files == ["attention_rows.cu", "attention_v1.cu", "attention_v3.cu", "elementwise.cu", "xent.cu"]
     torch_macros = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
     # For sm_75, a file with inline PTX, WMMA or an architecture branch is assembled to machine code (ptxas

@@ -167,17 +167,19 @@ def test_attention_dropout_mask_is_the_cpus_on_cuda(dtype, D):
     assert (ours - ref).abs().max() <= 2 * (theirs - ref).abs().max() + 1e-6
 
 
-# float32 on the GPU with D = 32/64/128 takes attention_rows.cu: keys (queries in the dK/dV pass) come
-# in tiles of 4096 / D rows, so these lengths span several tiles with a partial last one; Tq != Tk too.
+# On the GPU with D = 32/64/128, float32 takes attention_rows.cu (keys, or queries in the dK/dV pass,
+# in tiles of 4096 / D rows) and float16/bfloat16 the tensor-core kernels of attention_v3.cu (tiles of
+# 64 rows, 16 per warp): these lengths span several tiles with a partial last one; Tq != Tk too.
 ROWS_CASES = [(2, 3, 150, 150, 64), (1, 2, 37, 200, 32), (2, 2, 70, 45, 128), (3, 1, 129, 129, 64)]
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("B,H,Tq,Tk,D", ROWS_CASES)
-def test_attention_fp32_rows_kernel_within_2x_torch(B, H, Tq, Tk, D, p):
-    """Output and gradients of the float32 CUDA attention against float64 with the same dropout mask,
-    at most twice the error of the same attention in PyTorch float32 ops on the GPU; batch row 0 has
+def test_attention_cuda_kernels_within_2x_torch(B, H, Tq, Tk, D, p, dtype):
+    """Output and gradients of the CUDA attention against float64 with the same dropout mask, at most
+    twice the error of the same attention in PyTorch ops in that dtype on the GPU; batch row 0 has
     every key masked (its output and gradients are 0)."""
     g = torch.Generator().manual_seed(B * 1000 + Tq + Tk + D)
     q = torch.randn(B, H, Tq, D, generator=g, dtype=torch.float64)
@@ -189,14 +191,13 @@ def test_attention_fp32_rows_kernel_within_2x_torch(B, H, Tq, Tk, D, p):
     keep = ops.dropout_mask(B, H, Tq, Tk, p, seed=5, offset=3) if p > 0 else None
     scale = D ** -0.5
     results = {}
-    for name, device, dtype in (("ref", "cpu", torch.float64), ("ours", "cuda", torch.float32),
-                                ("torch", "cuda", torch.float32)):
-        x = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+    for name, device, dt in (("ref", "cpu", torch.float64), ("ours", "cuda", dtype), ("torch", "cuda", dtype)):
+        x = [t.to(device, dt).requires_grad_() for t in (q, k, v)]
         if name == "ours":
             out = ops.attention_with_lse(*x, mask.cuda(), dropout_p=p, seed=5, offset=3)[0]
         else:
             out = RF.attention_forward(*x, mask.to(device), scale, None if keep is None else keep.to(device), p)
-        grads = torch.autograd.grad(out, x, dout.to(device, dtype))
+        grads = torch.autograd.grad(out, x, dout.to(device, dt))
         results[name] = [out.detach().double().cpu()] + [t.double().cpu() for t in grads]
     assert (results["ours"][0][0] == 0).all() and (results["ours"][2][0] == 0).all()
     for i, name in enumerate(["out", "dq", "dk", "dv"]):
@@ -279,7 +280,8 @@ def test_cross_entropy_low_precision_within_2x_torch(device, dtype, C):
 @pytest.mark.parametrize("C", [2, 1000, 2051, 30522, 40000])
 def test_cross_entropy_one_pass_on_cuda(dtype, C):
     """On CUDA, a mean loss whose logits need a gradient is computed with its gradient in one read of
-    the logits (rows of a warp, 256 and 512 threads; 40000 classes take the two passes instead). The
+    the logits when a warp holds the row (up to 1024 classes; longer rows take the two passes, inside
+    the same op when it is called directly). The
     gradient handed to backward with g = 1 (kept), with g != 1 (recomputed), and from a second
     backward of the same graph (computed afresh): each against float64, at most 2x the error of
     F.cross_entropy in the same dtype. The sum (two passes) is held to the same."""

@@ -105,11 +105,13 @@ assert abs(loss - ref).item() < 1e-12 and (grad - ref_grad).abs().max() < 1e-12
 #
 # At the end, out = acc / l. Nothing of size T is kept: this is what makes FlashAttention's memory
 # O(T) instead of O(T^2). It is the loop of minift's first CUDA kernel (csrc/cuda/attention_v1.cu, one
-# warp per query row). The other two kernels keep the idea (nothing T x T) but not this loop: the
-# CPU kernel takes 64 queries at a time, their scores against all keys by one matrix product into a
-# 64 x T scratch, then a plain softmax over each row; the tensor-core kernel
-# (csrc/cuda/attention_v2.cu) passes over the keys twice, first for each row's max and sum, then
-# for P V, because its matrix fragments do not say which thread holds which element to rescale.
+# warp per query row), and of the tensor-core kernel (csrc/cuda/attention_v3.cu), which runs it on
+# 64 keys at a time: the scores of 16 rows against 64 keys come out of the matrix instruction in
+# registers whose rows each thread knows, so m, l and acc are rescaled where they lie. (An earlier
+# version used an API whose fragments hide that layout, and had to walk the keys twice instead.)
+# The CPU kernel keeps the idea (nothing T x T) but not this loop: it takes 64 queries at a time,
+# their scores against all keys by one matrix product into a 64 x T scratch, then a plain softmax
+# over each row.
 
 # %%
 def online_attention_row(q, K, V):

@@ -2,7 +2,7 @@
 // (the cross-entropy kernels are in xent.cu).
 //
 // Version 1, the readable baseline. float16/bfloat16 with D = 32/64/128 on sm_80+ goes to
-// version 2 (attention_v2.cu: tiles in shared memory, tensor cores), forward and backward; float32
+// version 3 (attention_v3.cu: tiles in shared memory, tensor cores), forward and backward; float32
 // with D = 32/64/128 to attention_rows.cu (a few threads per row, tiles in shared memory, no
 // atomics). It needs no torch header: raw pointers, sizes and a stream come in from cuda_ops.cpp,
 // so `nvcc -c` compiles this file on a machine with no GPU.
@@ -164,7 +164,7 @@ __global__ void dropout_mask_kernel(bool* keep, int64_t n, float p, uint64_t see
 // Launchers
 // ------------------------------------------------------------------------------------------
 
-// Version 2 (attention_v2.cu) where the GPU, dtype and head dim allow it and every 16-bit input it
+// Version 3 (attention_v3.cu) where the GPU, dtype and head dim allow it and every 16-bit input it
 // loads 16 bytes at a time starts on a 16-byte boundary.
 static bool use_tc(DType dt, int D, std::initializer_list<const void*> inputs) {
   uintptr_t bits = 0;
@@ -187,7 +187,7 @@ static void launch_fwd(const void* q, const void* k, const void* v, const bool* 
 cudaError_t attention_fwd(DType dt, const void* q, const void* k, const void* v, const bool* mask, void* out,
                           float* lse, AttnShape s, float scale, float p, uint64_t seed, uint64_t offset,
                           cudaStream_t stream) {
-  if (use_tc(dt, s.D, {q, k, v}))                                     // version 2, on tensor cores
+  if (use_tc(dt, s.D, {q, k, v}))                                     // version 3, on tensor cores
     return attention_fwd_tc(dt, q, k, v, mask, out, lse, s, scale, p, seed, offset, stream);
   if (attention_rows_supported(dt, s.D, {q, k, v, out}))              // float32 on CUDA cores
     return attention_fwd_rows(q, k, v, mask, out, lse, s, scale, p, seed, offset, stream);
@@ -218,7 +218,7 @@ static void launch_bwd(const void* dout, const void* q, const void* k, const voi
 
 int64_t attention_bwd_scratch(DType dt, const void* dout, const void* q, const void* k, const void* v,
                               const void* out, AttnShape s) {
-  if (use_tc(dt, s.D, {dout, q, k, v})) return attention_bwd_tc_scratch(s);   // dQ in float, and Delta
+  if (use_tc(dt, s.D, {dout, q, k, v})) return attention_bwd_tc_scratch(s);   // Delta
   if (attention_rows_supported(dt, s.D, {dout, q, k, v, out})) return attention_bwd_rows_scratch(s);   // Delta
   return 2 * (int64_t)s.B * s.H * s.Tk * s.D;                                    // dK and dV in float
 }
@@ -226,7 +226,7 @@ int64_t attention_bwd_scratch(DType dt, const void* dout, const void* q, const v
 cudaError_t attention_bwd(DType dt, const void* dout, const void* q, const void* k, const void* v, const void* out,
                           const float* lse, const bool* mask, void* dq, void* dk, void* dv, float* scratch,
                           AttnShape s, float scale, float p, uint64_t seed, uint64_t offset, cudaStream_t stream) {
-  if (use_tc(dt, s.D, {dout, q, k, v}))                              // version 2, on tensor cores
+  if (use_tc(dt, s.D, {dout, q, k, v}))                              // version 3, on tensor cores
     return attention_bwd_tc(dt, dout, q, k, v, out, lse, mask, dq, dk, dv, scratch, s, scale, p, seed, offset,
                             stream);
   if (attention_rows_supported(dt, s.D, {dout, q, k, v, out}))         // float32 on CUDA cores
