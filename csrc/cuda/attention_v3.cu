@@ -139,6 +139,14 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+template <int N>
+__device__ __forceinline__ void zero(float (&acc)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+}
+
 // The A operand of a 16x16 product whose rows are this warp's 16 and whose 16 columns are the
 // accumulator tiles c[2kk] and c[2kk + 1] (16x8 each): the C -> A identity of the layouts above.
 template <typename T>
@@ -172,10 +180,7 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int r0, 
 template <typename T, int D>
 __device__ __forceinline__ void products_abt(float (&acc)[8][4], const uint32_t (&a)[D / 16][4], const T* b_tile,
                                              int lane) {
-#pragma unroll
-  for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+  zero(acc);
 #pragma unroll
   for (int kd = 0; kd < D / 16; ++kd)
 #pragma unroll
@@ -213,6 +218,24 @@ __device__ __forceinline__ void load_key_bias(float* bias, const bool* mrow, int
   }
 }
 
+// Key tile t (K, V and the mask's bias) into buffer buf of the double-buffered shared tiles.
+template <typename T, int D>
+__device__ __forceinline__ void load_key_tile(T* sK, T* sV, float* sBias, const T* kb, const T* vb, const bool* mrow,
+                                              int t, int buf, int64_t Tk) {
+  load_tile<T, D>(sK + buf * Tile<D>::elems, kb, (int64_t)t * kTile, Tk);
+  load_tile<T, D>(sV + buf * Tile<D>::elems, vb, (int64_t)t * kTile, Tk);
+  load_key_bias(sBias + buf * kTile, mrow, (int64_t)t * kTile, Tk);
+}
+
+// This thread's part of one output row: row r (0: g, 1: g + 8) of the accumulator tiles, times f,
+// in 16 bits, two columns (2t, 2t + 1) per tile.
+template <typename T, int D>
+__device__ __forceinline__ void store_row(T* dst, const float (&acc)[D / 8][4], int r, float f, int tq) {
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt)
+    *reinterpret_cast<uint32_t*>(dst + dt * 8 + 2 * tq) = pack2<T>(acc[dt][2 * r] * f, acc[dt][2 * r + 1] * f);
+}
+
 // The dropout multiplier of element (row, j) of head bh: 0 or 1 / (1 - p).
 __device__ __forceinline__ float dropout_mult(int64_t bh, int64_t row, int64_t j, const AttnShape& s,
                                               uint64_t seed, uint64_t offset, uint32_t threshold, float keep_scale) {
@@ -247,11 +270,7 @@ __global__ void __launch_bounds__(kThreads)
   const int ntiles = (s.Tk + kTile - 1) / kTile;
 
   load_tile<T, D>(sQ, q + bh * s.Tq * D, q0, s.Tq);
-  if (ntiles > 0) {
-    load_tile<T, D>(sK, kb, 0, s.Tk);
-    load_tile<T, D>(sV, vb, 0, s.Tk);
-    load_key_bias(sBias, mrow, 0, s.Tk);
-  }
+  if (ntiles > 0) load_key_tile<T, D>(sK, sV, sBias, kb, vb, mrow, 0, 0, s.Tk);
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();
@@ -264,10 +283,7 @@ __global__ void __launch_bounds__(kThreads)
   const float keep_scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
   const int64_t row0 = q0 + warp * 16 + g;                           // this thread's rows: row0, row0 + 8
   float o[D / 8][4];
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[dt][e] = 0.f;
+  zero(o);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};            // running max (base 2) and sum, per row
 
   for (int t = 0; t < ntiles; ++t) {
@@ -277,9 +293,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();                                               // and every warp is done with tile t - 1
     }
     if (t + 1 < ntiles) {                                            // tile t + 1 loads during this one
-      load_tile<T, D>(sK + (buf ^ 1) * Tile<D>::elems, kb, (int64_t)(t + 1) * kTile, s.Tk);
-      load_tile<T, D>(sV + (buf ^ 1) * Tile<D>::elems, vb, (int64_t)(t + 1) * kTile, s.Tk);
-      load_key_bias(sBias + (buf ^ 1) * kTile, mrow, (int64_t)(t + 1) * kTile, s.Tk);
+      load_key_tile<T, D>(sK, sV, sBias, kb, vb, mrow, t + 1, buf ^ 1, s.Tk);
       cp_async_commit();
     }
     const T* sKt = sK + buf * Tile<D>::elems;
@@ -338,10 +352,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t row = row0 + 8 * r;
     if (row >= s.Tq) continue;
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;                 // a row with no kept key: O = 0
-    T* orow = out + (bh * s.Tq + row) * D;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * tq) = pack2<T>(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+    store_row<T, D>(out + (bh * s.Tq + row) * D, o, r, inv, tq);
     if (tq == 0) lse[bh * s.Tq + row] = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
   }
 #endif
@@ -423,10 +434,8 @@ __global__ void __launch_bounds__(kThreads)
     kept[r] = j < s.Tk && (mrow == nullptr || mrow[j]);
   }
   float dk_acc[D / 8][4], dv_acc[D / 8][4];
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk_acc[dt][e] = dv_acc[dt][e] = 0.f;
+  zero(dk_acc);
+  zero(dv_acc);
 
   for (int t = 0; t < ntiles; ++t) {
     const int buf = t & 1;
@@ -474,7 +483,7 @@ __global__ void __launch_bounds__(kThreads)
     T* dkrow = dk + (bh * s.Tk + j) * D;
     T* dvrow = dv + (bh * s.Tk + j) * D;
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
+    for (int dt = 0; dt < D / 8; ++dt) {   // dK and dV column by column: store_row twice spills 348 bytes at D = 128
       *reinterpret_cast<uint32_t*>(dkrow + dt * 8 + 2 * tq) =
           pack2<T>(dk_acc[dt][2 * r] * scale, dk_acc[dt][2 * r + 1] * scale);
       *reinterpret_cast<uint32_t*>(dvrow + dt * 8 + 2 * tq) = pack2<T>(dv_acc[dt][2 * r], dv_acc[dt][2 * r + 1]);
@@ -515,11 +524,7 @@ __global__ void __launch_bounds__(kThreads)
 
   load_tile<T, D>(sQ, q + bh * s.Tq * D, q0, s.Tq);
   load_tile<T, D>(sDO, dout + bh * s.Tq * D, q0, s.Tq);
-  if (ntiles > 0) {
-    load_tile<T, D>(sK, kb, 0, s.Tk);
-    load_tile<T, D>(sV, vb, 0, s.Tk);
-    load_key_bias(sBias, mrow, 0, s.Tk);
-  }
+  if (ntiles > 0) load_key_tile<T, D>(sK, sV, sBias, kb, vb, mrow, 0, 0, s.Tk);
   cp_async_commit();
 
   const float c2 = scale * kLog2e;
@@ -533,10 +538,7 @@ __global__ void __launch_bounds__(kThreads)
     dlt[r] = row0 + 8 * r < s.Tq ? delta[bh * s.Tq + row0 + 8 * r] : 0.f;
   }
   float dq_acc[D / 8][4];
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dq_acc[dt][e] = 0.f;
+  zero(dq_acc);
   uint32_t qf[D / 16][4], dof[D / 16][4];
 
   for (int t = 0; t < ntiles; ++t) {
@@ -551,9 +553,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     if (t + 1 < ntiles) {
-      load_tile<T, D>(sK + (buf ^ 1) * Tile<D>::elems, kb, (int64_t)(t + 1) * kTile, s.Tk);
-      load_tile<T, D>(sV + (buf ^ 1) * Tile<D>::elems, vb, (int64_t)(t + 1) * kTile, s.Tk);
-      load_key_bias(sBias + (buf ^ 1) * kTile, mrow, (int64_t)(t + 1) * kTile, s.Tk);
+      load_key_tile<T, D>(sK, sV, sBias, kb, vb, mrow, t + 1, buf ^ 1, s.Tk);
       cp_async_commit();
     }
     const T* sKt = sK + buf * Tile<D>::elems;
@@ -583,11 +583,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int r = 0; r < 2; ++r) {
     const int64_t row = row0 + 8 * r;
     if (row >= s.Tq) continue;
-    T* dqrow = dq + (bh * s.Tq + row) * D;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(dqrow + dt * 8 + 2 * tq) =
-          pack2<T>(dq_acc[dt][2 * r] * scale, dq_acc[dt][2 * r + 1] * scale);
+    store_row<T, D>(dq + (bh * s.Tq + row) * D, dq_acc, r, scale, tq);
   }
 #endif
 }

@@ -167,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_fwd_grad_cuda(const at::Tens
   const int64_t N = logits.size(0), C = logits.size(1);
   c10::cuda::CUDAGuard guard(logits.device());
   auto dz = maybe_poison(at::empty_like(logits));
-  if (!cuda::xent_fwd_grad_supported(dt, logits.data_ptr(), dz.data_ptr(), C)) {   // rows too long, or misaligned:
+  if (!cuda::xent_fwd_grad_supported(logits.data_ptr(), dz.data_ptr(), C)) {   // rows too long, or misaligned:
     auto [loss, stats] = xent_fwd_cuda(logits, target, std::nullopt, ignore_index, label_smoothing, reduction);
     auto one = at::ones({}, logits.options().dtype(at::kFloat));                 // the two passes, both now
     xent_bwd_cuda_impl(one, logits, target, std::nullopt, stats, ignore_index, label_smoothing, reduction, dz, false);

@@ -67,7 +67,7 @@ cudaError_t xent_bwd(DType dt, const float* grad, const void* z, const int64_t* 
                      bool keep_if_one, cudaStream_t stream);
 // The one-pass forward (mean and sum): the loss as xent_fwd, and dz (N, C) for an incoming gradient
 // of 1; w0: one float of scratch. Where xent_fwd_grad_supported is false, cudaErrorInvalidValue.
-bool xent_fwd_grad_supported(DType dt, const void* z, const void* dz, int64_t C);
+bool xent_fwd_grad_supported(const void* z, const void* dz, int64_t C);
 cudaError_t xent_fwd_grad(DType dt, const void* z, const int64_t* target, float* rows, float* stats, float* loss,
                           void* dz, float* w0, int64_t N, int64_t C, int64_t ignore_index, float eps, int reduction,
                           cudaStream_t stream);

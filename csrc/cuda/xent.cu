@@ -410,8 +410,7 @@ cudaError_t xent_fwd(DType dt, const void* z, const int64_t* target, float* rows
 // The one-pass forward takes rows of up to 1024 classes (a warp per row, 8 packs of 16 bytes per
 // lane: 1024 float32 or 2048 16-bit values, the head and tail scalars beside), with z and dz aligned
 // alike; otherwise the two-pass kernels run.
-bool xent_fwd_grad_supported(DType dt, const void* z, const void* dz, int64_t C) {
-  (void)dt;
+bool xent_fwd_grad_supported(const void* z, const void* dz, int64_t C) {
   return C <= kXentOnePassMaxClasses && ((uintptr_t)z & 15) == ((uintptr_t)dz & 15);
 }
 
@@ -426,7 +425,7 @@ static void launch_fwd_grad(const void* z, const int64_t* target, float* rows, f
 cudaError_t xent_fwd_grad(DType dt, const void* z, const int64_t* target, float* rows, float* stats, float* loss,
                           void* dz, float* w0, int64_t N, int64_t C, int64_t ignore_index, float eps, int reduction,
                           cudaStream_t stream) {
-  if (!xent_fwd_grad_supported(dt, z, dz, C) || reduction == kReduceNone) return cudaErrorInvalidValue;
+  if (!xent_fwd_grad_supported(z, dz, C) || reduction == kReduceNone) return cudaErrorInvalidValue;
   // w0: 1 / #rows not ignored for the mean, 1 for the sum
   xent_reduce_kernel<<<1, kReduceBlock, 0, stream>>>(nullptr, nullptr, target, N, ignore_index, reduction, w0);
   switch (dt) {
