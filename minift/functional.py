@@ -463,10 +463,10 @@ def naive_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, t
 
 def attention_probs(q, k, key_padding_mask, scale):
     """P = softmax(q k^T * scale) over the kept keys; a row with no kept key is all zeros."""
-    s = (q @ k.transpose(-2, -1)) * scale                           # (B, nh, T, T)
+    s = (q @ k.transpose(-2, -1)) * scale                           # (B, nh, Tq, Tk)
     if key_padding_mask is None:
         return softmax_forward(s)
-    keep = key_padding_mask[:, None, None, :]                       # (B, 1, 1, T)
+    keep = key_padding_mask[:, None, None, :]                       # (B, 1, 1, Tk)
     s = s.masked_fill(~keep, float("-inf"))
     any_kept = keep.any(-1, keepdim=True)                           # (B, 1, 1, 1)
     s = s.masked_fill(~any_kept, 0.0)                               # avoid -inf - -inf = NaN
@@ -477,10 +477,10 @@ def attention_forward(q, k, v, key_padding_mask, scale, keep, p):
     r"""Attention: :math:`O = \tilde P V` with :math:`\tilde P = P \odot \mathrm{keep} / (1-p)`
     (attention dropout), :math:`P = \operatorname{softmax}(S)`,
     :math:`S = Q K^\top \cdot \mathrm{scale} + \mathrm{mask}` (:math:`-\infty` at padded keys)."""
-    P = attention_probs(q, k, key_padding_mask, scale)              # (B, nh, T, T)
+    P = attention_probs(q, k, key_padding_mask, scale)              # (B, nh, Tq, Tk)
     if keep is not None:
         P = P * keep / (1.0 - p)
-    return P @ v                                                    # (B, nh, T, D)
+    return P @ v                                                    # (B, nh, Tq, D)
 
 
 def attention_backward(dO, q, k, v, key_padding_mask, scale, keep, p):
@@ -500,16 +500,16 @@ def attention_backward(dO, q, k, v, key_padding_mask, scale, keep, p):
     T x T matrix outlives the forward pass. Masked keys have :math:`P_{ij} = 0`, hence
     :math:`dS_{ij} = 0`.
     """
-    P = attention_probs(q, k, key_padding_mask, scale)              # (B, nh, T, T), recomputed
+    P = attention_probs(q, k, key_padding_mask, scale)              # (B, nh, Tq, Tk), recomputed
     Pt = P if keep is None else P * keep / (1.0 - p)                # dropped-out probabilities
-    dv = Pt.transpose(-2, -1) @ dO                                  # (B, nh, T, D)  dV = P~^T dO
-    dP = dO @ v.transpose(-2, -1)                                   # (B, nh, T, T)  dP~ = dO V^T
+    dv = Pt.transpose(-2, -1) @ dO                                  # (B, nh, Tk, D)  dV = P~^T dO
+    dP = dO @ v.transpose(-2, -1)                                   # (B, nh, Tq, Tk)  dP~ = dO V^T
     if keep is not None:
         dP = dP * keep / (1.0 - p)
-    Di = (P * dP).sum(-1, keepdim=True)                             # (B, nh, T, 1)  D_i = sum_j P_ij dP_ij
+    Di = (P * dP).sum(-1, keepdim=True)                             # (B, nh, Tq, 1)  D_i = sum_j P_ij dP_ij
     dS = P * (dP - Di)                                              # dS_ij = P_ij (dP_ij - D_i)
-    dq = (dS @ k) * scale                                           # (B, nh, T, D)
-    dk = (dS.transpose(-2, -1) @ q) * scale                         # (B, nh, T, D)
+    dq = (dS @ k) * scale                                           # (B, nh, Tq, D)
+    dk = (dS.transpose(-2, -1) @ q) * scale                         # (B, nh, Tk, D)
     return dq, dk, dv
 
 
@@ -528,16 +528,17 @@ class Attention(Function):
 
 
 def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, generator=None):
-    """softmax(q k^T * scale + mask) v for q, k, v (B, nh, T, D); mask (B, T) bool, True = keep."""
-    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"attention: expected q, k, v of shape (B, nh, T, D), got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    """softmax(q k^T * scale + mask) v for q (B, nh, Tq, D), k and v (B, nh, Tk, D); mask (B, Tk)
+    bool, True = keep. Tq = Tk in self-attention; Tq = 1 when only the [CLS] row is asked for."""
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"attention: expected q of shape (B, nh, Tq, D) and k, v of shape (B, nh, Tk, D), "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     key_padding_mask = key_padding_keep(key_padding_mask)
     keep = None
     if dropout_p > 0.0:
-        B, nh, T, _ = q.shape
-        keep = dropout_mask((B, nh, T, k.shape[2]), dropout_p, q.device, generator)
+        B, nh, Tq, _ = q.shape
+        keep = dropout_mask((B, nh, Tq, k.shape[2]), dropout_p, q.device, generator)
     return Attention.apply(q, k, v, key_padding_mask, scale, keep, dropout_p)
 
 

@@ -71,3 +71,52 @@ def test_reference_dropout_trains_and_differs_from_eval():
     a = model(ids, mask, types).logits
     b = model(ids, mask, types).logits
     assert torch.equal(a, b)
+
+
+def _full_logits(model, ids, mask, types):
+    """The classifier's logits with every row of the last layer computed (the oracle)."""
+    pooled = model.bert(ids, mask, types, pooled_only=False).pooler_output
+    return model.classifier(pooled)
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference", "fused"])
+def test_classifier_computes_the_cls_row_alone_and_gets_the_same_function(impl):
+    """BertForSequenceClassification computes only the [CLS] row of the last layer (what the pooler
+    reads). Logits and every parameter's gradient must equal those of the full last layer."""
+    torch.manual_seed(0)
+    config = small_config(num_labels=3, num_hidden_layers=3)
+    model = minift.BertForSequenceClassification(config).double().eval().set_impl(impl)
+    ids, mask, types = random_batch(config, B=4, T=13, seed=5)
+    labels = torch.tensor([2, 0, 1, 2])
+    out, g_cls = grads(model, ids, mask, types, labels)
+    h = model.bert(ids, mask, types, pooled_only=True).last_hidden_state
+    assert h.shape == (4, 1, config.hidden_size)
+    model.zero_grad()
+    full = _full_logits(model, ids, mask, types)
+    torch.nn.functional.cross_entropy(full, labels).backward()
+    g_full = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(out.logits, full, rtol=1e-12, atol=1e-13)
+    assert set(g_cls) == set(g_full) and len(g_full) == len(list(model.parameters()))
+    for n in g_full:
+        torch.testing.assert_close(g_cls[n], g_full[n], rtol=1e-10, atol=1e-13, msg=n)
+
+
+def test_cls_row_alone_saves_the_last_layers_matrix_work():
+    """The linear layers' FLOPs, counted by torch's FlopCounterMode, drop by exactly what the
+    last layer's query, output projection and feed-forward cost for the T - 1 rows left out."""
+    from torch.utils.flop_counter import FlopCounterMode
+    config = small_config(num_labels=2, num_hidden_layers=3)
+    model = minift.BertForSequenceClassification(config).eval()
+    B, T = 4, 13
+    ids, mask, types = random_batch(config, B=B, T=T)
+
+    def linear_flops(fn):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            fn()
+        counts = counter.get_flop_counts()["Global"]
+        return sum(v for k, v in counts.items() if str(k).split(".")[1] in ("mm", "addmm"))
+    H, I = config.hidden_size, config.intermediate_size
+    full = linear_flops(lambda: _full_logits(model, ids, mask, types))
+    cls = linear_flops(lambda: model(ids, mask, types))
+    per_row = 2 * (2 * H * H + 2 * H * I)              # query and output projection, the two FFN matrices
+    assert full - cls == B * (T - 1) * per_row, (full, cls)
