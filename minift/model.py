@@ -211,7 +211,9 @@ class BertEncoder(nn.Module):
         may differ."""
         last = len(self.layer) - 1
         for i, layer in enumerate(self.layer):
-            xq = x[:, :1] if first_row_only and i == last else None
+            # a copy (B x H numbers): on the strided view x[:, :1] the matrix-product kernels pick
+            # another summation order, which rounds differently from the same layer run on T rows
+            xq = x[:, :1].contiguous() if first_row_only and i == last else None
             x = layer(x, key_padding_mask, xq)                                       # (B, T, H); (B, 1, H) last
         return x
 
