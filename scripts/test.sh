@@ -7,4 +7,4 @@ bash scripts/setup.sh --test
 # site (group "site") share one build, in which the tutorials execute: --dist loadgroup keeps them
 # on one worker, which builds it while the other runs the rest.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec "${PYTHON:-python3}" -m pytest -q -n 2 --dist loadgroup --durations=15 "$@" tests
+exec "${PYTHON:-python3}" -m pytest -q -n 2 --dist loadgroup --durations=40 "$@" tests

@@ -78,6 +78,31 @@ assert torch.allclose(h, out.last_hidden_state, atol=1e-6)
 print("pooler_output:", tuple(out.pooler_output.shape))
 
 # %% [markdown]
+# The pooler reads one row of the last layer, and in the last layer no row depends on another
+# except through the keys and values, which come from the layer's input. So a classifier can
+# ask the last layer for the [CLS] row alone: one query instead of T, one row through the output
+# projection, the LayerNorms and the feed-forward. `BertForSequenceClassification` does this
+# (`pooled_only=True`); the same numbers come out, for fewer multiply-adds (counted here by
+# PyTorch's FlopCounterMode, matrix products only).
+
+# %%
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def matmul_flops(**kw):
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        result = model(ids, mask, types, **kw)
+    return result, sum(counter.get_flop_counts()["Global"].values())
+
+
+full, flops_full = matmul_flops()
+cls_only, flops_cls = matmul_flops(pooled_only=True)
+assert cls_only.last_hidden_state.shape == (ids.shape[0], 1, cfg.hidden_size)
+assert torch.allclose(cls_only.pooler_output, full.pooler_output, atol=1e-6)
+print(f"pooler_output the same; {flops_full / 1e9:.2f} -> {flops_cls / 1e9:.2f} GFLOP "
+      f"({100 * (1 - flops_cls / flops_full):.0f}% fewer) for this batch of T = {ids.shape[1]}")
+
+# %% [markdown]
 # ## 4. The same numbers as Hugging Face transformers
 # The checkpoint's keys (`encoder.layer.0.attention.self.query.weight`, ...) are our attribute
 # names, so loading is a dictionary copy with strict checks. The check: transformers' BertModel on
