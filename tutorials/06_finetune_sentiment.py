@@ -17,11 +17,15 @@ import torch
 
 import minift
 from minift import data, metrics, tasks
+from minift.ops import extension_available
 from minift.trainer import TrainConfig, Trainer
 
 FAST = os.environ.get("MINIFT_TUTORIAL_FAST") == "1"
 N_TRAIN, N_EVAL = (800, 300) if FAST else (2000, 1278)
 EPOCHS, LR = 1, 2e-4
+# minift's compiled kernels where they are built, as `minift finetune` does: the same function as
+# the plain PyTorch layers (tutorial 8 checks them against each other), in less time
+IMPL = "fused" if extension_available() else "torch"
 
 # %% [markdown]
 # ## The data and its split
@@ -42,7 +46,7 @@ for ex in ds.train[:3]:
 
 # %%
 torch.manual_seed(0)
-model = minift.BertForSequenceClassification.from_pretrained("minilm", id2label=dict(enumerate(ds.labels)))
+model = minift.BertForSequenceClassification.from_pretrained("minilm", impl=IMPL, id2label=dict(enumerate(ds.labels)))
 tokenizer = minift.Tokenizer.from_pretrained("minilm")
 print(model.load_report.summary())
 assert model.load_report.missing_initialised == ["classifier.weight", "classifier.bias"]

@@ -22,10 +22,12 @@ import minift
 from minift import data
 from minift.config import IGNORE_INDEX
 from minift.ewt import ud_english_ewt
+from minift.ops import extension_available
 from minift.trainer import TrainConfig, Trainer
 
 FAST = os.environ.get("MINIFT_TUTORIAL_FAST") == "1"
 N_TRAIN, N_EVAL = (400, 100) if FAST else (2000, 1000)
+IMPL = "fused" if extension_available() else "torch"      # the compiled kernels where built, as the CLI
 
 full = ud_english_ewt()
 print("UD English-EWT:", full.sizes(), "tags:", " ".join(full.labels))
@@ -66,7 +68,7 @@ print(f"most-frequent-tag baseline: {baseline:.3f} word accuracy on {len(gold)} 
 
 # %%
 torch.manual_seed(0)
-model = minift.BertForTokenClassification.from_pretrained("minilm", id2label=dict(enumerate(ds.labels)))
+model = minift.BertForTokenClassification.from_pretrained("minilm", impl=IMPL, id2label=dict(enumerate(ds.labels)))
 out_dir = tempfile.mkdtemp(prefix="minift-tutorial7-")
 trainer = Trainer(model, tokenizer, ds, TrainConfig(lr=3e-4, epochs=1, batch_size=16, progress=False), out_dir)
 result = trainer.fit()

@@ -21,19 +21,22 @@ import torch
 
 import minift
 from minift import data, peft, tasks
+from minift.ops import extension_available
 from minift.trainer import TrainConfig, Trainer
 
 FAST = os.environ.get("MINIFT_TUTORIAL_FAST") == "1"
 N_TRAIN, N_EVAL = (640, 100) if FAST else (640, 400)
+IMPL = "fused" if extension_available() else "torch"      # the compiled kernels where built, as the CLI
 full = tasks.rotten_tomatoes()
-ds = data.Dataset("rt", "classification", full.train[:N_TRAIN], full.dev[:N_EVAL], full.test[:N_EVAL], full.labels)
+# the schemes are compared on dev accuracy: no test split (the trainer would evaluate it for nothing)
+ds = data.Dataset("rt", "classification", full.train[:N_TRAIN], full.dev[:N_EVAL], [], full.labels)
 tok = minift.Tokenizer.from_pretrained("minilm")
 batch = tok(["An odd, touching film.", "Nothing works."])
 
 
 def fresh_model():
     torch.manual_seed(0)
-    return minift.BertForSequenceClassification.from_pretrained("minilm", id2label=dict(enumerate(ds.labels)))
+    return minift.BertForSequenceClassification.from_pretrained("minilm", impl=IMPL, id2label=dict(enumerate(ds.labels)))
 
 
 # %% [markdown]
