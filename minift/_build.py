@@ -126,7 +126,14 @@ def precompiled_header(cxx: str, flags: list[str], directory: str) -> list[str]:
     text = "#pragma once\n" + "".join(f"#include <{h}>\n" for h in PCH_HEADERS)
     includes = [f"-I{d}" for d in [*include_paths(), sysconfig.get_paths()["include"]]]
     cmd = [cxx, *flags, *includes, "-x", "c++-header", header, "-o", header + ".gch"]
-    stamp = hashlib.sha256(("\0".join(cmd) + text).encode()).hexdigest()
+    # The command alone does not name the headers' contents: torch upgraded in place keeps its
+    # include paths, and GCC would load a precompiled header of the old torch without a word. So the
+    # stamp also covers torch's version and each precompiled header's size and time as found.
+    import torch
+    found = [os.path.join(d, h) for h in PCH_HEADERS for d in include_paths() if os.path.isfile(os.path.join(d, h))]
+    files = [f"{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in found]
+    stamp = hashlib.sha256("\0".join([*cmd, text, torch.__version__, str(torch.version.git_version), *files])
+                           .encode()).hexdigest()
     use = ["-include", header, "-Winvalid-pch"]
     try:
         with open(header + ".stamp", encoding="utf-8") as f:

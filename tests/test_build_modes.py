@@ -135,6 +135,43 @@ def test_precompiled_header_failure_falls_back_with_a_message(tmp_path, capsys, 
     assert capsys.readouterr().out == "" and not (tmp_path / "off").exists()
 
 
+FAKE_CXX = """#!/bin/sh
+# Stands in for the compiler: notes each call and writes the file after -o.
+echo "$*" >> "$(dirname "$0")/calls"
+while [ $# -gt 1 ]; do [ "$1" = "-o" ] && echo gch > "$2"; shift; done
+"""
+
+
+def test_precompiled_header_is_rebuilt_when_torch_changes_under_the_same_paths(tmp_path, monkeypatch):
+    """The stamp that lets a build reuse its precompiled header covers more than the command: torch
+    upgraded in place keeps its include paths (the same command), and GCC would load a header compiled
+    from the old torch. A changed header file or torch version must rebuild it; nothing changed, not."""
+    import torch
+    import torch.utils.cpp_extension as cpp_extension
+
+    from minift._build import PCH_HEADERS, precompiled_header
+    monkeypatch.delenv("MINIFT_NO_PCH", raising=False)
+    cxx = tmp_path / "cxx"
+    cxx.write_text(FAKE_CXX)
+    cxx.chmod(0o755)
+    include = tmp_path / "include"
+    for h in PCH_HEADERS:
+        (include / h).parent.mkdir(parents=True, exist_ok=True)
+        (include / h).write_text("#pragma once\n")
+    monkeypatch.setattr(cpp_extension, "include_paths", lambda *a, **k: [str(include)])
+
+    def builds():
+        assert precompiled_header(str(cxx), ["-O3"], str(tmp_path / "pch")) != []
+        return len((tmp_path / "calls").read_text().splitlines())
+    assert builds() == 1
+    assert builds() == 1                                   # up to date: reused
+    (include / PCH_HEADERS[0]).write_text("#pragma once\nint changed;\n")
+    assert builds() == 2                                   # a header of torch changed
+    assert builds() == 2
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    assert builds() == 3                                   # another torch version
+
+
 FAKE_PYTHON = """#!/bin/sh
 # Stands in for python in scripts/setup.sh: every pip install succeeds at once, except minift's own
 # (-e .), which prints a compiler error and fails, as a broken build does.
