@@ -27,6 +27,7 @@ import torch
 
 import minift
 from minift import data, metrics, tasks
+from minift.selfcheck import resolve_impl
 from minift.trainer import TrainConfig, Trainer, balanced_class_weights, encode_dataset, length_batches
 
 REMEDIES = {"none": {}, "class weights": {"class_weights": "balanced"}, "balanced sampler": {"sampler": "balanced"}}
@@ -95,6 +96,8 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--impl", default="auto", choices=["auto", "torch", "reference", "fused"],
+                   help="the model's layers (auto: the compiled kernels where built, as minift finetune)")
     p.add_argument("--probe", action="store_true", help="frozen encoder, train the classifier only (for a CPU)")
     p.add_argument("--probe-epochs", type=int, default=30)
     p.add_argument("--probe-lr", type=float, default=3e-3)
@@ -104,8 +107,9 @@ def main() -> None:
     ds = imbalanced_sentiment(args.keep_every, args.train_size, args.eval_size)
     minority = "rotten"
     n_min = sum(e.label == minority for e in ds.train)
+    impl = resolve_impl(args.impl, args.device)
     how = (f"linear probe, {args.probe_epochs} epochs, lr {args.probe_lr}" if args.probe else
-           f"{args.epochs} epochs, lr {args.lr}")
+           f"{args.epochs} epochs, lr {args.lr}, impl {impl}")
     print(f"{ds.name}: {ds.sizes()}; train has {n_min} {minority} / {len(ds.train) - n_min} fresh; "
           f"{args.model}, {how}, batch {args.batch_size}, max length {args.max_length}, "
           f"{args.device}, {torch.get_num_threads()} CPU threads")
@@ -133,7 +137,7 @@ def main() -> None:
                 continue
             torch.manual_seed(seed)
             model = minift.BertForSequenceClassification.from_pretrained(
-                args.model, id2label=dict(enumerate(ds.labels)))
+                args.model, impl=impl, id2label=dict(enumerate(ds.labels)))
             cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
                               seed=seed, progress=False, precision="fp32", **remedy)
             with tempfile.TemporaryDirectory() as out:
