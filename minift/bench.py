@@ -243,7 +243,7 @@ def bench_step_cpu(repeats: int = 9, profile_steps: int = 3, shape: str | dict =
                    padded_lengths: tuple[int, ...] = (64, 128)) -> tuple[list[Row], str, str]:
     """One fine-tuning step (forward, backward, AdamW) of BertForSequenceClassification, fp32:
     transformers (sdpa, torch.optim.AdamW) against minift's impl="torch" and impl="fused" (its fused
-    AdamW), on ``batch`` real snippets at their bucketed lengths and padded to each of
+    AdamW), and fused under bf16 autocast where ``--precision auto`` picks bf16 on this CPU, on ``batch`` real snippets at their bucketed lengths and padded to each of
     ``padded_lengths``. ``shape``: a name in SHAPES (MiniLM's by default) or a dict of BertConfig
     sizes. The implementations take turns step by step (the median of each), so a machine that
     slows down during the run slows all three alike.
@@ -276,6 +276,11 @@ def bench_step_cpu(repeats: int = 9, profile_steps: int = 3, shape: str | dict =
         out_ids[:, :ids.shape[1]], out_mask[:, :ids.shape[1]] = ids, mask
         return out_ids, out_mask
 
+    # where --precision auto picks bf16 on this CPU, fused's step under bf16 autocast too (as minift
+    # finetune runs it there)
+    from .trainer import choose_precision
+    auto_dtype, auto_why = choose_precision("auto", "cpu")
+
     # the same function first: the encoder's output at the real tokens (a random head makes every
     # loss about log 2, whatever the encoder computes) and the loss, same weights, no dropout
     hf.eval()
@@ -288,12 +293,17 @@ def bench_step_cpu(repeats: int = 9, profile_steps: int = 3, shape: str | dict =
             ours.set_impl(impl)
             hidden[impl] = ours.bert(ids, mask).last_hidden_state[real]
             first[impl] = ours(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+        if auto_dtype is not None:
+            with torch.autocast("cpu", dtype=auto_dtype):
+                bf16 = ours(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
     worst = max((h - hidden["transformers"]).abs().max().item() for h in hidden.values())
     if worst > 1e-4:
         raise RuntimeError(f"the implementations disagree before any step: the encoder outputs differ by up to "
                            f"{worst:.2e} (losses {first}): nothing to time")
     checked = (f"encoder outputs within {worst:.1e} of transformers'; loss of the first batch from the same "
                f"weights, no dropout: " + ", ".join(f"{k} {v:.6f}" for k, v in first.items()))
+    if auto_dtype is not None:
+        checked += f" (fused under bf16 autocast: {bf16:.6f}); --precision auto here: {auto_why}"
 
     hf.train()
     ours.train()
@@ -305,15 +315,16 @@ def bench_step_cpu(repeats: int = 9, profile_steps: int = 3, shape: str | dict =
         if impl == "transformers":
             model, opt = hf, hf_opt
         else:
-            ours.set_impl(impl)
-            model, opt = ours, ours_opts[impl]
-        loss = model(input_ids=x, attention_mask=m, labels=labels).loss
+            ours.set_impl(impl.split()[0])
+            model, opt = ours, ours_opts[impl.split()[0]]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=impl.endswith("bf16")):
+            loss = model(input_ids=x, attention_mask=m, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     rows = []
-    impls = ["transformers", "torch", "fused"]
+    impls = ["transformers", "torch", "fused"] + (["fused bf16"] if auto_dtype is not None else [])
     size = shape if isinstance(shape, str) else "H={hidden_size} L={num_hidden_layers}".format(**cfg_kw)
     for T in (None, *padded_lengths):
         x, m = padded(T)
@@ -327,7 +338,8 @@ def bench_step_cpu(repeats: int = 9, profile_steps: int = 3, shape: str | dict =
                 step(impl, x, m)
                 times[impl].append((time.perf_counter() - t0) * 1e3)
         for impl in impls:
-            label = impl if impl == "transformers" else f"minift {impl}"
+            label = {"transformers": impl, "fused bf16": "minift fused, bf16 autocast (--precision auto)"}.get(
+                impl, f"minift {impl}")
             rows.append(Row(name, label, statistics.median(times[impl]),
                             source if T is None and impl == "transformers" else ""))
 

@@ -31,9 +31,11 @@ Details that make runs reproducible and safe:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,8 +134,8 @@ def encode_dataset(tokenizer, dataset: D.Dataset, cfg: TrainConfig) -> dict[str,
 
 def cpu_bf16_speed() -> str:
     """How this CPU runs bfloat16 matrix multiplies: "amx" (AMX-BF16 tiles: about twice fp32's
-    speed), "avx512" (AVX512-BF16 dot products: about fp32's), or "emulated" (converted to fp32 and
-    back: several times slower than fp32)."""
+    speed), "avx512" (AVX512-BF16 dot products: the gain depends on the CPU, see
+    cpu_bf16_timing), or "emulated" (converted to fp32 and back: several times slower than fp32)."""
     if torch.cpu._is_amx_tile_supported():
         return "amx"
     if torch.cpu._is_avx512_bf16_supported():
@@ -141,13 +143,55 @@ def cpu_bf16_speed() -> str:
     return "emulated"
 
 
+# bf16 is chosen on an AVX512-BF16 CPU when its matrix multiply is at least this much faster than
+# fp32's: the rest of the step (casts, the elementwise kernels) gains less than the products do.
+BF16_MIN_SPEEDUP = 1.3
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_timing(n: int = 512, k: int = 384, m: int = 1536, rounds: int = 7) -> tuple[float, float]:
+    """Milliseconds of one (n x k) @ (k x m) product (a BERT feed-forward layer's shape at 512
+    tokens) in fp32 and under bf16 autocast (the casts included, as in training), medians of
+    ``rounds`` rounds taking turns, after a warm-up. About 0.1 s, once per process.
+
+    A bf16 dot product instruction (vdpbf16ps) does twice the multiply-adds of an fp32 FMA; what
+    that gives depends on the CPU (on one AMD EPYC: the product 3.3-3.8x faster, a fine-tuning step
+    2.1-2.2x), so ``--precision auto`` times it rather than guess. In a multi-process run every
+    process takes rank 0's timing, so that all choose alike."""
+    ms = torch.tensor(_time_bf16_product(n, k, m, rounds), dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 \
+            and dist.get_backend() == "gloo":
+        dist.broadcast(ms, src=0)
+    return float(ms[0]), float(ms[1])
+
+
+def _time_bf16_product(n: int, k: int, m: int, rounds: int) -> tuple[float, float]:
+    """This process's timing for cpu_bf16_timing: (fp32 ms, bf16 autocast ms)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(n, k, generator=g), torch.randn(k, m, generator=g)
+
+    def once(bf16: bool) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            t = time.perf_counter()
+            x @ w
+            return 1e3 * (time.perf_counter() - t)
+
+    for bf16 in (False, True, False, True):
+        once(bf16)
+    f32, b16 = [], []
+    for _ in range(rounds):
+        f32.append(once(False))
+        b16.append(once(True))
+    return statistics.median(f32), statistics.median(b16)
+
+
 def choose_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, str]:
     """The autocast dtype for ``--precision`` on ``device`` (None: plain fp32) and why, in words.
 
-    auto: bf16 on a GPU that has it; on the CPU, bf16 only where it has AMX-BF16 (the only CPU
-    kind on which bf16 matrix multiplies beat fp32), else fp32. bf16 may be asked for on any CPU
-    (the reason then warns where it is slow); fp16 needs a GPU (it needs loss scaling, which minift
-    does with CUDA's GradScaler)."""
+    auto: bf16 on a GPU that has it; on the CPU, bf16 where it has AMX-BF16, or AVX512-BF16 with a
+    bf16 matrix multiply at least BF16_MIN_SPEEDUP times fp32's (timed once, cpu_bf16_timing),
+    else fp32. bf16 may be asked for on any CPU (the reason then warns where it is slow); fp16
+    needs a GPU (it needs loss scaling, which minift does with CUDA's GradScaler)."""
     device = torch.device(device)
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UserError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
@@ -166,7 +210,15 @@ def choose_precision(precision: str, device: torch.device) -> tuple[torch.dtype 
     if precision == "auto":
         if speed == "amx":
             return torch.bfloat16, "bf16 autocast (auto: this CPU has AMX-BF16)"
-        return None, ("fp32 (auto: this CPU has no AMX-BF16, so bf16 would not be faster; "
+        if speed == "avx512":
+            f32, b16 = cpu_bf16_timing()
+            timed = (f"a bf16 matrix multiply of a BERT layer's shape took {b16:.2f} ms against fp32's "
+                     f"{f32:.2f} ms, {f32 / b16:.2f}x")
+            if f32 >= BF16_MIN_SPEEDUP * b16:
+                return torch.bfloat16, f"bf16 autocast (auto: this CPU has AVX512-BF16, and {timed})"
+            return None, (f"fp32 (auto: this CPU has AVX512-BF16 but no AMX-BF16, and {timed}, less than "
+                          f"{BF16_MIN_SPEEDUP}x; --precision bf16 forces it)")
+        return None, ("fp32 (auto: this CPU has neither AMX-BF16 nor AVX512-BF16, so bf16 would be slower; "
                       "--precision bf16 forces it)")
     if speed == "emulated":
         return torch.bfloat16, ("bf16 autocast (asked for; warning: this CPU has neither AMX-BF16 nor "
@@ -523,7 +575,7 @@ class Trainer:
             metrics.update({f"test_{k}": test[k] for k in ("report", "entity_report") if k in test})
         metrics.update({"epochs_run": self.epoch, "train_seconds": seconds, "truncated": self.truncated,
                         "config": asdict(self.cfg), "impl": self.model.config.impl, "device": str(self.device),
-                        "world_size": self.world, "history": self.history.epochs})
+                        "precision": self.precision_note, "world_size": self.world, "history": self.history.epochs})
         if is_main():
             (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
             plot_history(self.history, self.out / "training.png")

@@ -9,6 +9,16 @@ from minift.pretrained import resolve
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+@pytest.fixture(autouse=True)
+def _auto_precision_is_fp32_on_every_cpu(monkeypatch):
+    """--precision auto times bf16 against fp32 on a CPU with AVX512-BF16 and may choose bf16
+    (minift.trainer.cpu_bf16_timing): the tests' numbers would then depend on the CPU at hand. In
+    this process auto finds no bf16 gain there; tests of the choice itself set their own timing,
+    and tests that start minift in a subprocess pass --precision fp32 where they compare numbers."""
+    from minift import trainer
+    monkeypatch.setattr(trainer, "cpu_bf16_timing", lambda *a, **k: (1.0, 1.0))
+
+
 @pytest.fixture(scope="session")
 def minilm_dir():
     return resolve("minilm")

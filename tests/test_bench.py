@@ -85,3 +85,21 @@ def test_crf_benchmark_refuses_crf_lr_with_probe():
                        timeout=300)
     assert r.returncode == 2 and r.stdout == ""
     assert "--crf-lr is for full fine-tuning; with --probe the CRF trains at --probe-lr" in r.stderr
+
+
+def test_step_bench_adds_the_bf16_step_where_auto_picks_bf16(monkeypatch):
+    """On a CPU where --precision auto takes bf16 (here: AVX512-BF16 with a bf16 product timed 3x
+    fp32's), the table adds fused's step under bf16 autocast, and the check line gives its first
+    loss (bf16 rounding: near the float32 ones, not equal) and auto's reason."""
+    from minift import trainer
+    monkeypatch.setattr(trainer, "cpu_bf16_speed", lambda: "avx512")
+    monkeypatch.setattr(trainer, "cpu_bf16_timing", lambda *a, **k: (3.0, 1.0))
+    rows, checked, _ = tiny_step()
+    bf16_row = "minift fused, bf16 autocast (--precision auto)"
+    assert [r.impl for r in rows] == ["transformers", "minift torch", "minift fused", bf16_row] * 2
+    assert all(math.isfinite(r.ms) and r.ms > 0 for r in rows)
+    fp32_losses, rest = checked.split("no dropout: ", 1)[1].split(" (fused under bf16 autocast: ")
+    fused = float(fp32_losses.split(", ")[-1].split()[-1])
+    bf16 = float(rest.split(")")[0])
+    assert bf16 != fused and abs(bf16 - fused) < 0.05 * fused, checked
+    assert "--precision auto here: bf16 autocast (auto: this CPU has AVX512-BF16, and " in checked

@@ -364,7 +364,8 @@ def test_torchrun_two_processes_equal_one(texts, tmp_path):
     train.write_text("\n".join((texts / "train.txt").read_text().splitlines()[:128]))
     dev.write_text("\n".join((texts / "dev.txt").read_text().splitlines()[:40]))
     common = ["pretrain", "--config", str(config), "--text", str(train), "--dev", str(dev), "--epochs", "2",
-              "--batch-size", "16", "--lr", "2e-3", "--no-progress", "--device", "cpu"]
+              "--batch-size", "16", "--lr", "2e-3", "--no-progress", "--device", "cpu",
+              "--precision", "fp32"]
     code, _, stderr = run_cli(*common, "--out", tmp_path / "one")
     assert code == 0, stderr
     root = Path(__file__).resolve().parent.parent

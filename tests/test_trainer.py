@@ -154,7 +154,7 @@ def test_torchrun_two_processes_equal_one(tiny_model_dir, tmp_path):
             w.writerow([ex.text, ex.label])
     common = ["finetune", "--model", str(tiny_model_dir), "--train", str(train_csv), "--dev", str(dev_csv),
               "--test", str(dev_csv), "--epochs", "2", "--batch-size", "16", "--lr", "1e-3",
-              "--no-progress", "--device", "cpu"]
+              "--no-progress", "--device", "cpu", "--precision", "fp32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "minift.cli", *common, "--out", str(tmp_path / "one")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -278,8 +278,9 @@ def test_plot_history_leaves_the_process_backend_alone(tmp_path):
 
 
 def test_precision_choice_on_the_cpu(monkeypatch):
-    """auto: bf16 only on a CPU with AMX-BF16; bf16 may be forced anywhere (with a warning where
-    it is emulated); fp16 needs a GPU. Each choice says why."""
+    """auto: bf16 on a CPU with AMX-BF16, or with AVX512-BF16 where its timed matrix multiply is
+    BF16_MIN_SPEEDUP times fp32's; bf16 may be forced anywhere (with a warning where it is
+    emulated); fp16 needs a GPU. Each choice says why."""
     from minift import trainer as T
     from minift.errors import UserError
     cpu = torch.device("cpu")
@@ -287,11 +288,19 @@ def test_precision_choice_on_the_cpu(monkeypatch):
     assert T.choose_precision("auto", cpu) == (torch.bfloat16, "bf16 autocast (auto: this CPU has AMX-BF16)")
     monkeypatch.setattr(T, "cpu_bf16_speed", lambda: "emulated")
     dtype, why = T.choose_precision("auto", cpu)
-    assert dtype is None and "no AMX-BF16" in why and "--precision bf16" in why
+    assert dtype is None and "neither AMX-BF16 nor AVX512-BF16" in why and "--precision bf16" in why
     dtype, why = T.choose_precision("bf16", cpu)
     assert dtype is torch.bfloat16 and "warning" in why and "slower" in why
     monkeypatch.setattr(T, "cpu_bf16_speed", lambda: "avx512")
     assert T.choose_precision("bf16", cpu)[1].endswith("this CPU has AVX512-BF16)")
+    # AVX512-BF16: the timing decides, at BF16_MIN_SPEEDUP (1.3x) exactly and either side of it
+    for f32, b16, want in ((2.9, 0.88, torch.bfloat16), (1.3, 1.0, torch.bfloat16), (1.29, 1.0, None),
+                           (1.0, 1.1, None)):
+        monkeypatch.setattr(T, "cpu_bf16_timing", lambda f32=f32, b16=b16: (f32, b16))
+        dtype, why = T.choose_precision("auto", cpu)
+        assert dtype is want, (f32, b16, why)
+        assert f"took {b16:.2f} ms against fp32's {f32:.2f} ms" in why, why
+        assert ("--precision bf16 forces it" in why) == (want is None), why
     assert T.choose_precision("fp32", cpu) == (None, "fp32 (asked for)")
     with pytest.raises(UserError, match="fp16 needs a GPU"):
         T.choose_precision("fp16", cpu)
@@ -319,3 +328,36 @@ def test_bf16_autocast_on_the_cpu_trains_like_fp32(tiny_model_dir, small_dataset
     assert len(fp32) == len(bf16) >= 6
     assert not torch.equal(fp32, bf16), "bf16 rounding should show in the losses"
     assert (fp32 - bf16).abs().max() < 0.03, (fp32, bf16)
+
+
+def test_auto_precision_takes_rank_0s_timing_in_every_process(tmp_path):
+    """Two gloo processes whose own timings disagree (rank 0: bf16 3x faster; rank 1: slower) both
+    choose what rank 0's timing says: processes of one run must not train in different precisions."""
+    script = tmp_path / "ranks.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        import torch
+        import torch.distributed as dist
+        import torch.multiprocessing as mp
+
+        def rank_main(rank):
+            dist.init_process_group("gloo", init_method={(tmp_path / 'rendezvous').as_uri()!r}, rank=rank,
+                                    world_size=2)
+            from minift import trainer
+            trainer.cpu_bf16_speed = lambda: "avx512"
+            trainer._time_bf16_product = lambda *a: (3.0, 1.0) if rank == 0 else (1.0, 5.0)
+            dtype, why = trainer.choose_precision("auto", "cpu")
+            print(rank, dtype, why, flush=True)
+            dist.destroy_process_group()
+
+        if __name__ == "__main__":
+            mp.spawn(rank_main, nprocs=2)
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = sorted(r.stdout.strip().splitlines())
+    assert len(lines) == 2, r.stdout
+    for rank, line in enumerate(lines):
+        assert line.startswith(f"{rank} torch.bfloat16 bf16 autocast (auto: "), line
+        assert "took 1.00 ms against fp32's 3.00 ms" in line, line
