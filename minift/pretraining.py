@@ -282,9 +282,10 @@ class PretrainTrainer(Trainer):
             self._log_file.flush()
 
     def evaluate(self, encoded: D.Encoded) -> dict:
-        with self._autocast():
-            return mlm_metrics(self.model, encoded, self.tokenizer.pad_token_id, self.cfg.eval_batch_size,
-                               self.device)
+        """The held-out masked-LM loss and accuracy, in fp32 whatever the training precision (as
+        Trainer.predict)."""
+        return mlm_metrics(self.model, encoded, self.tokenizer.pad_token_id, self.cfg.eval_batch_size,
+                           self.device)
 
     def score(self, results: dict) -> float:
         return -results["mlm_loss"]

@@ -149,49 +149,75 @@ BF16_MIN_SPEEDUP = 1.3
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_bf16_timing(n: int = 512, k: int = 384, m: int = 1536, rounds: int = 7) -> tuple[float, float]:
+def cpu_bf16_timing(n: int = 512, k: int = 384, m: int = 1536, rounds: int = 5) -> tuple[float, float]:
     """Milliseconds of one (n x k) @ (k x m) product (a BERT feed-forward layer's shape at 512
-    tokens) in fp32 and under bf16 autocast (the casts included, as in training), medians of
-    ``rounds`` rounds taking turns, after a warm-up. About 0.1 s, once per process.
+    tokens) on one thread, in fp32 and under bf16 autocast (the casts included, as in training):
+    the fastest of ``rounds`` rounds taking turns, after a warm-up. Well under a second, once per
+    process.
 
     A bf16 dot product instruction (vdpbf16ps) does twice the multiply-adds of an fp32 FMA; what
     that gives depends on the CPU (on one AMD EPYC: the product 3.3-3.8x faster, a fine-tuning step
-    2.1-2.2x), so ``--precision auto`` times it rather than guess. In a multi-process run every
-    process takes rank 0's timing, so that all choose alike."""
-    ms = torch.tensor(_time_bf16_product(n, k, m, rounds), dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 \
-            and dist.get_backend() == "gloo":
-        dist.broadcast(ms, src=0)
-    return float(ms[0]), float(ms[1])
+    2.1-2.3x), so ``--precision auto`` times it rather than guess. One thread and the fastest round,
+    because other work on the machine only ever adds time: timed on two threads while another job
+    held both cores, bf16 came out slower than fp32 on that same CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, w = torch.randn(n, k, generator=g), torch.randn(k, m, generator=g)
+
+        def once(bf16: bool) -> float:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                t = time.perf_counter()
+                x @ w
+                return 1e3 * (time.perf_counter() - t)
+
+        for bf16 in (False, True, False, True):
+            once(bf16)
+        f32, b16 = [], []
+        for _ in range(rounds):
+            f32.append(once(False))
+            b16.append(once(True))
+        return min(f32), min(b16)
+    finally:
+        torch.set_num_threads(threads)
 
 
-def _time_bf16_product(n: int, k: int, m: int, rounds: int) -> tuple[float, float]:
-    """This process's timing for cpu_bf16_timing: (fp32 ms, bf16 autocast ms)."""
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(n, k, generator=g), torch.randn(k, m, generator=g)
+def _cpu_auto() -> tuple[torch.dtype | None, str]:
+    """--precision auto on this process's CPU (see choose_precision)."""
+    speed = cpu_bf16_speed()
+    if speed == "amx":
+        return torch.bfloat16, "bf16 autocast (auto: this CPU has AMX-BF16)"
+    if speed == "avx512":
+        f32, b16 = cpu_bf16_timing()
+        timed = (f"a bf16 matrix multiply of a BERT layer's shape took {b16:.2f} ms against fp32's "
+                 f"{f32:.2f} ms on one thread, {f32 / b16:.3f}x")
+        if f32 >= BF16_MIN_SPEEDUP * b16:
+            return torch.bfloat16, f"bf16 autocast (auto: this CPU has AVX512-BF16, and {timed})"
+        return None, (f"fp32 (auto: this CPU has AVX512-BF16 but no AMX-BF16, and {timed}, less than "
+                      f"{BF16_MIN_SPEEDUP}x; --precision bf16 forces it)")
+    return None, ("fp32 (auto: this CPU has neither AMX-BF16 nor AVX512-BF16, so bf16 would be slower; "
+                  "--precision bf16 forces it)")
 
-    def once(bf16: bool) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            t = time.perf_counter()
-            x @ w
-            return 1e3 * (time.perf_counter() - t)
 
-    for bf16 in (False, True, False, True):
-        once(bf16)
-    f32, b16 = [], []
-    for _ in range(rounds):
-        f32.append(once(False))
-        b16.append(once(True))
-    return statistics.median(f32), statistics.median(b16)
+def _from_rank_0(choice: tuple[torch.dtype | None, str]) -> tuple[torch.dtype | None, str]:
+    """In a multi-process run, rank 0's choice for every process (all must call this, whatever
+    their CPU): processes of one run must not train in different precisions."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return choice
+    shared = [str(choice[0]).removeprefix("torch.") if choice[0] is not None else None, choice[1]]
+    dist.broadcast_object_list(shared, src=0)
+    return (getattr(torch, shared[0]) if shared[0] else None), shared[1]
 
 
 def choose_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, str]:
     """The autocast dtype for ``--precision`` on ``device`` (None: plain fp32) and why, in words.
 
     auto: bf16 on a GPU that has it; on the CPU, bf16 where it has AMX-BF16, or AVX512-BF16 with a
-    bf16 matrix multiply at least BF16_MIN_SPEEDUP times fp32's (timed once, cpu_bf16_timing),
-    else fp32. bf16 may be asked for on any CPU (the reason then warns where it is slow); fp16
-    needs a GPU (it needs loss scaling, which minift does with CUDA's GradScaler)."""
+    bf16 matrix multiply at least BF16_MIN_SPEEDUP times fp32's (timed once, cpu_bf16_timing;
+    in a multi-process run rank 0's choice for all), else fp32. bf16 may be asked for on any CPU
+    (the reason then warns where it is slow); fp16 needs a GPU (it needs loss scaling, which minift
+    does with CUDA's GradScaler)."""
     device = torch.device(device)
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UserError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
@@ -206,20 +232,9 @@ def choose_precision(precision: str, device: torch.device) -> tuple[torch.dtype 
     if precision == "fp16":
         raise UserError("--precision fp16: fp16 needs a GPU (minift scales its loss with CUDA's GradScaler); "
                         "on the CPU use bf16 or fp32")
-    speed = cpu_bf16_speed()
     if precision == "auto":
-        if speed == "amx":
-            return torch.bfloat16, "bf16 autocast (auto: this CPU has AMX-BF16)"
-        if speed == "avx512":
-            f32, b16 = cpu_bf16_timing()
-            timed = (f"a bf16 matrix multiply of a BERT layer's shape took {b16:.2f} ms against fp32's "
-                     f"{f32:.2f} ms, {f32 / b16:.2f}x")
-            if f32 >= BF16_MIN_SPEEDUP * b16:
-                return torch.bfloat16, f"bf16 autocast (auto: this CPU has AVX512-BF16, and {timed})"
-            return None, (f"fp32 (auto: this CPU has AVX512-BF16 but no AMX-BF16, and {timed}, less than "
-                          f"{BF16_MIN_SPEEDUP}x; --precision bf16 forces it)")
-        return None, ("fp32 (auto: this CPU has neither AMX-BF16 nor AVX512-BF16, so bf16 would be slower; "
-                      "--precision bf16 forces it)")
+        return _from_rank_0(_cpu_auto() if is_main() else (None, ""))
+    speed = cpu_bf16_speed()
     if speed == "emulated":
         return torch.bfloat16, ("bf16 autocast (asked for; warning: this CPU has neither AMX-BF16 nor "
                                 "AVX512-BF16, so bf16 runs several times slower than fp32 here)")
@@ -398,15 +413,16 @@ class Trainer:
 
     def predict(self, encoded: D.Encoded, by_sentence: bool = False) -> tuple[list, list]:
         """Predicted and gold labels (class ids, per word for token tasks, one list per sentence
-        with ``by_sentence``; label sets; numbers)."""
-        with self._autocast():
-            if encoded.problem in ("token", D.SINGLE_LABEL):
-                token = encoded.problem == "token"
-                out = predict_labels(self.model, encoded, self.tokenizer.pad_token_id, self.cfg.eval_batch_size,
-                                     self.device, token, return_probs=token and by_sentence)
-                return out[:2]
-            return predict_values(self.model, encoded, self.tokenizer.pad_token_id, self.cfg.eval_batch_size,
-                                  self.device, self.thresholds if self.thresholds is not None else 0.5)
+        with ``by_sentence``; label sets; numbers). In fp32 whatever the training precision: the
+        scores in metrics.json are then those `minift evaluate` gives for the saved model, and
+        multi-label thresholds are chosen on the logits predict will compare them with."""
+        if encoded.problem in ("token", D.SINGLE_LABEL):
+            token = encoded.problem == "token"
+            out = predict_labels(self.model, encoded, self.tokenizer.pad_token_id, self.cfg.eval_batch_size,
+                                 self.device, token, return_probs=token and by_sentence)
+            return out[:2]
+        return predict_values(self.model, encoded, self.tokenizer.pad_token_id, self.cfg.eval_batch_size,
+                              self.device, self.thresholds if self.thresholds is not None else 0.5)
 
     def evaluate(self, encoded: D.Encoded) -> dict:
         """The metrics of the dataset's problem type; "report" (classification) is not a number."""
@@ -459,7 +475,9 @@ class Trainer:
                  "bad_epochs": self.bad_epochs, "history": asdict(self.history), "best_dev": self.best_dev,
                  "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                 "config": asdict(self.cfg), "labels": self.dataset.labels}
+                 "config": asdict(self.cfg), "labels": self.dataset.labels,
+                 "autocast": str(self.autocast_dtype).removeprefix("torch.") if self.autocast_dtype else None,
+                 "precision": self.precision_note}
         checkpoint.save_last(self.out / "last", self.model.state_dict(), state, self.run_info())
 
     def resume(self, path: str | Path | None = None):
@@ -475,6 +493,13 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if self.cfg.precision == "auto" and "autocast" in state:
+            # auto chose once, when the run started (a timing, on the CPU): the run keeps that choice
+            saved = getattr(torch, state["autocast"]) if state["autocast"] else None
+            if saved != self.autocast_dtype:
+                self.log(f"--precision auto: keeping the run's {state['precision']}, not this start's "
+                         f"{self.precision_note}")
+            self.autocast_dtype, self.precision_note = saved, state["precision"]
         self.resumed = True
         self.log(f"resumed from {path} after epoch {self.epoch}")
 
@@ -586,9 +611,8 @@ class Trainer:
         """Multi-label: per class, the threshold with the best dev F1 (``metrics.choose_thresholds``),
         kept for the test and saved as best/thresholds.json for predict and evaluate. Returns the dev
         scores with them (optimistic: chosen on the same examples)."""
-        with self._autocast():
-            logits, gold = predict_logits(self.model, self.dev_set, self.tokenizer.pad_token_id,
-                                          self.cfg.eval_batch_size, self.device)
+        logits, gold = predict_logits(self.model, self.dev_set, self.tokenizer.pad_token_id,
+                                      self.cfg.eval_batch_size, self.device)          # fp32, as predict
         self.thresholds = M.choose_thresholds(torch.sigmoid(logits), gold)
         if is_main() and (self.out / "best").is_dir():
             write_thresholds(self.out / "best", self.dataset.labels, self.thresholds)

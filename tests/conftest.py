@@ -10,12 +10,14 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 @pytest.fixture(autouse=True)
-def _auto_precision_is_fp32_on_every_cpu(monkeypatch):
-    """--precision auto times bf16 against fp32 on a CPU with AVX512-BF16 and may choose bf16
-    (minift.trainer.cpu_bf16_timing): the tests' numbers would then depend on the CPU at hand. In
-    this process auto finds no bf16 gain there; tests of the choice itself set their own timing,
-    and tests that start minift in a subprocess pass --precision fp32 where they compare numbers."""
+def _auto_precision_is_fp32(monkeypatch):
+    """--precision auto takes bf16 on a CPU with AMX-BF16, and on one with AVX512-BF16 where a
+    timed bf16 product is fast enough (minift.trainer): the tests' numbers would then depend on the
+    CPU at hand. In this process every CPU looks like one with AVX512-BF16 and no bf16 gain, so
+    auto is fp32; tests of the choice itself set their own, and tests that start minift in a
+    subprocess pass --precision fp32 where they compare numbers."""
     from minift import trainer
+    monkeypatch.setattr(trainer, "cpu_bf16_speed", lambda: "avx512")
     monkeypatch.setattr(trainer, "cpu_bf16_timing", lambda *a, **k: (1.0, 1.0))
 
 

@@ -309,9 +309,11 @@ def test_precision_choice_on_the_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("impl", ["torch", "fused"])
-def test_bf16_autocast_on_the_cpu_trains_like_fp32(tiny_model_dir, small_dataset, tmp_path, impl):
+def test_bf16_autocast_on_the_cpu_trains_like_fp32(tiny_model_dir, small_dataset, tmp_path, impl, monkeypatch):
     """--precision bf16 on the CPU: the matrix multiplies run in bf16 (the logits come out bf16),
-    the weights stay fp32, and the run follows the fp32 run to bf16's rounding."""
+    the weights stay fp32, evaluation runs in fp32, and the run follows the fp32 run to bf16's
+    rounding."""
+    from minift import trainer as T
     runs = {}
     for precision in ("fp32", "bf16"):
         t = make_trainer(tiny_model_dir, small_dataset, tmp_path / precision, precision=precision, epochs=1)
@@ -321,7 +323,17 @@ def test_bf16_autocast_on_the_cpu_trains_like_fp32(tiny_model_dir, small_dataset
             with t._autocast():
                 out = t.model(batch["input_ids"], batch["attention_mask"])
             assert out.logits.dtype == torch.bfloat16
+            # evaluation (dev each epoch, the test) runs in fp32, as `minift evaluate` does
+            evaluated = []
+            real = T.predict_labels
+
+            def spy(*a, **k):
+                evaluated.append(torch.is_autocast_enabled("cpu"))
+                return real(*a, **k)
+            monkeypatch.setattr(T, "predict_labels", spy)
         t.fit()
+        if precision == "bf16":
+            assert evaluated and not any(evaluated), evaluated
         assert all(p.dtype == torch.float32 for p in t.model.parameters())
         runs[precision] = [r["loss"] for r in t.history.steps]
     fp32, bf16 = torch.tensor(runs["fp32"]), torch.tensor(runs["bf16"])
@@ -330,13 +342,12 @@ def test_bf16_autocast_on_the_cpu_trains_like_fp32(tiny_model_dir, small_dataset
     assert (fp32 - bf16).abs().max() < 0.03, (fp32, bf16)
 
 
-def test_auto_precision_takes_rank_0s_timing_in_every_process(tmp_path):
-    """Two gloo processes whose own timings disagree (rank 0: bf16 3x faster; rank 1: slower) both
-    choose what rank 0's timing says: processes of one run must not train in different precisions."""
+def test_auto_precision_takes_rank_0s_choice_in_every_process(tmp_path):
+    """Two gloo processes whose CPUs would choose differently (rank 0: AVX512-BF16 with bf16 timed 3x
+    faster; rank 1: no bf16 at all) both train in what rank 0 chose: processes of one run must not
+    train in different precisions, and a rank whose CPU would not time must still take part."""
     script = tmp_path / "ranks.py"
     script.write_text(textwrap.dedent(f"""
-        import sys
-        import torch
         import torch.distributed as dist
         import torch.multiprocessing as mp
 
@@ -344,10 +355,11 @@ def test_auto_precision_takes_rank_0s_timing_in_every_process(tmp_path):
             dist.init_process_group("gloo", init_method={(tmp_path / 'rendezvous').as_uri()!r}, rank=rank,
                                     world_size=2)
             from minift import trainer
-            trainer.cpu_bf16_speed = lambda: "avx512"
-            trainer._time_bf16_product = lambda *a: (3.0, 1.0) if rank == 0 else (1.0, 5.0)
-            dtype, why = trainer.choose_precision("auto", "cpu")
-            print(rank, dtype, why, flush=True)
+            trainer.cpu_bf16_speed = lambda: "avx512" if rank == 0 else "emulated"
+            trainer.cpu_bf16_timing = lambda *a: (3.0, 1.0)
+            for _ in range(2):      # the command line's check, then the trainer's
+                dtype, why = trainer.choose_precision("auto", "cpu")
+                print(rank, dtype, why, flush=True)
             dist.destroy_process_group()
 
         if __name__ == "__main__":
@@ -357,7 +369,49 @@ def test_auto_precision_takes_rank_0s_timing_in_every_process(tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     lines = sorted(r.stdout.strip().splitlines())
-    assert len(lines) == 2, r.stdout
-    for rank, line in enumerate(lines):
-        assert line.startswith(f"{rank} torch.bfloat16 bf16 autocast (auto: "), line
-        assert "took 1.00 ms against fp32's 3.00 ms" in line, line
+    assert len(lines) == 4, r.stdout
+    for line in lines:
+        assert line[2:].startswith("torch.bfloat16 bf16 autocast (auto: this CPU has AVX512-BF16, "), line
+        assert "took 1.00 ms against fp32's 3.00 ms on one thread" in line, line
+
+
+def test_bf16_timing_runs_and_restores_the_thread_count(monkeypatch):
+    """The real timing (the tests pin it elsewhere): two positive times, one thread while timing,
+    torch's thread count as it was after."""
+    from minift import trainer as T
+    monkeypatch.undo()                                    # conftest's pinned timing
+    T.cpu_bf16_timing.cache_clear()
+    threads = torch.get_num_threads()
+    seen = []
+    real_mm = torch.Tensor.__matmul__
+    try:
+        torch.set_num_threads(2)
+        torch.Tensor.__matmul__ = lambda a, b: (seen.append(torch.get_num_threads()), real_mm(a, b))[1]
+        f32, b16 = T.cpu_bf16_timing(64, 48, 80, 2)
+        after = torch.get_num_threads()
+    finally:
+        torch.Tensor.__matmul__ = real_mm
+        torch.set_num_threads(threads)
+        T.cpu_bf16_timing.cache_clear()
+    assert f32 > 0 and b16 > 0
+    assert seen and set(seen) == {1}, seen
+    assert after == 2
+
+
+def test_resume_keeps_the_precision_auto_chose(tiny_model_dir, small_dataset, tmp_path, monkeypatch):
+    """auto chooses when a run starts; a resumed run keeps that choice even where this start's
+    timing would choose otherwise (bf16 now timed 3x faster), and says so."""
+    from minift import trainer as T
+    first = make_trainer(tiny_model_dir, small_dataset, tmp_path / "run", epochs=2)
+    assert first.autocast_dtype is None                  # the tests' auto: fp32
+    first.cfg.epochs = 2
+    first.fit()
+    monkeypatch.setattr(T, "cpu_bf16_timing", lambda *a, **k: (3.0, 1.0))
+    logged = []
+    again = make_trainer(tiny_model_dir, small_dataset, tmp_path / "run", epochs=2)
+    again.log = logged.append
+    assert again.autocast_dtype is torch.bfloat16        # a fresh start would take bf16 now
+    again.resume()
+    assert again.autocast_dtype is None and again.precision_note == first.precision_note
+    assert any("keeping the run's fp32 (auto:" in line and "not this start's bf16 autocast" in line
+               for line in logged), logged
