@@ -28,7 +28,8 @@ import torch
 import minift
 from minift import data, metrics, tasks
 from minift.selfcheck import resolve_impl
-from minift.trainer import TrainConfig, Trainer, balanced_class_weights, encode_dataset, length_batches
+from minift.trainer import (TrainConfig, Trainer, balanced_class_weights, choose_precision, encode_dataset,
+                            length_batches)
 
 REMEDIES = {"none": {}, "class weights": {"class_weights": "balanced"}, "balanced sampler": {"sampler": "balanced"}}
 
@@ -98,6 +99,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--impl", default="auto", choices=["auto", "torch", "reference", "fused"],
                    help="the model's layers (auto: the compiled kernels where built, as minift finetune)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="training precision (fp32 by default, so that the table does not depend on the CPU; "
+                        "auto: as minift finetune, bf16 where it pays)")
     p.add_argument("--probe", action="store_true", help="frozen encoder, train the classifier only (for a CPU)")
     p.add_argument("--probe-epochs", type=int, default=30)
     p.add_argument("--probe-lr", type=float, default=3e-3)
@@ -109,7 +113,7 @@ def main() -> None:
     n_min = sum(e.label == minority for e in ds.train)
     impl = resolve_impl(args.impl, args.device)
     how = (f"linear probe, {args.probe_epochs} epochs, lr {args.probe_lr}" if args.probe else
-           f"{args.epochs} epochs, lr {args.lr}, impl {impl}")
+           f"{args.epochs} epochs, lr {args.lr}, impl {impl}, {choose_precision(args.precision, args.device)[1]}")
     print(f"{ds.name}: {ds.sizes()}; train has {n_min} {minority} / {len(ds.train) - n_min} fresh; "
           f"{args.model}, {how}, batch {args.batch_size}, max length {args.max_length}, "
           f"{args.device}, {torch.get_num_threads()} CPU threads")
@@ -139,7 +143,7 @@ def main() -> None:
             model = minift.BertForSequenceClassification.from_pretrained(
                 args.model, impl=impl, id2label=dict(enumerate(ds.labels)))
             cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
-                              seed=seed, progress=False, precision="fp32", **remedy)
+                              seed=seed, progress=False, precision=args.precision, **remedy)
             with tempfile.TemporaryDirectory() as out:
                 m = Trainer(model, tok, ds, cfg, out, device=args.device, log=lambda *a: None,
                             encoded=encoded).fit()
