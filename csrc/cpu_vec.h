@@ -1,7 +1,8 @@
-// Row helpers for the CPU kernels, in SIMD registers: at::vec::Vectorized<T> holds 8 floats (4
-// doubles) under AVX2, or falls back to plain loops when the build targets no vector extension
-// (setup.py adds -mavx2 -mfma only when the building CPU has them). Each helper walks one row of
-// n contiguous values: full vectors first, then a scalar tail.
+// Row helpers for the CPU kernels, in SIMD registers: at::vec::Vectorized<T> holds 16 floats (8
+// doubles) under AVX-512, 8 floats (4 doubles) under AVX2, or falls back to plain loops when the
+// build targets no vector extension (minift/_build.py's cpu_flags picks the widest the building
+// CPU has). Each helper walks one row of n contiguous values: full vectors first, then a scalar
+// tail; none assumes a width.
 #pragma once
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>

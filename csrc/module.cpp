@@ -20,7 +20,9 @@ namespace minift {
 
 // How the CPU kernels were built and what they reach, for `minift doctor` and the tests.
 std::string cpu_kernel_info() {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  std::string simd = "AVX512";
+#elif defined(CPU_CAPABILITY_AVX2)
   std::string simd = "AVX2";
 #else
   std::string simd = "none (plain loops)";

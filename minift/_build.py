@@ -9,25 +9,46 @@ import shutil
 import subprocess
 
 
-def cpu_flags() -> list[str]:
-    """Flags that let the CPU kernels' at::vec::Vectorized use AVX2 registers.
+# What ATen's own AVX512 and AVX2 kernels are compiled with (its CPU_CAPABILITY builds): the
+# instruction sets, and the macro at::vec::Vectorized reads to pick 16- or 8-float registers.
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
-    Added only when the building machine is x86-64 with AVX2, FMA and F16C (the extension is built where
-    it runs); elsewhere, or with MINIFT_PORTABLE=1, Vectorized falls back to plain loops.
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """Flags that let the CPU kernels' at::vec::Vectorized use the widest registers this machine
+    has: AVX-512 (16 floats) where it has AVX512F/BW/VL/DQ, else AVX2 (8 floats) where it has
+    AVX2, FMA and F16C.
+
+    Added only when the building machine is x86-64 (the extension is built where it runs);
+    elsewhere, or with MINIFT_PORTABLE=1, Vectorized falls back to plain loops. MINIFT_SIMD=avx2
+    keeps AVX2 on an AVX-512 machine (a module to copy to AVX2-only machines of the same kind).
     """
     if os.environ.get("MINIFT_PORTABLE", "0") == "1" or os.name == "nt":
         return []
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return []
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
+        with open(cpuinfo, encoding="utf-8") as f:
             words = set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
         return []
-    if {"avx2", "fma", "f16c"} <= words:           # what ATen's AVX2 code paths are built with
-        # -ffp-contract=off: a * b + c stays two roundings, as in PyTorch's own kernels, so the
-        # fused AdamW matches the Python loop bit for bit instead of drifting by an ulp per step
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-ffp-contract=off"]
+    # -ffp-contract=off: a * b + c stays two roundings, as in PyTorch's own kernels, so the fused
+    # AdamW matches the Python loop bit for bit instead of drifting by an ulp per step
+    contract = ["-ffp-contract=off"]
+    wanted = os.environ.get("MINIFT_SIMD", "").lower()
+    if wanted not in ("", "avx512", "avx2"):
+        raise ValueError(f"MINIFT_SIMD: expected avx512 or avx2 (or unset: the widest this CPU has), got {wanted!r}")
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= words
+    avx2 = {"avx2", "fma", "f16c"} <= words
+    if wanted == "avx512" and not avx512:
+        raise ValueError(f"MINIFT_SIMD=avx512: this CPU lacks AVX512F/BW/VL/DQ (see {cpuinfo}); "
+                         "unset it to build for the widest it has")
+    if avx512 and wanted in ("", "avx512"):
+        return AVX512_FLAGS + contract
+    if avx2:
+        return AVX2_FLAGS + contract
     return []
 
 

@@ -289,3 +289,42 @@ def test_accurate_exp_and_log_of_the_cuda_kernels(tmp_path):
     assert e <= 1.5 and l <= 2.0, (e, l)
     assert ours <= 1.2 * libm, (ours, libm)
     assert exp_neg_inf == 0.0 and exp_big == float("inf") and log_zero == float("-inf")
+
+
+def test_cpu_flags_pick_the_widest_vectors_the_cpu_has(tmp_path, monkeypatch):
+    """AVX-512 (16-float Vectorized) where the CPU has AVX512F/BW/VL/DQ, AVX2 where it has only
+    AVX2/FMA/F16C, plain loops otherwise or with MINIFT_PORTABLE=1; MINIFT_SIMD=avx2 keeps AVX2 on an
+    AVX-512 CPU, and MINIFT_SIMD=avx512 where there is none is an error naming the file."""
+    from minift import _build
+    monkeypatch.setattr(_build.platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv("MINIFT_PORTABLE", raising=False)
+    monkeypatch.delenv("MINIFT_SIMD", raising=False)
+    base = "fpu sse sse2 avx avx2 fma f16c"
+    cpus = {"avx512": base + " avx512f avx512dq avx512bw avx512vl avx512_bf16",
+            "avx512f_only": base + " avx512f",          # no BW/VL/DQ: ATen's AVX512 build needs them
+            "avx2": base, "old": "fpu sse sse2 avx"}
+    files = {}
+    for name, flags in cpus.items():
+        files[name] = tmp_path / name
+        files[name].write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+
+    def capability(name):
+        flags = _build.cpu_flags(str(files[name]))
+        return [f for f in flags if f.startswith("-DCPU_CAPABILITY=")], flags
+
+    assert capability("avx512") == (["-DCPU_CAPABILITY=AVX512"], _build.AVX512_FLAGS + ["-ffp-contract=off"])
+    assert capability("avx512f_only")[0] == ["-DCPU_CAPABILITY=AVX2"]
+    assert capability("avx2") == (["-DCPU_CAPABILITY=AVX2"], _build.AVX2_FLAGS + ["-ffp-contract=off"])
+    assert capability("old") == ([], [])
+    monkeypatch.setenv("MINIFT_SIMD", "avx2")
+    assert capability("avx512")[0] == ["-DCPU_CAPABILITY=AVX2"]
+    monkeypatch.setenv("MINIFT_SIMD", "avx512")
+    lacks = f"MINIFT_SIMD=avx512: this CPU lacks AVX512F/BW/VL/DQ (see {files['avx2']})"
+    with pytest.raises(ValueError, match=re.escape(lacks)):
+        capability("avx2")
+    monkeypatch.setenv("MINIFT_SIMD", "sse")
+    with pytest.raises(ValueError, match="MINIFT_SIMD: expected avx512 or avx2"):
+        capability("avx512")
+    monkeypatch.delenv("MINIFT_SIMD")
+    monkeypatch.setenv("MINIFT_PORTABLE", "1")
+    assert capability("avx512") == ([], [])
