@@ -145,12 +145,30 @@ inline void row_softmax_minus(const T* x, T* y, int64_t n, T m, T log_s, T b, T 
 // y_i = (a exp((x_i - m) - log_s) - b_i) * g: the same with a scale a of the softmax and one b_i per
 // element (class weights); a p_i - b_i in one rounding (fused multiply-add), which keeps the
 // weighted gradient within PyTorch's accuracy where a != 1 adds a rounding of its own.
+// a * b + c rounded once, lane by lane. at::vec::fmadd is the FMA instruction under AVX2/AVX-512,
+// but a * b + c (two roundings) in the portable build's plain-loop Vectorized; where c nearly
+// cancels a * b (a_n p_c - b_c in the weighted cross-entropy's gradient) the second rounding
+// doubled the error, so the portable build takes std::fma per lane instead.
+template <typename T>
+inline Vec<T> fma_once(const Vec<T>& a, const Vec<T>& b, const Vec<T>& c) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  return at::vec::fmadd(a, b, c);
+#else
+  T la[Vec<T>::size()], lb[Vec<T>::size()], lc[Vec<T>::size()];
+  a.store(la);
+  b.store(lb);
+  c.store(lc);
+  for (int64_t j = 0; j < Vec<T>::size(); ++j) la[j] = std::fma(la[j], lb[j], lc[j]);
+  return Vec<T>::loadu(la);
+#endif
+}
+
 template <typename T>
 inline void row_softmax_scaled_minus(const T* x, T* y, int64_t n, T m, T log_s, T a, const T* b, T g) {
   const Vec<T> vm(m), vl(log_s), va(a), vg(g);
   int64_t i = 0;
   for (; i + Vec<T>::size() <= n; i += Vec<T>::size())
-    (at::vec::fmadd(va, ((Vec<T>::loadu(x + i) - vm) - vl).exp(), -Vec<T>::loadu(b + i)) * vg).store(y + i);
+    (fma_once(va, ((Vec<T>::loadu(x + i) - vm) - vl).exp(), -Vec<T>::loadu(b + i)) * vg).store(y + i);
   for (; i < n; ++i) y[i] = std::fma(a, std::exp((x[i] - m) - log_s), -b[i]) * g;
 }
 
