@@ -144,7 +144,7 @@ class BuildWithCPUFallback(BuildExtension):
             path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_build_info.json")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
-                json.dump(info, f)
+                json.dump({**info, "simd": _build.simd_of(_build.cpu_flags())}, f)   # checked at import
 
     def copy_extensions_to_source(self):
         super().copy_extensions_to_source()

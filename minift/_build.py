@@ -29,10 +29,8 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
         return []
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return []
-    try:
-        with open(cpuinfo, encoding="utf-8") as f:
-            words = set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
+    words = _cpu_words(cpuinfo)
+    if words is None:
         return []
     # -ffp-contract=off: a * b + c stays two roundings, as in PyTorch's own kernels, so the fused
     # AdamW matches the Python loop bit for bit instead of drifting by an ulp per step
@@ -50,6 +48,33 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
     if avx2:
         return AVX2_FLAGS + contract
     return []
+
+
+def _cpu_words(cpuinfo: str = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (None where it cannot be read)."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return None
+
+
+def simd_of(flags: list[str]) -> str:
+    """The vector width a list of cpu_flags builds for: "AVX512", "AVX2" or "none"."""
+    return ("AVX512" if "-DCPU_CAPABILITY_AVX512" in flags else
+            "AVX2" if "-DCPU_CAPABILITY_AVX2" in flags else "none")
+
+
+def cpu_runs(simd: str, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has what a module built for ``simd`` (simd_of) executes. A module built on
+    an AVX-512 machine and copied to an AVX2 one would stop at its first AVX-512 instruction
+    (SIGILL) instead of raising; True where that cannot be told (no /proc/cpuinfo)."""
+    words = _cpu_words(cpuinfo)
+    if simd == "none" or words is None:
+        return True
+    need = {"AVX512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
+            "AVX2": {"avx2", "fma", "f16c"}}.get(simd, set())
+    return need <= words
 
 
 def links_shared_libstdcxx(cxx: str) -> bool | None:

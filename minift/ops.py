@@ -143,13 +143,30 @@ def _jit_build() -> str:
         return f"not built: the CUDA build failed ({first_error_line(str(e))})"
 
 
-def _read_build_info() -> str:
-    """What the ahead-of-time build recorded about CUDA (setup.py writes minift/_build_info.json)."""
+def _build_record() -> dict | None:
+    """What the ahead-of-time build recorded (setup.py writes minift/_build_info.json), or None."""
     try:
-        info = json.loads((Path(__file__).resolve().parent / "_build_info.json").read_text(encoding="utf-8"))
+        return json.loads((Path(__file__).resolve().parent / "_build_info.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+
+
+def _read_build_info() -> str:
+    """What the ahead-of-time build recorded about CUDA."""
+    info = _build_record()
+    if info is None:
         return "unknown (no build record)"
     return "built" if info.get("cuda") == "built" else f"not built: {info.get('detail', info.get('cuda'))}"
+
+
+def _import_aot() -> None:
+    """Import minift._C, unless it was built for vectors this CPU lacks (a module built on an
+    AVX-512 machine, then copied to an AVX2 one, would die on its first AVX-512 instruction)."""
+    from ._build import cpu_runs
+    simd = (_build_record() or {}).get("simd", "none")
+    if not cpu_runs(simd):
+        raise ImportError(f"it was built for {simd} vectors, which this CPU lacks")
+    from . import _C  # noqa: F401  (importing registers the ops)
 
 
 def _load() -> None:
@@ -160,21 +177,21 @@ def _load() -> None:
         _state.reason = "disabled by MINIFT_NO_EXTENSION=1"
     else:
         try:
-            from . import _C  # noqa: F401  (importing registers the ops)
+            _import_aot()
             _state.mode, _state.reason = "ahead-of-time", "minift._C was compiled at install time"
             _state.cuda_build = _read_build_info()
         except ImportError as e:
             aot_error = str(e).splitlines()[0]
             if not (source_dir() / "module.cpp").is_file():
-                _state.reason = f"minift._C is not built ({aot_error}) and the sources csrc/ are not beside the package"
+                _state.reason = f"minift._C did not load ({aot_error}) and the sources csrc/ are not beside the package"
             else:
                 try:
                     _state.cuda_build = _jit_build()
                     _state.mode = "just-in-time"
-                    _state.reason = f"minift._C is not built ({aot_error}); compiled csrc/ with ninja on first use"
+                    _state.reason = f"minift._C did not load ({aot_error}); compiled csrc/ with ninja on first use"
                 except Exception as e:  # a missing compiler or ninja, a compile error: report and fall back
                     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    _state.reason = f"minift._C is not built ({aot_error}) and the just-in-time build failed: {first}"
+                    _state.reason = f"minift._C did not load ({aot_error}) and the just-in-time build failed: {first}"
     if _state.mode is None:
         warnings.warn(f"minift: the compiled kernels are not available ({_state.reason}); "
                       "impl='fused' runs plain PyTorch ops instead", RuntimeWarning, stacklevel=4)

@@ -217,3 +217,29 @@ def test_import_minift_reaches_submodules_lazily():
         print("LAZY OK")
     """)
     assert r.returncode == 0 and "LAZY OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_a_module_built_for_wider_vectors_than_this_cpu_is_not_imported():
+    """minift._C built on an AVX-512 machine (its build record says so) and then found on a CPU
+    without AVX-512: importing it would die on the first AVX-512 instruction (SIGILL), so minift
+    does not import it and says why (here the just-in-time build is a stub that fails)."""
+    r = _python("""
+        import warnings
+        from minift import _build, ops
+        ops._build_record = lambda: {"cuda": "skipped", "detail": "test", "simd": "AVX512"}
+        _build._cpu_words = lambda *a: {"avx2", "fma", "f16c"}      # an AVX2-only CPU
+        def no_jit():
+            raise RuntimeError("just-in-time build skipped by the test")
+        ops._jit_build = no_jit
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            print(ops.extension_available())
+        print(ops.extension_status()["reason"])
+        print(_build.cpu_runs("AVX2"), _build.cpu_runs("none"))
+    """)
+    assert r.returncode == 0, r.stderr
+    available, reason, others = r.stdout.strip().splitlines()
+    assert available == "False"
+    assert reason == ("minift._C did not load (it was built for AVX512 vectors, which this CPU lacks) "
+                      "and the just-in-time build failed: just-in-time build skipped by the test"), reason
+    assert others == "True True"
