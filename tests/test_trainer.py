@@ -359,7 +359,7 @@ def test_auto_precision_takes_rank_0s_choice_in_every_process(tmp_path):
             trainer.cpu_bf16_timing = lambda *a: (3.0, 1.0)
             for _ in range(2):      # the command line's check, then the trainer's
                 dtype, why = trainer.choose_precision("auto", "cpu")
-                print(rank, dtype, why, flush=True)
+                print(f"{{rank}} {{dtype}} {{why}}", flush=True)   # one write: the two processes share the pipe
             dist.destroy_process_group()
 
         if __name__ == "__main__":
