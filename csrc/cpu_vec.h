@@ -142,9 +142,6 @@ inline void row_softmax_minus(const T* x, T* y, int64_t n, T m, T log_s, T b, T 
   for (; i < n; ++i) y[i] = (std::exp((x[i] - m) - log_s) - b) * g;
 }
 
-// y_i = (a exp((x_i - m) - log_s) - b_i) * g: the same with a scale a of the softmax and one b_i per
-// element (class weights); a p_i - b_i in one rounding (fused multiply-add), which keeps the
-// weighted gradient within PyTorch's accuracy where a != 1 adds a rounding of its own.
 // a * b + c rounded once, lane by lane. at::vec::fmadd is the FMA instruction under AVX2/AVX-512,
 // but a * b + c (two roundings) in the portable build's plain-loop Vectorized; where c nearly
 // cancels a * b (a_n p_c - b_c in the weighted cross-entropy's gradient) the second rounding
@@ -163,6 +160,9 @@ inline Vec<T> fma_once(const Vec<T>& a, const Vec<T>& b, const Vec<T>& c) {
 #endif
 }
 
+// y_i = (a exp((x_i - m) - log_s) - b_i) * g: the same with a scale a of the softmax and one b_i per
+// element (class weights); a p_i - b_i in one rounding (fused multiply-add), which keeps the
+// weighted gradient within PyTorch's accuracy where a != 1 adds a rounding of its own.
 template <typename T>
 inline void row_softmax_scaled_minus(const T* x, T* y, int64_t n, T m, T log_s, T a, const T* b, T g) {
   const Vec<T> vm(m), vl(log_s), va(a), vg(g);

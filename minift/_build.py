@@ -14,6 +14,9 @@ import subprocess
 AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                 "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+# the /proc/cpuinfo flags each build needs, to compile for and to run
+CPU_NEEDS = {"AVX512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
+             "AVX2": {"avx2", "fma", "f16c"}}
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
@@ -38,8 +41,7 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
     wanted = os.environ.get("MINIFT_SIMD", "").lower()
     if wanted not in ("", "avx512", "avx2"):
         raise ValueError(f"MINIFT_SIMD: expected avx512 or avx2 (or unset: the widest this CPU has), got {wanted!r}")
-    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= words
-    avx2 = {"avx2", "fma", "f16c"} <= words
+    avx512, avx2 = CPU_NEEDS["AVX512"] <= words, CPU_NEEDS["AVX2"] <= words
     if wanted == "avx512" and not avx512:
         raise ValueError(f"MINIFT_SIMD=avx512: this CPU lacks AVX512F/BW/VL/DQ (see {cpuinfo}); "
                          "unset it to build for the widest it has")
@@ -72,9 +74,7 @@ def cpu_runs(simd: str, cpuinfo: str = "/proc/cpuinfo") -> bool:
     words = _cpu_words(cpuinfo)
     if simd == "none" or words is None:
         return True
-    need = {"AVX512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
-            "AVX2": {"avx2", "fma", "f16c"}}.get(simd, set())
-    return need <= words
+    return CPU_NEEDS.get(simd, set()) <= words
 
 
 def links_shared_libstdcxx(cxx: str) -> bool | None:

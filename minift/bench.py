@@ -243,9 +243,10 @@ def bench_step_cpu(repeats: int = 9, profile_steps: int = 3, shape: str | dict =
                    padded_lengths: tuple[int, ...] = (64, 128)) -> tuple[list[Row], str, str]:
     """One fine-tuning step (forward, backward, AdamW) of BertForSequenceClassification, fp32:
     transformers (sdpa, torch.optim.AdamW) against minift's impl="torch" and impl="fused" (its fused
-    AdamW), and fused under bf16 autocast where ``--precision auto`` picks bf16 on this CPU, on ``batch`` real snippets at their bucketed lengths and padded to each of
-    ``padded_lengths``. ``shape``: a name in SHAPES (MiniLM's by default) or a dict of BertConfig
-    sizes. The implementations take turns step by step (the median of each), so a machine that
+    AdamW), and fused under bf16 autocast where ``--precision auto`` picks bf16 on this CPU, on
+    ``batch`` real snippets at their bucketed lengths and padded to each of ``padded_lengths``.
+    ``shape``: a name in SHAPES (MiniLM's by default) or a dict of BertConfig sizes. The
+    implementations take turns step by step (the median of each), so a machine that
     slows down during the run slows all three alike.
 
     Before any timing the three compute the first batch from the same weights, without dropout: an
@@ -315,8 +316,9 @@ def bench_step_cpu(repeats: int = 9, profile_steps: int = 3, shape: str | dict =
         if impl == "transformers":
             model, opt = hf, hf_opt
         else:
-            ours.set_impl(impl.split()[0])
-            model, opt = ours, ours_opts[impl.split()[0]]
+            kernels = impl.split()[0]                       # "fused bf16": the fused kernels
+            ours.set_impl(kernels)
+            model, opt = ours, ours_opts[kernels]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=impl.endswith("bf16")):
             loss = model(input_ids=x, attention_mask=m, labels=labels).loss
         loss.backward()

@@ -35,7 +35,6 @@ import functools
 import json
 import logging
 import math
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -200,14 +199,23 @@ def _cpu_auto() -> tuple[torch.dtype | None, str]:
                   "--precision bf16 forces it)")
 
 
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    """"bfloat16" for torch.bfloat16, None for None (plain fp32): a dtype as stored and sent."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _dtype_of(name: str | None) -> torch.dtype | None:
+    return None if name is None else getattr(torch, name)
+
+
 def _from_rank_0(choice: tuple[torch.dtype | None, str]) -> tuple[torch.dtype | None, str]:
     """In a multi-process run, rank 0's choice for every process (all must call this, whatever
     their CPU): processes of one run must not train in different precisions."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return choice
-    shared = [str(choice[0]).removeprefix("torch.") if choice[0] is not None else None, choice[1]]
+    shared = [_dtype_name(choice[0]), choice[1]]
     dist.broadcast_object_list(shared, src=0)
-    return (getattr(torch, shared[0]) if shared[0] else None), shared[1]
+    return _dtype_of(shared[0]), shared[1]
 
 
 def choose_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, str]:
@@ -476,7 +484,7 @@ class Trainer:
                  "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                  "config": asdict(self.cfg), "labels": self.dataset.labels,
-                 "autocast": str(self.autocast_dtype).removeprefix("torch.") if self.autocast_dtype else None,
+                 "autocast": _dtype_name(self.autocast_dtype),
                  "precision": self.precision_note}
         checkpoint.save_last(self.out / "last", self.model.state_dict(), state, self.run_info())
 
@@ -495,7 +503,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         if self.cfg.precision == "auto" and "autocast" in state:
             # auto chose once, when the run started (a timing, on the CPU): the run keeps that choice
-            saved = getattr(torch, state["autocast"]) if state["autocast"] else None
+            saved = _dtype_of(state["autocast"])
             if saved != self.autocast_dtype:
                 self.log(f"--precision auto: keeping the run's {state['precision']}, not this start's "
                          f"{self.precision_note}")
