@@ -49,38 +49,41 @@ struct DropoutSpec {
 
 // The keys each batch row attends to. Masked keys are left out of the products altogether, so they
 // cost nothing and whatever their K and V hold (padding garbage, even NaN) cannot reach the output.
+// A right-padded row (the kept keys are 0 .. n-1, the usual case) needs no copy at all: its kept
+// rows of K and V are the first n, and its dropout bits the first n of each query row's run.
 struct KeptKeys {
   std::vector<std::vector<int64_t>> index;   // per batch row: positions of the kept keys
-  std::vector<bool> all;                     // per batch row: every key is kept (no gather needed)
+  std::vector<bool> prefix;                  // per batch row: the kept keys are 0 .. n-1 (all of them, or a prefix)
 
-  KeptKeys(const bool* mask, int64_t B, int64_t Tk) : index(B), all(B, true) {
-    if (!mask) return;
+  KeptKeys(const bool* mask, int64_t B, int64_t Tk) : index(B), prefix(B, true) {
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t j = 0; j < Tk; ++j)
-        if (mask[b * Tk + j]) index[b].push_back(j);
-      all[b] = (int64_t)index[b].size() == Tk;
+        if (!mask || mask[b * Tk + j]) index[b].push_back(j);
+      prefix[b] = index[b].empty() || index[b].back() + 1 == (int64_t)index[b].size();
     }
   }
-  int64_t count(int64_t b, int64_t Tk) const { return all[b] ? Tk : (int64_t)index[b].size(); }
-  // The rows of x (Tk x D) at the kept keys: x itself, or a copy packed into buf.
+  int64_t count(int64_t b) const { return (int64_t)index[b].size(); }
+  // one past the last kept key: the keys' dropout bits a query row needs are the first span(b) of its Tk
+  int64_t span(int64_t b) const { return index[b].empty() ? 0 : index[b].back() + 1; }
+  // The rows of x (Tk x D) at the kept keys: x itself (their first count(b) rows), or a copy packed into buf.
   template <typename T>
   const T* gather(const T* x, int64_t b, int64_t D, std::vector<T>& buf) const {
-    if (all[b]) return x;
+    if (prefix[b]) return x;
     for (size_t r = 0; r < index[b].size(); ++r) std::copy_n(x + index[b][r] * D, D, buf.data() + r * D);
     return buf.data();
   }
 };
 
-// The dropout multipliers keep_ij / (1 - p) of query row i at the kept key positions: drawn for
-// all Tk positions (element i * Tk + j of the Philox stream, as on the GPU), then picked.
+// The dropout multipliers keep_ij / (1 - p) of query row i at the kept key positions: element
+// i * Tk + j of the Philox stream (as on the GPU), drawn only up to the last kept key, then picked.
 template <typename T>
 static void row_multipliers(T* mult, std::vector<T>& full, const KeptKeys& keys, int64_t b, uint64_t row,
                             int64_t Tk, DropoutSpec drop, uint32_t threshold, T keep_scale) {
-  if (keys.all[b]) {
-    dropout_multipliers(mult, drop.seed, drop.offset, row * (uint64_t)Tk, Tk, threshold, keep_scale);
+  if (keys.prefix[b]) {
+    dropout_multipliers(mult, drop.seed, drop.offset, row * (uint64_t)Tk, keys.count(b), threshold, keep_scale);
     return;
   }
-  dropout_multipliers(full.data(), drop.seed, drop.offset, row * (uint64_t)Tk, Tk, threshold, keep_scale);
+  dropout_multipliers(full.data(), drop.seed, drop.offset, row * (uint64_t)Tk, keys.span(b), threshold, keep_scale);
   for (size_t j = 0; j < keys.index[b].size(); ++j) mult[j] = full[keys.index[b][j]];
 }
 
@@ -101,7 +104,7 @@ static void attention_fwd_kernel(const T* q, const T* k, const T* v, const bool*
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scores(block * Tk), mult(Tk), full(Tk), kbuf(Tk * D), vbuf(Tk * D);   // this thread's scratch
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / d.H, nk = keys.count(b, Tk);
+      const int64_t b = bh / d.H, nk = keys.count(b);
       const T* qb = q + bh * Tq * D;
       T* ob = out + bh * Tq * D;
       if (nk == 0) {                                                    // no kept key: o_i = 0
@@ -147,7 +150,7 @@ static void attention_bwd_kernel(const T* dout, const T* q, const T* k, const T*
     std::vector<T> p_buf(block * Tk), dp_buf(block * Tk), mult(Tk, T(1)), full(Tk);
     std::vector<T> kbuf(Tk * D), vbuf(Tk * D), dk_acc(Tk * D), dv_acc(Tk * D);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / d.H, nk = keys.count(b, Tk);
+      const int64_t b = bh / d.H, nk = keys.count(b);
       const T *qb = q + bh * Tq * D, *dob = dout + bh * Tq * D, *ob = out + bh * Tq * D;
       T *dqb = dq + bh * Tq * D, *dkb = dk + bh * Tk * D, *dvb = dv + bh * Tk * D;
       if (nk == 0) {                                                    // no kept key: no gradient
@@ -158,9 +161,9 @@ static void attention_bwd_kernel(const T* dout, const T* q, const T* k, const T*
       }
       const T* kb = keys.gather(k + bh * Tk * D, b, D, kbuf);
       const T* vb = keys.gather(v + bh * Tk * D, b, D, vbuf);
-      // dK and dV of the kept keys: straight into the outputs when nothing is masked
-      T* dk_kept = keys.all[b] ? dkb : dk_acc.data();
-      T* dv_kept = keys.all[b] ? dvb : dv_acc.data();
+      // dK and dV of the kept keys: straight into the outputs' first rows when they are a prefix
+      T* dk_kept = keys.prefix[b] ? dkb : dk_acc.data();
+      T* dv_kept = keys.prefix[b] ? dvb : dv_acc.data();
       std::fill(dk_kept, dk_kept + nk * D, T(0));
       std::fill(dv_kept, dv_kept + nk * D, T(0));
       for (int64_t i0 = 0; i0 < Tq; i0 += block) {
@@ -187,7 +190,10 @@ static void attention_bwd_kernel(const T* dout, const T* q, const T* k, const T*
         gemm<T>(false, false, n, D, nk, T(1), dP, nk, kb, D, T(0), dqb + i0 * D, D);     // dQ = scale dS K
         gemm<T>(true, false, nk, D, n, T(1), dP, nk, qb + i0 * D, D, T(1), dk_kept, D);  // dK += scale dS^T Q
       }
-      if (!keys.all[b]) {                                                // scatter back; masked keys get 0
+      if (keys.prefix[b]) {                                              // masked keys (the tail) get 0
+        std::fill(dkb + nk * D, dkb + Tk * D, T(0));
+        std::fill(dvb + nk * D, dvb + Tk * D, T(0));
+      } else {                                                           // scatter back; masked keys get 0
         std::fill(dkb, dkb + Tk * D, T(0));
         std::fill(dvb, dvb + Tk * D, T(0));
         for (int64_t r = 0; r < nk; ++r) {

@@ -60,6 +60,7 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                int64_t offset) {
     static auto fwd = op<AttnFwdSig>("minift::attention_fwd");
     at::AutoDispatchBelowADInplaceOrView below;
+    ctx->set_materialize_grads(false);   // no zero tensors for the outputs nobody differentiates
     auto [out, lse] = fwd.call(q, k, v, mask, p, scale, seed, offset);
     ctx->save_for_backward({q, k, v, out, lse, mask.has_value() ? *mask : at::Tensor()});
     ctx->saved_data["p"] = p;
@@ -71,6 +72,7 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(8);                 // O unused: no gradient
     static auto bwd = op<AttnBwdSig>("minift::attention_bwd");
     auto s = ctx->get_saved_variables();
     std::optional<at::Tensor> mask;
@@ -96,6 +98,7 @@ struct XentFunction : public torch::autograd::Function<XentFunction> {
                                const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                double label_smoothing, int64_t reduction, bool one_pass) {
     at::AutoDispatchBelowADInplaceOrView below;
+    ctx->set_materialize_grads(false);   // no zero tensors for the outputs nobody differentiates
     at::Tensor loss, stats;
     if (one_pass) {
       static auto fwd_grad = op<XentFwdGradSig>("minift::xent_fwd_grad");
@@ -115,6 +118,7 @@ struct XentFunction : public torch::autograd::Function<XentFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(7);                 // loss unused: no gradient
     auto s = ctx->get_saved_variables();
     auto g = grads[0].to(s[2].scalar_type()).contiguous();        // the loss's dtype, float32 or float64
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt(), reduction = ctx->saved_data["reduction"].toInt();
@@ -141,6 +145,7 @@ struct DropoutFunction : public torch::autograd::Function<DropoutFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, double p, int64_t seed, int64_t offset) {
     static auto fwd = op<DropoutFwdSig>("minift::dropout_fwd");
     at::AutoDispatchBelowADInplaceOrView below;
+    ctx->set_materialize_grads(false);   // no zero tensors for the outputs nobody differentiates
     auto [y, keep] = fwd.call(x, p, seed, offset);
     ctx->save_for_backward({keep});
     ctx->saved_data["scale"] = 1.0 / (1.0 - p);
@@ -149,6 +154,7 @@ struct DropoutFunction : public torch::autograd::Function<DropoutFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(4);
     auto keep = ctx->get_saved_variables()[0];
     return {at::native_dropout_backward(grads[0], keep, ctx->saved_data["scale"].toDouble()), at::Tensor(),
             at::Tensor(), at::Tensor()};
@@ -162,6 +168,7 @@ struct AddLayerNormFunction : public torch::autograd::Function<AddLayerNormFunct
                                const at::Tensor& bias, double eps, double p, int64_t seed, int64_t offset) {
     static auto fwd = op<AddLnFwdSig>("minift::add_layer_norm_fwd");
     at::AutoDispatchBelowADInplaceOrView below;
+    ctx->set_materialize_grads(false);   // no zero tensors for the outputs nobody differentiates
     auto [out, z, mean, rstd, keep] = fwd.call(y, x, weight, bias, eps, p, seed, offset);
     ctx->save_for_backward({z, weight, mean, rstd, keep});
     ctx->saved_data["p"] = p;
@@ -170,6 +177,7 @@ struct AddLayerNormFunction : public torch::autograd::Function<AddLayerNormFunct
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(8);
     static auto bwd = op<AddLnBwdSig>("minift::add_layer_norm_bwd");
     auto s = ctx->get_saved_variables();
     auto [dx, dy, dweight, dbias] =
@@ -184,6 +192,7 @@ struct BiasGeluFunction : public torch::autograd::Function<BiasGeluFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& bias) {
     static auto fwd = op<BiasGeluFwdSig>("minift::bias_gelu_fwd");
     at::AutoDispatchBelowADInplaceOrView below;
+    ctx->set_materialize_grads(false);   // no zero tensors for the outputs nobody differentiates
     auto [out, pre] = fwd.call(h, bias);
     ctx->save_for_backward({pre});
     ctx->mark_non_differentiable({pre});
@@ -191,6 +200,7 @@ struct BiasGeluFunction : public torch::autograd::Function<BiasGeluFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(2);
     static auto bwd = op<BiasGeluBwdSig>("minift::bias_gelu_bwd");
     auto [dh, dbias] = bwd.call(grads[0].contiguous(), ctx->get_saved_variables()[0]);
     return {dh, dbias};

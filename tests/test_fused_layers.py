@@ -192,3 +192,35 @@ def test_public_wrappers_and_their_fallback():
     assert torch.equal(a, ops.add_layer_norm(y, x, w, b, 1e-12, 0.5))       # torch.manual_seed reproduces it
     h, bias = gelu_inputs((2, 3, 10), torch.float32)
     torch.testing.assert_close(ops.bias_gelu(h, bias), F.gelu(h + bias))
+
+
+def test_backward_makes_no_zero_gradients_for_the_saved_outputs():
+    """The fused ops also return what their backward needs (GELU's pre-activation, the attention's
+    row log-sum-exp, layer norm's statistics, dropout's keep mask). No loss depends on those, so
+    the autograd engine must not build a zero gradient for each of them every step (it did: one
+    (B, T, I) tensor filled per layer, 5% of a step at T = 128). The gradients themselves against
+    impl="torch" are the other tests' work; here: no zero tensor made by a fused op's node."""
+    import minift
+    from torch.profiler import ProfilerActivity, profile
+    cfg = minift.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=72, max_position_embeddings=16, num_labels=2)
+    torch.manual_seed(0)
+    model = minift.BertForSequenceClassification(cfg).set_impl("fused").train()
+    ids = torch.randint(1, 50, (3, 11), generator=torch.Generator().manual_seed(1))
+    mask = (torch.arange(11)[None] < torch.tensor([[11], [6], [9]])).long()
+    loss = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1])).loss
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss.backward()
+
+    def made_by(event):                     # the nearest caller that is not an aten op
+        parent = event.cpu_parent
+        while parent is not None and parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        return "" if parent is None else parent.name
+
+    # a zero gradient the engine materialises runs under the node itself (CppNode<minift::...> ->
+    # aten::zeros -> aten::zero_); the kernels' own writes run under minift::*_bwd
+    filled = [(made_by(e), e.input_shapes[0]) for e in prof.events()
+              if e.name in ("aten::zero_", "aten::fill_") and made_by(e).startswith("torch::autograd::CppNode<minift::")]
+    assert not filled, f"zero gradients built in the backward (node, shape): {filled}"
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

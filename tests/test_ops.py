@@ -94,10 +94,20 @@ def test_fused_dropout_uses_the_philox_stream(device, dtype):
     torch.library.opcheck(torch.ops.minift.dropout_fwd.default, (x.detach(), p, 7, 0))
 
 
-def test_dropout_matches_its_mask_and_reference():
-    B, H, T, D, p = 3, 2, 10, 32, 0.25
+def holes_mask(B, T, seed=11):
+    """Keys kept at random (about 60%), row 0 with none, row 1 left-padded: masks whose kept keys
+    are not a prefix, which the CPU kernel gathers instead of reading in place."""
+    keep = torch.rand(B, T, generator=torch.Generator().manual_seed(seed)) < 0.6
+    keep[0] = False
+    keep[1] = torch.arange(T) >= T // 3
+    return keep
+
+
+@pytest.mark.parametrize("mask_kind", ["right-padded", "holes"])
+def test_dropout_matches_its_mask_and_reference(mask_kind):
+    B, H, T, D, p = 4, 2, 10, 32, 0.25
     q, k, v = (rnd(B, H, T, D, seed=s).requires_grad_() for s in range(3))
-    mask = padding_mask(B, T)
+    mask = padding_mask(B, T) if mask_kind == "right-padded" else holes_mask(B, T)
     keep = ops.dropout_mask(B, H, T, T, p, seed=99, offset=3)
     frac = keep.float().mean().item()
     assert abs(frac - (1 - p)) < 0.05
@@ -349,15 +359,16 @@ def test_one_pass_cross_entropy_ops_refuse_what_they_do_not_do():
     assert torch.equal(torch.ops.minift.xent_bwd_into(dz, one, z, t, stats, -100, 0.0, 1), kept)   # g = 1: kept
 
 
+@pytest.mark.parametrize("mask_kind", ["right-padded", "holes"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_every_output_element_is_written(device, monkeypatch):
+def test_every_output_element_is_written(device, mask_kind, monkeypatch):
     """MINIFT_POISON_OUTPUTS=1 makes the ops fill their outputs with NaN before the kernel runs:
     an element a kernel forgets to write then shows as NaN. Masked keys hold 1e30 and NaN values
     that must never be read."""
     monkeypatch.setenv("MINIFT_POISON_OUTPUTS", "1")
-    B, H, T, D = 3, 2, 9, 48
+    B, H, T, D = 4, 2, 9, 48
     q, k, v = (rnd(B, H, T, D, seed=s, dtype=torch.float32, device=device).requires_grad_() for s in range(3))
-    mask = padding_mask(B, T, device=device)
+    mask = holes_mask(B, T).to(device) if mask_kind == "holes" else padding_mask(B, T, device=device)
     with torch.no_grad():
         k.masked_fill_(~mask[:, None, :, None], 1e30)
         v.masked_fill_(~mask[:, None, :, None], float("nan"))
