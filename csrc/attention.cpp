@@ -18,8 +18,12 @@
 // SIMD row helpers (cpu_vec.h). No ATen call inside the loops: at BERT's short sentences a block is
 // so small that dispatch would cost more than the arithmetic. The scratch is the only memory
 // besides the inputs and outputs: nothing T x T.
-// float32 and float64 compute in their own type; float16 and bfloat16 inputs are widened to
-// float32 first and the results rounded back.
+// The layout: Q, K, V, O and their gradients are (B, H, T, D) tensors whose rows of D numbers are
+// contiguous, at any strides otherwise (Rows below). The model hands over the projections' output
+// (B, T, H*D) viewed per head, so no transposing copy is made on the way in, O is written in the
+// (B, T, H, D) order the output projection reads, and dQ, dK, dV in the order of the projections'
+// outputs. float32 and float64 compute in their own type; float16 and bfloat16 inputs are widened
+// to float32 first and the results rounded back.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -47,6 +51,26 @@ struct DropoutSpec {
   uint64_t seed, offset;
 };
 
+// A (B, H, T, D) tensor with contiguous rows of D: row t of head h of batch row b starts at
+// data + b sB + h sH + t sT. For the projections' output (B, T, H*D) viewed per head, sT = H*D.
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t sB, sH, sT;
+  T* at(int64_t b, int64_t h) const { return data + b * sB + h * sH; }
+};
+
+template <typename T>
+static Rows<T> rows_of(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// n rows of D numbers, ld apart, set to 0
+template <typename T>
+static void zero_rows(T* x, int64_t n, int64_t ld, int64_t D) {
+  for (int64_t r = 0; r < n; ++r) std::fill(x + r * ld, x + r * ld + D, T(0));
+}
+
 // The keys each batch row attends to. Masked keys are left out of the products altogether, so they
 // cost nothing and whatever their K and V hold (padding garbage, even NaN) cannot reach the output.
 // A right-padded row (the kept keys are 0 .. n-1, the usual case) needs no copy at all: its kept
@@ -65,12 +89,13 @@ struct KeptKeys {
   int64_t count(int64_t b) const { return (int64_t)index[b].size(); }
   // one past the last kept key: the keys' dropout bits a query row needs are the first span(b) of its Tk
   int64_t span(int64_t b) const { return index[b].empty() ? 0 : index[b].back() + 1; }
-  // The rows of x (Tk x D) at the kept keys: x itself (their first count(b) rows), or a copy packed into buf.
+  // The rows of x (Tk rows of D, ld apart) at the kept keys: x itself (their first count(b) rows,
+  // ld apart), or a copy packed into buf (D apart). Returns the rows and their distance.
   template <typename T>
-  const T* gather(const T* x, int64_t b, int64_t D, std::vector<T>& buf) const {
-    if (prefix[b]) return x;
-    for (size_t r = 0; r < index[b].size(); ++r) std::copy_n(x + index[b][r] * D, D, buf.data() + r * D);
-    return buf.data();
+  std::pair<const T*, int64_t> gather(const T* x, int64_t ld, int64_t b, int64_t D, std::vector<T>& buf) const {
+    if (prefix[b]) return {x, ld};
+    for (size_t r = 0; r < index[b].size(); ++r) std::copy_n(x + index[b][r] * ld, D, buf.data() + r * D);
+    return {buf.data(), D};
   }
 };
 
@@ -93,7 +118,7 @@ static void scale_row(T* row, int64_t n, T a) {
 }
 
 template <typename T>
-static void attention_fwd_kernel(const T* q, const T* k, const T* v, const bool* mask, T* out, T* lse, AttnDims d,
+static void attention_fwd_kernel(Rows<T> q, Rows<T> k, Rows<T> v, const bool* mask, Rows<T> out, T* lse, AttnDims d,
                                  double scale_d, DropoutSpec drop) {
   const int64_t Tq = d.Tq, Tk = d.Tk, D = d.D;
   const T scale = (T)scale_d, neg_inf = -std::numeric_limits<T>::infinity();
@@ -104,20 +129,20 @@ static void attention_fwd_kernel(const T* q, const T* k, const T* v, const bool*
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scores(block * Tk), mult(Tk), full(Tk), kbuf(Tk * D), vbuf(Tk * D);   // this thread's scratch
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / d.H, nk = keys.count(b);
-      const T* qb = q + bh * Tq * D;
-      T* ob = out + bh * Tq * D;
+      const int64_t b = bh / d.H, h = bh % d.H, nk = keys.count(b);
+      const T* qb = q.at(b, h);
+      T* ob = out.at(b, h);
       if (nk == 0) {                                                    // no kept key: o_i = 0
-        std::fill(ob, ob + Tq * D, T(0));
+        zero_rows(ob, Tq, out.sT, D);
         std::fill(lse + bh * Tq, lse + (bh + 1) * Tq, neg_inf);
         continue;
       }
-      const T* kb = keys.gather(k + bh * Tk * D, b, D, kbuf);
-      const T* vb = keys.gather(v + bh * Tk * D, b, D, vbuf);
+      const auto [kb, ldk] = keys.gather<T>(k.at(b, h), k.sT, b, D, kbuf);
+      const auto [vb, ldv] = keys.gather<T>(v.at(b, h), v.sT, b, D, vbuf);
       for (int64_t i0 = 0; i0 < Tq; i0 += block) {
         const int64_t n = std::min(block, Tq - i0);
         T* s = scores.data();                                           // (n, nk)
-        gemm<T>(false, true, n, nk, D, scale, qb + i0 * D, D, kb, D, T(0), s, nk);  // s_ij = scale q_i . k_j
+        gemm<T>(false, true, n, nk, D, scale, qb + i0 * q.sT, q.sT, kb, ldk, T(0), s, nk);  // s_ij = scale q_i . k_j
         for (int64_t r = 0; r < n; ++r) {
           T* row = s + r * nk;
           const int64_t i = bh * Tq + i0 + r;
@@ -130,15 +155,15 @@ static void attention_fwd_kernel(const T* q, const T* k, const T* v, const bool*
             for (int64_t j = 0; j < nk; ++j) row[j] *= mult[j];
           }
         }
-        gemm<T>(false, false, n, D, nk, T(1), s, nk, vb, D, T(0), ob + i0 * D, D);   // o_i = sum_j P~_ij v_j
+        gemm<T>(false, false, n, D, nk, T(1), s, nk, vb, ldv, T(0), ob + i0 * out.sT, out.sT);   // o_i = sum_j P~_ij v_j
       }
     }
   });
 }
 
 template <typename T>
-static void attention_bwd_kernel(const T* dout, const T* q, const T* k, const T* v, const T* out, const T* lse,
-                                 const bool* mask, T* dq, T* dk, T* dv, AttnDims d, double scale_d,
+static void attention_bwd_kernel(Rows<T> dout, Rows<T> q, Rows<T> k, Rows<T> v, Rows<T> out, const T* lse,
+                                 const bool* mask, Rows<T> dq, Rows<T> dk, Rows<T> dv, AttnDims d, double scale_d,
                                  DropoutSpec drop) {
   const int64_t Tq = d.Tq, Tk = d.Tk, D = d.D;
   const T scale = (T)scale_d;
@@ -150,34 +175,38 @@ static void attention_bwd_kernel(const T* dout, const T* q, const T* k, const T*
     std::vector<T> p_buf(block * Tk), dp_buf(block * Tk), mult(Tk, T(1)), full(Tk);
     std::vector<T> kbuf(Tk * D), vbuf(Tk * D), dk_acc(Tk * D), dv_acc(Tk * D);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / d.H, nk = keys.count(b);
-      const T *qb = q + bh * Tq * D, *dob = dout + bh * Tq * D, *ob = out + bh * Tq * D;
-      T *dqb = dq + bh * Tq * D, *dkb = dk + bh * Tk * D, *dvb = dv + bh * Tk * D;
+      const int64_t b = bh / d.H, h = bh % d.H, nk = keys.count(b);
+      const T *qb = q.at(b, h), *dob = dout.at(b, h), *ob = out.at(b, h);
+      T *dqb = dq.at(b, h), *dkb = dk.at(b, h), *dvb = dv.at(b, h);
       if (nk == 0) {                                                    // no kept key: no gradient
-        std::fill(dqb, dqb + Tq * D, T(0));
-        std::fill(dkb, dkb + Tk * D, T(0));
-        std::fill(dvb, dvb + Tk * D, T(0));
+        zero_rows(dqb, Tq, dq.sT, D);
+        zero_rows(dkb, Tk, dk.sT, D);
+        zero_rows(dvb, Tk, dv.sT, D);
         continue;
       }
-      const T* kb = keys.gather(k + bh * Tk * D, b, D, kbuf);
-      const T* vb = keys.gather(v + bh * Tk * D, b, D, vbuf);
+      const auto [kb, ldk] = keys.gather<T>(k.at(b, h), k.sT, b, D, kbuf);
+      const auto [vb, ldv] = keys.gather<T>(v.at(b, h), v.sT, b, D, vbuf);
       // dK and dV of the kept keys: straight into the outputs' first rows when they are a prefix
-      T* dk_kept = keys.prefix[b] ? dkb : dk_acc.data();
-      T* dv_kept = keys.prefix[b] ? dvb : dv_acc.data();
-      std::fill(dk_kept, dk_kept + nk * D, T(0));
-      std::fill(dv_kept, dv_kept + nk * D, T(0));
+      const bool direct = keys.prefix[b];
+      T* dk_kept = direct ? dkb : dk_acc.data();
+      T* dv_kept = direct ? dvb : dv_acc.data();
+      const int64_t lddk = direct ? dk.sT : D, lddv = direct ? dv.sT : D;
+      zero_rows(dk_kept, nk, lddk, D);
+      zero_rows(dv_kept, nk, lddv, D);
       for (int64_t i0 = 0; i0 < Tq; i0 += block) {
         const int64_t n = std::min(block, Tq - i0);
+        const T* qi = qb + i0 * q.sT;
+        const T* doi = dob + i0 * dout.sT;
         T* P = p_buf.data();                                            // (n, nk)
         T* dP = dp_buf.data();                                          // (n, nk)
-        gemm<T>(false, true, n, nk, D, scale, qb + i0 * D, D, kb, D, T(0), P, nk);    // s_ij
-        gemm<T>(false, true, n, nk, D, T(1), dob + i0 * D, D, vb, D, T(0), dP, nk);   // dP~_ij = dO_i . v_j
+        gemm<T>(false, true, n, nk, D, scale, qi, q.sT, kb, ldk, T(0), P, nk);       // s_ij
+        gemm<T>(false, true, n, nk, D, T(1), doi, dout.sT, vb, ldv, T(0), dP, nk);   // dP~_ij = dO_i . v_j
         for (int64_t r = 0; r < n; ++r) {
           T* prow = P + r * nk;
           T* dprow = dP + r * nk;
           const int64_t i = bh * Tq + i0 + r;
           row_exp_sum(prow, prow, nk, lse[i]);                           // P_ij = exp(s_ij - lse_i), recomputed
-          const T Di = row_dot(dob + (i0 + r) * D, ob + (i0 + r) * D, D);  // D_i = dO_i . O_i
+          const T Di = row_dot(doi + r * dout.sT, ob + (i0 + r) * out.sT, D);  // D_i = dO_i . O_i
           if (drop.p > 0)
             row_multipliers(mult.data(), full, keys, b, (uint64_t)i, Tk, drop, threshold, keep_scale);
           for (int64_t j = 0; j < nk; ++j) {
@@ -186,19 +215,19 @@ static void attention_bwd_kernel(const T* dout, const T* q, const T* k, const T*
             prow[j] = pij * mult[j];                                     // P~_ij
           }
         }
-        gemm<T>(true, false, nk, D, n, T(1), P, nk, dob + i0 * D, D, T(1), dv_kept, D);  // dV += P~^T dO
-        gemm<T>(false, false, n, D, nk, T(1), dP, nk, kb, D, T(0), dqb + i0 * D, D);     // dQ = scale dS K
-        gemm<T>(true, false, nk, D, n, T(1), dP, nk, qb + i0 * D, D, T(1), dk_kept, D);  // dK += scale dS^T Q
+        gemm<T>(true, false, nk, D, n, T(1), P, nk, doi, dout.sT, T(1), dv_kept, lddv);   // dV += P~^T dO
+        gemm<T>(false, false, n, D, nk, T(1), dP, nk, kb, ldk, T(0), dqb + i0 * dq.sT, dq.sT);  // dQ = scale dS K
+        gemm<T>(true, false, nk, D, n, T(1), dP, nk, qi, q.sT, T(1), dk_kept, lddk);      // dK += scale dS^T Q
       }
-      if (keys.prefix[b]) {                                              // masked keys (the tail) get 0
-        std::fill(dkb + nk * D, dkb + Tk * D, T(0));
-        std::fill(dvb + nk * D, dvb + Tk * D, T(0));
+      if (direct) {                                                      // masked keys (the tail) get 0
+        zero_rows(dkb + nk * dk.sT, Tk - nk, dk.sT, D);
+        zero_rows(dvb + nk * dv.sT, Tk - nk, dv.sT, D);
       } else {                                                           // scatter back; masked keys get 0
-        std::fill(dkb, dkb + Tk * D, T(0));
-        std::fill(dvb, dvb + Tk * D, T(0));
+        zero_rows(dkb, Tk, dk.sT, D);
+        zero_rows(dvb, Tk, dv.sT, D);
         for (int64_t r = 0; r < nk; ++r) {
-          std::copy_n(dk_kept + r * D, D, dkb + keys.index[b][r] * D);
-          std::copy_n(dv_kept + r * D, D, dvb + keys.index[b][r] * D);
+          std::copy_n(dk_kept + r * D, D, dkb + keys.index[b][r] * dk.sT);
+          std::copy_n(dv_kept + r * D, D, dvb + keys.index[b][r] * dv.sT);
         }
       }
     }
@@ -221,8 +250,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   const bool* mptr = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
   DropoutSpec drop{dropout_p, (uint64_t)seed, (uint64_t)offset};
   AT_DISPATCH_FLOATING_TYPES(qw.scalar_type(), "attention_fwd_cpu", [&] {
-    attention_fwd_kernel<scalar_t>(qw.data_ptr<scalar_t>(), kw.data_ptr<scalar_t>(), vw.data_ptr<scalar_t>(), mptr,
-                                   out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), attention_dims(q, k), scale,
+    attention_fwd_kernel<scalar_t>(rows_of<scalar_t>(qw), rows_of<scalar_t>(kw), rows_of<scalar_t>(vw), mptr,
+                                   rows_of<scalar_t>(out), lse.data_ptr<scalar_t>(), attention_dims(q, k), scale,
                                    drop);
   });
   return {is_reduced(q) ? out.to(q.scalar_type()) : out, lse};
@@ -233,8 +262,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& lse, const std::optional<at::Tensor>& mask, double dropout_p, double scale, int64_t seed,
     int64_t offset) {
   check_attention_inputs(q, k, v, mask, dropout_p, at::kCPU);
-  check_same_layout(dout, q, "dout", "q");
-  check_same_layout(out, q, "out", "q");
+  check_like(dout, q, "attention dout", "q", at::kCPU);
+  check_like(out, q, "attention out", "q", at::kCPU);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(lse.is_contiguous() && lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
                   lse.size(2) == q.size(2) && lse.scalar_type() == acc,
@@ -247,9 +276,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const bool* mptr = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
   DropoutSpec drop{dropout_p, (uint64_t)seed, (uint64_t)offset};
   AT_DISPATCH_FLOATING_TYPES(qw.scalar_type(), "attention_bwd_cpu", [&] {
-    attention_bwd_kernel<scalar_t>(dow.data_ptr<scalar_t>(), qw.data_ptr<scalar_t>(), kw.data_ptr<scalar_t>(),
-                                   vw.data_ptr<scalar_t>(), ow.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), mptr,
-                                   dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
+    attention_bwd_kernel<scalar_t>(rows_of<scalar_t>(dow), rows_of<scalar_t>(qw), rows_of<scalar_t>(kw),
+                                   rows_of<scalar_t>(vw), rows_of<scalar_t>(ow), lse.data_ptr<scalar_t>(), mptr,
+                                   rows_of<scalar_t>(dq), rows_of<scalar_t>(dk), rows_of<scalar_t>(dv),
                                    attention_dims(q, k), scale, drop);
   });
   if (is_reduced(q)) return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};

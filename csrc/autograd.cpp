@@ -16,6 +16,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "reduction.h"
 
 namespace minift {
@@ -77,7 +78,10 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     auto s = ctx->get_saved_variables();
     std::optional<at::Tensor> mask;
     if (s[5].defined()) mask = s[5];
-    auto [dq, dk, dv] = bwd.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], mask,
+    // dO as it comes where the kernel reads it (on the CPU: the output projection's gradient, (B, T, H*D)
+    // viewed per head, the layout O was written in), else a contiguous copy
+    const at::Tensor& g = grads[0];
+    auto [dq, dk, dv] = bwd.call(attention_layout_ok(g, g.device().type()) ? g : g.contiguous(), s[0], s[1], s[2], s[3], s[4], mask,
                                  ctx->saved_data["p"].toDouble(), ctx->saved_data["scale"].toDouble(),
                                  ctx->saved_data["seed"].toInt(), ctx->saved_data["offset"].toInt());
     return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};

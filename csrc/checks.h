@@ -43,6 +43,31 @@ inline void check_same_layout(const at::Tensor& a, const at::Tensor& ref, const 
               a.strides());
 }
 
+// The CPU attention kernels read and write (B, H, T, D) tensors at any strides whose rows of D
+// numbers are contiguous (the projections' output viewed per head); the CUDA ones want them contiguous.
+inline bool attention_layout_ok(const at::Tensor& t, at::DeviceType device) {
+  return device == at::kCPU ? (t.size(3) == 1 || t.stride(3) == 1) : t.is_contiguous();
+}
+
+inline void check_attention_layout(const at::Tensor& t, const char* name, at::DeviceType device) {
+  TORCH_CHECK(attention_layout_ok(t, device), name,
+              device == at::kCPU ? ": expected rows of D contiguous (last stride 1; call .contiguous()), got strides "
+                                 : ": expected a contiguous tensor (call .contiguous()), got strides ",
+              t.strides());
+}
+
+// v (like k), dout and out (like q): the shape, dtype and device of ref, in a layout the kernels read
+inline void check_like(const at::Tensor& a, const at::Tensor& ref, const char* name, const char* ref_name,
+                       at::DeviceType device) {
+  TORCH_CHECK(a.device() == ref.device(), name, ": expected a tensor on ", ref.device(), " like ", ref_name,
+              ", got ", a.device());
+  TORCH_CHECK(a.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), " like ",
+              ref_name, ", got ", a.scalar_type());
+  TORCH_CHECK(a.sizes() == ref.sizes(), name, ": expected shape ", ref.sizes(), " like ", ref_name, ", got ",
+              a.sizes());
+  check_attention_layout(a, name, device);
+}
+
 inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const std::optional<at::Tensor>& mask, double dropout_p, at::DeviceType device) {
   // first: inputs on different devices (the dispatcher then picks the kernel of the GPU one)
@@ -54,18 +79,17 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
   TORCH_CHECK(q.dim() == 4, "attention: expected q of shape (B, H, T, D), got ", q.dim(), " dims ", q.sizes());
   check_floating(q, "attention q");
   TORCH_CHECK(q.numel() > 0, "attention: expected non-empty q, got shape ", q.sizes());
-  TORCH_CHECK(q.is_contiguous(), "attention: expected a contiguous q (call .contiguous()), got strides ",
-              q.strides());
+  check_attention_layout(q, "attention q", device);
   TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
               "attention: expected k of shape (", q.size(0), ", ", q.size(1), ", Tk, ", q.size(3), "), got ",
               k.sizes());
   TORCH_CHECK(k.size(2) > 0, "attention: expected at least one key, got shape ", k.sizes());
-  check_same_layout(v, k, "attention v", "k");
+  check_like(v, k, "attention v", "k", device);
   TORCH_CHECK(k.device() == q.device(), "attention k: expected a tensor on ", q.device(), " like q, got ",
               k.device());
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), "attention k: expected dtype ", q.scalar_type(),
               " like q, got ", k.scalar_type());
-  TORCH_CHECK(k.is_contiguous(), "attention k: expected a contiguous tensor (call .contiguous())");
+  check_attention_layout(k, "attention k", device);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention: expected 0 <= dropout_p < 1, got ", dropout_p);
   if (mask.has_value()) {
     const auto& m = *mask;

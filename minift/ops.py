@@ -358,8 +358,8 @@ def _seed(dropout_p: float, generator) -> int:
 def fused_attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, scale=None, generator=None):
     """softmax(q k^T * scale + mask) v without materialising the T x T matrix.
 
-    q (B, H, Tq, D), k and v (B, H, Tk, D) in float32/float64/float16/bfloat16 (made contiguous
-    here); key_padding_mask (B, Tk), bool or 0/1, 1 = keep (an additive float mask is refused: see
+    q (B, H, Tq, D), k and v (B, H, Tk, D) in float32/float64/float16/bfloat16 (on the CPU read
+    at their strides where each row of D is contiguous, else copied; contiguous on a GPU); key_padding_mask (B, Tk), bool or 0/1, 1 = keep (an additive float mask is refused: see
     minift.functional.key_padding_keep); a row with no kept key gives 0. Attention dropout draws its
     mask from Philox bits seeded from torch's generator, and the backward pass regenerates the same
     mask. Returns (B, H, Tq, D).
@@ -369,9 +369,18 @@ def fused_attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, scal
     if not use_compiled("attention_fwd", q, "fused_attention"):
         return naive_attention(q, k, v, keep, dropout_p, scale)
     mask = None if keep is None else keep.contiguous()
-    out, _ = torch.ops.minift.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), mask,
+    out, _ = torch.ops.minift.attention_fwd(_attention_layout(q), _attention_layout(k), _attention_layout(v), mask,
                                             float(dropout_p), scale, _seed(dropout_p, generator), 0)
     return out
+
+
+def _attention_layout(t):
+    """t as the attention kernels read it: on the CPU any (B, H, T, D) strides with rows of D
+    contiguous (the projections' output viewed per head is read in place, and O is written in
+    the same order, so `o.transpose(1, 2).reshape(B, T, H * D)` costs no copy); on a GPU contiguous."""
+    if t.device.type == "cpu" and (t.stride(-1) == 1 or t.shape[-1] == 1):
+        return t
+    return t.contiguous()
 
 
 def fused_dropout(x, p: float, training: bool = True, generator=None):
@@ -430,7 +439,7 @@ def attention_with_lse(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     keep = key_padding_keep(key_padding_mask)
     mask = None if keep is None else keep.contiguous()
-    return torch.ops.minift.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), mask,
+    return torch.ops.minift.attention_fwd(_attention_layout(q), _attention_layout(k), _attention_layout(v), mask,
                                           float(dropout_p), scale, int(seed), int(offset))
 
 

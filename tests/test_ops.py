@@ -123,6 +123,41 @@ def test_dropout_matches_its_mask_and_reference(mask_kind):
     assert not torch.equal(keep, other), "another offset gives other bits"
 
 
+@pytest.mark.parametrize("mask_kind", ["right-padded", "holes"])
+def test_attention_reads_and_writes_the_projection_layout(mask_kind):
+    """On the CPU the kernels take q, k, v as the projections' output (B, T, H*D) viewed per head,
+    at its strides, write O in that order (so O.transpose(1, 2).reshape(B, T, H*D) is free), take dO
+    in it and give dQ, dK, dV in it: no copy in either pass, and the result of contiguous inputs."""
+    from torch.profiler import ProfilerActivity, profile
+    B, T, H, D, p = 4, 10, 3, 16, 0.2
+    mask = padding_mask(B, T) if mask_kind == "right-padded" else holes_mask(B, T)
+    proj = [rnd(B, T, H * D, seed=s, dtype=torch.float32).requires_grad_() for s in range(3)]
+    dy = rnd(B, T, H * D, seed=9, dtype=torch.float32)
+
+    def run(contiguous):
+        heads = [x.view(B, T, H, D).transpose(1, 2) for x in proj]             # (B, H, T, D) views
+        if contiguous:
+            heads = [h.contiguous() for h in heads]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            o = ops.fused_attention(*heads, mask, dropout_p=p, generator=torch.Generator().manual_seed(5))
+            y = o.transpose(1, 2).reshape(B, T, H * D)
+            grads = torch.autograd.grad(y, proj, dy)
+        copies = [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone")]
+        return o, y, grads, copies, heads[0]
+
+    o, y, grads, copies, q = run(contiguous=False)
+    assert o.stride() == q.stride() == (T * H * D, D, H * D, 1)
+    assert not copies, f"the strided path copied: {copies}"
+    o_ref, y_ref, grads_ref, copies_ref, _ = run(contiguous=True)
+    assert copies_ref, "the contiguous inputs' path copies (the check above can see copies)"
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-6)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-5)
+    ref = RF.attention(*[x.detach().double().view(B, T, H, D).transpose(1, 2) for x in proj], mask)
+    no_drop = ops.fused_attention(*[x.view(B, T, H, D).transpose(1, 2) for x in proj], mask)
+    assert (no_drop.double() - ref).abs().max() <= 1e-6
+
+
 def test_philox_known_answer():
     """The Random123 known-answer vector for Philox4x32-10 (counter = key = 0): the first four
     elements of stream (seed 0, offset 0) are its four words; keep <=> bits >= p * 2^32."""

@@ -50,8 +50,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& lse, const std::optional<at::Tensor>& mask, double dropout_p, double scale, int64_t seed,
     int64_t offset) {
   check_attention_inputs(q, k, v, mask, dropout_p, at::kCUDA);
-  check_same_layout(dout, q, "dout", "q");
-  check_same_layout(out, q, "out", "q");
+  check_like(dout, q, "attention dout", "q", at::kCUDA);
+  check_like(out, q, "attention out", "q", at::kCUDA);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 3,
               "attention backward: expected a contiguous float32 lse (B, H, Tq), got ", lse.scalar_type(), " ",
               lse.sizes());
