@@ -41,6 +41,11 @@ TORCH_LIBRARY(minift, m) {
         "int seed, int offset) -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? key_padding_mask, float dropout_p, float scale, int seed, int offset) -> (Tensor, Tensor, Tensor)");
+  // Packed attention (CPU): the sequences' tokens one after another, no padding (attention.cpp).
+  m.def("attention_packed_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_q, Tensor cu_k, int Tq, int Tk, "
+        "float dropout_p, float scale, int seed, int offset) -> (Tensor, Tensor)");
+  m.def("attention_packed_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_q, "
+        "Tensor cu_k, int Tq, int Tk, float dropout_p, float scale, int seed, int offset) -> (Tensor, Tensor, Tensor)");
   // The dropout keep-mask (B, H, Tq, Tk) the attention kernels draw for (seed, offset), on like's device.
   m.def("dropout_mask(Tensor like, int B, int H, int Tq, int Tk, float p, int seed, int offset) -> Tensor");
   // logits (N, C), target (N,) int64; reduction 0 = none, 1 = mean, 2 = sum (at::Reduction's numbers).

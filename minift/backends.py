@@ -10,6 +10,7 @@ Each backend is a namespace with the same functions and signatures:
     add_layer_norm(y, x, weight, bias, eps, p, training)     LayerNorm(dropout(y) + x), the post-LN residual
     dropout(x, p, training)
     attention(q, k, v, key_padding_mask, dropout_p, scale)   (B, nh, T, D), mask (B, T) True = keep
+    packed_attention(q, k, v, cu_q, cu_k, Tq, Tk, dropout_p, scale)   (N, nh, D), fused only (else None)
     cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean", weight=None)
     bce_with_logits(logits, target), mse_loss(pred, target)
 
@@ -39,6 +40,7 @@ torch_ops = SimpleNamespace(
         (F.dropout(y, p, training) if p > 0.0 and training else y) + x, (y.shape[-1],), w, b, eps),
     dropout=lambda x, p, training: F.dropout(x, p, training) if p > 0.0 and training else x,
     attention=naive_attention,
+    packed_attention=None,
     cross_entropy=F.cross_entropy,
     bce_with_logits=F.binary_cross_entropy_with_logits,
     mse_loss=F.mse_loss,
@@ -52,7 +54,8 @@ def _reference_ops():
         embedding=RF.embedding, linear=RF.linear, layer_norm=RF.layer_norm, gelu=RF.gelu,
         tanh=RF.tanh, dropout=RF.dropout,
         linear_gelu=lambda x, w, b: RF.bias_gelu(RF.linear(x, w, None), b),
-        add_layer_norm=RF.add_layer_norm, attention=RF.attention, cross_entropy=RF.cross_entropy,
+        add_layer_norm=RF.add_layer_norm, attention=RF.attention, packed_attention=None,
+        cross_entropy=RF.cross_entropy,
         bce_with_logits=RF.bce_with_logits, mse_loss=RF.mse_loss)
 
 
@@ -60,6 +63,8 @@ def _fused_ops():
     from . import ops
     return SimpleNamespace(**{**vars(torch_ops), "name": "fused",
                               "attention": ops.fused_attention,
+                              "packed_attention": ops.packed_attention,
+                              "packed_attention_runs": ops.packed_attention_runs,
                               "dropout": ops.fused_dropout,
                               "cross_entropy": ops.softmax_cross_entropy,
                               "linear_gelu": lambda x, w, b: ops.bias_gelu(F.linear(x, w), b),

@@ -240,11 +240,15 @@ def real_lengths_batch(B: int = 32):
 
 
 def bench_step_cpu(repeats: int = 9, profile_steps: int = 3, shape: str | dict = "minilm", batch: int = 32,
-                   padded_lengths: tuple[int, ...] = (64, 128)) -> tuple[list[Row], str, str]:
+                   padded_lengths: tuple[int, ...] = (64, 128),
+                   full_lengths: tuple[int, ...] = (128,)) -> tuple[list[Row], str, str]:
     """One fine-tuning step (forward, backward, AdamW) of BertForSequenceClassification, fp32:
     transformers (sdpa, torch.optim.AdamW) against minift's impl="torch" and impl="fused" (its fused
     AdamW), and fused under bf16 autocast where ``--precision auto`` picks bf16 on this CPU, on
-    ``batch`` real snippets at their bucketed lengths and padded to each of ``padded_lengths``.
+    ``batch`` real snippets at their bucketed lengths, padded to each of ``padded_lengths``, and
+    with no padding at each of ``full_lengths`` (each row's tokens repeated to fill it). Padded,
+    minift fused computes the real tokens only (BertModel packs the batch; the row's note says
+    so); the full rows show the step where there is no padding to leave out.
     ``shape``: a name in SHAPES (MiniLM's by default) or a dict of BertConfig sizes. The
     implementations take turns step by step (the median of each), so a machine that
     slows down during the run slows all three alike.
@@ -276,6 +280,11 @@ def bench_step_cpu(repeats: int = 9, profile_steps: int = 3, shape: str | dict =
         out_ids, out_mask = torch.zeros(batch, T, dtype=ids.dtype), torch.zeros(batch, T, dtype=mask.dtype)
         out_ids[:, :ids.shape[1]], out_mask[:, :ids.shape[1]] = ids, mask
         return out_ids, out_mask
+
+    def full(T):                      # each row's real tokens over and over, T of them, no padding
+        lengths = mask.sum(1)
+        cols = torch.arange(T)[None, :] % lengths[:, None]
+        return ids.gather(1, cols), torch.ones(batch, T, dtype=mask.dtype)
 
     # where --precision auto picks bf16 on this CPU, fused's step under bf16 autocast too (as minift
     # finetune runs it there)
@@ -328,9 +337,11 @@ def bench_step_cpu(repeats: int = 9, profile_steps: int = 3, shape: str | dict =
     rows = []
     impls = ["transformers", "torch", "fused"] + (["fused bf16"] if auto_dtype is not None else [])
     size = shape if isinstance(shape, str) else "H={hidden_size} L={num_hidden_layers}".format(**cfg_kw)
-    for T in (None, *padded_lengths):
-        x, m = padded(T)
-        name = f"train step {size} B={batch} T={x.shape[1]}{' (real lengths)' if T is None else ' (padded)'} fp32"
+    cases = ([(None, "real lengths")] + [(T, "padded") for T in padded_lengths]
+             + [(T, "no padding") for T in full_lengths])
+    for T, kind in cases:
+        x, m = full(T) if kind == "no padding" else padded(T)
+        name = f"train step {size} B={batch} T={x.shape[1]} ({kind}) fp32"
         for impl in impls:
             step(impl, x, m)                                   # warm-up
         times = {impl: [] for impl in impls}
@@ -342,8 +353,10 @@ def bench_step_cpu(repeats: int = 9, profile_steps: int = 3, shape: str | dict =
         for impl in impls:
             label = {"transformers": impl, "fused bf16": "minift fused, bf16 autocast (--precision auto)"}.get(
                 impl, f"minift {impl}")
-            rows.append(Row(name, label, statistics.median(times[impl]),
-                            source if T is None and impl == "transformers" else ""))
+            note = source if T is None and impl == "transformers" else ""
+            if kind == "padded" and impl.startswith("fused") and ours.config.pack_padding:
+                note = f"packed: {int(m.sum())} real tokens of {m.numel()}"
+            rows.append(Row(name, label, statistics.median(times[impl]), note))
 
     from torch.profiler import ProfilerActivity, profile
     x, m = padded(None)

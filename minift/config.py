@@ -33,6 +33,9 @@ class BertConfig:
     id2label: dict[int, str] | None = None   # class names, saved with a fine-tuned model
     # Not part of config.json: which implementation of the ops the model runs on.
     impl: str = field(default="torch", metadata={"serialize": False})
+    # Not part of config.json: under impl="fused" on the CPU, run a padded batch on its real tokens
+    # only (BertModel.forward); False computes every padded position too, as transformers does.
+    pack_padding: bool = field(default=True, metadata={"serialize": False})
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads != 0:

@@ -57,7 +57,8 @@ def _reduction_names() -> tuple[str, ...]:
 _F32, _F64, _F16, _BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
 # The dtypes each compiled kernel takes, by device type (csrc/*.cpp and csrc/cuda/cuda_ops.cpp).
 KERNEL_DTYPES = {
-    "cpu": {"attention_fwd": {_F32, _F64, _F16, _BF16}, "xent_fwd": {_F32, _F64, _F16, _BF16},
+    "cpu": {"attention_fwd": {_F32, _F64, _F16, _BF16}, "attention_packed_fwd": {_F32, _F64, _F16, _BF16},
+            "xent_fwd": {_F32, _F64, _F16, _BF16},
             "dropout_fwd": {_F32, _F64, _F16, _BF16}, "adamw_step_": {_F32, _F64},
             "add_layer_norm_fwd": {_F32, _F64, _F16, _BF16}, "bias_gelu_fwd": {_F32, _F64, _F16, _BF16}},
     "cuda": {"attention_fwd": {_F32, _F16, _BF16}, "xent_fwd": {_F32, _F16, _BF16},
@@ -289,6 +290,33 @@ def _register() -> None:
     def _(dout, q, k, v, out, lse, key_padding_mask, dropout_p, scale, seed, offset):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
+    @torch.library.register_fake("minift::attention_packed_fwd")
+    def _(q, k, v, cu_q, cu_k, Tq, Tk, dropout_p, scale, seed, offset):
+        return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=_acc_dtype(q))
+
+    @torch.library.register_fake("minift::attention_packed_bwd")
+    def _(dout, q, k, v, out, lse, cu_q, cu_k, Tq, Tk, dropout_p, scale, seed, offset):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    # The packed op's autograd, in Python (the others' is in csrc/autograd.cpp): the backward is
+    # attention_packed_bwd on what the forward saved, the derivation in csrc/attention.cpp.
+    def setup_packed(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, Tq, Tk, p, scale, seed, offset = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.args = (Tq, Tk, p, scale, seed, offset)
+
+    def packed_backward(ctx, dout, _dlse):
+        if dout is None:
+            return (None,) * 11
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dout = dout if dout.stride(-1) == 1 or dout.shape[-1] == 1 else dout.contiguous()
+        dq, dk, dv = torch.ops.minift.attention_packed_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+        return (dq, dk, dv) + (None,) * 8
+
+    torch.library.register_autograd("minift::attention_packed_fwd", packed_backward, setup_context=setup_packed)
+
     @torch.library.register_fake("minift::xent_fwd")
     def _(logits, target, weight, ignore_index, label_smoothing, reduction):
         n = logits.shape[0]
@@ -359,7 +387,8 @@ def fused_attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, scal
     """softmax(q k^T * scale + mask) v without materialising the T x T matrix.
 
     q (B, H, Tq, D), k and v (B, H, Tk, D) in float32/float64/float16/bfloat16 (on the CPU read
-    at their strides where each row of D is contiguous, else copied; contiguous on a GPU); key_padding_mask (B, Tk), bool or 0/1, 1 = keep (an additive float mask is refused: see
+    at their strides where each row of D is contiguous, else copied; contiguous on a GPU);
+    key_padding_mask (B, Tk), bool or 0/1, 1 = keep (an additive float mask is refused: see
     minift.functional.key_padding_keep); a row with no kept key gives 0. Attention dropout draws its
     mask from Philox bits seeded from torch's generator, and the backward pass regenerates the same
     mask. Returns (B, H, Tq, D).
@@ -381,6 +410,33 @@ def _attention_layout(t):
     if t.device.type == "cpu" and (t.stride(-1) == 1 or t.shape[-1] == 1):
         return t
     return t.contiguous()
+
+
+def packed_attention(q, k, v, cu_q, cu_k, Tq: int, Tk: int, dropout_p: float = 0.0, scale=None,
+                     generator=None):
+    """Attention over packed sequences (CPU): the tokens of B sequences one after another, no
+    padding. q (Nq, H, D), k and v (Nk, H, D); sequence b's queries are rows cu_q[b] .. cu_q[b+1]-1
+    of q and its keys rows cu_k[b] .. cu_k[b+1]-1 of k and v (cu_q, cu_k: int64 (B + 1,), from 0),
+    and each query attends to its own sequence's keys only, all of them. Tq and Tk: the padded
+    lengths the tokens came from. They number the dropout bits, so a right-padded batch packed
+    (``minift.masking.pack``) draws the same attention-dropout mask as the padded batch does in
+    ``fused_attention``. Rows of D must be contiguous (the projections' (N, H*D) output viewed as
+    (N, H, D) is read in place). Returns (Nq, H, D) in q's layout.
+
+    Padded attention spends its work on the pad: the projections, layer norms and feed-forward of
+    every padded position, and (with a padded query row) its attention. Packed, the model computes
+    the real tokens only; this op is what makes that possible (BertModel packs a padded batch
+    under impl="fused" on the CPU)."""
+    _require_extension("packed_attention")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, _ = torch.ops.minift.attention_packed_fwd(q, k, v, cu_q, cu_k, int(Tq), int(Tk), float(dropout_p), scale,
+                                                   _seed(dropout_p, generator), 0)
+    return out
+
+
+def packed_attention_runs(t: torch.Tensor) -> bool:
+    """Whether the compiled packed attention runs for activations like t (the CPU kernel), no warning."""
+    return why_not_compiled("attention_packed_fwd", t) is None
 
 
 def fused_dropout(x, p: float, training: bool = True, generator=None):

@@ -84,6 +84,32 @@ def _attention(device, dtype):
     return _worst(run(compiled, dtype), ref), _worst(run(plain, dtype), ref)
 
 
+def _packed_attention(device, dtype):
+    B, H, T, D = 3, 2, 13, 32
+    lengths = torch.tensor([13, 9, 1])
+    keep = (torch.arange(T)[None] < lengths[:, None]).to(device)
+    index = keep.reshape(-1).nonzero().squeeze(1)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(device)
+    q64, k64, v64 = (_inputs((B * T, H, D), s, device)[index] for s in range(3))    # (N, H, D) packed
+    do64 = _inputs((B * T, H, D), 3, device)[index]
+    scale = D ** -0.5
+
+    def run(fn, dt):
+        q, k, v = (t.to(dt).detach().requires_grad_() for t in (q64, k64, v64))
+        out = fn(q, k, v)
+        out.backward(do64.to(dt))
+        return [out, q.grad, k.grad, v.grad]
+
+    def padded(t):                                         # (N, H, D) -> (B, H, T, D), 0 at the pad
+        return t.new_zeros(B * T, H, D).index_copy(0, index, t).view(B, T, H, D).transpose(1, 2)
+
+    compiled = lambda q, k, v: torch.ops.minift.attention_packed_fwd(q, k, v, cu, cu, T, T, 0.0, scale, 0, 0)[0]
+    plain = lambda q, k, v: naive_attention(padded(q), padded(k), padded(v), keep, 0.0, scale).transpose(
+        1, 2).reshape(B * T, H, D)[index]
+    ref = run(plain, torch.float64)
+    return _worst(run(compiled, dtype), ref), _worst(run(plain, dtype), ref)
+
+
 def _cross_entropy(device, dtype, weighted=False):
     worst = [0.0, 0.0]
     for N, C in ((37, 2), (29, 9), (11, 301)):            # the short-row and the long-row walkers
@@ -172,6 +198,7 @@ def _bias_gelu(device, dtype):
 # (what is checked, the op the dispatch rule knows, the check, the optional arguments it uses: a
 # device whose kernel takes none of them (ops.KERNEL_LACKS) skips the row)
 CHECKS = [("attention fwd+bwd", "attention_fwd", _attention, ()),
+          ("packed attention fwd+bwd", "attention_packed_fwd", _packed_attention, ()),
           ("cross-entropy fwd+bwd", "xent_fwd", _cross_entropy, ()),
           ("cross-entropy weighted", "xent_fwd", lambda device, dtype: _cross_entropy(device, dtype, True), ("weight",)),
           ("dropout fwd+bwd", "dropout_fwd", _dropout, ()),

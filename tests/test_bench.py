@@ -15,6 +15,7 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermed
 
 
 def tiny_step(step_bench=bench.bench_step_cpu, **kw):
+    kw.setdefault("full_lengths", ())
     return step_bench(repeats=2, profile_steps=1, shape=TINY, batch=4, padded_lengths=(48,), **kw)
 
 
@@ -31,6 +32,16 @@ def test_step_bench_times_the_same_function_three_ways():
     assert len(losses) == 3 and max(losses) - min(losses) < 1e-4, checked
     assert 0.3 < losses[0] < 1.2, "two classes from a random head: a loss near log 2"
     assert "aten::" in profile and "Self CPU" in profile
+
+
+def test_step_bench_padded_rows_pack_and_full_rows_have_no_padding():
+    rows, _, _ = tiny_step(full_lengths=(40,))
+    assert [r.case.split("T=", 1)[1] for r in rows[::3]] == [rows[0].case.split("T=", 1)[1], "48 (padded) fp32",
+                                                             "40 (no padding) fp32"]
+    fused = [r for r in rows if r.impl == "minift fused"]
+    real = int(fused[1].extra.split()[1])
+    assert fused[1].extra == f"packed: {real} real tokens of {4 * 48}" and 4 <= real < 4 * 40
+    assert fused[2].extra == "" and fused[0].extra == ""
 
 
 def test_step_bench_refuses_implementations_that_disagree(monkeypatch):

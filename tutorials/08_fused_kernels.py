@@ -201,6 +201,41 @@ for ax, title, pair in ((axes[0], f"cross-entropy fwd+bwd, {N} x {C}", {"F.cross
 plt.show()
 
 # %% [markdown]
+# ## Padding costs as much as text: packed sequences
+# The key-padding mask lets attention skip padded keys, but the rest of a layer (the four
+# projections, both layer norms, the feed-forward) still runs on every padded position: a batch of
+# 27-token sentences padded to 128 spends 79% of that work on the pad. Packing lays the real tokens
+# of all rows one after another, (N, H) with N the number of real tokens, runs the per-token work
+# on those alone, and needs one op that knows where each row starts: attention with row offsets
+# cu = [0, len_0, len_0 + len_1, ...] (FlashAttention calls it "varlen"). The real tokens' outputs
+# are the same function as padded:
+
+# %%
+from minift.model import pack_batch
+
+T, lengths = 12, [9, 4, 7]
+pad_mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
+packing = pack_batch(pad_mask.long())
+print("kept positions of the flattened batch:", packing.index.tolist())
+print("row offsets cu:", packing.cu.tolist())
+nh, hd = 2, 16
+proj = [torch.randn(3, T, nh * hd, generator=g, dtype=torch.float64) for _ in range(3)]   # Q, K, V projections
+padded_out = ops.fused_attention(*[x.view(3, T, nh, hd).transpose(1, 2) for x in proj], pad_mask)
+packed_out = ops.packed_attention(*[x.reshape(3 * T, nh, hd)[packing.index] for x in proj],
+                                  packing.cu, packing.cu, T, T)
+real_rows = padded_out.transpose(1, 2).reshape(3 * T, nh, hd)[packing.index]
+assert (packed_out - real_rows).abs().max() < 1e-12
+print(f"{packing.index.numel()} packed rows instead of {3 * T}: the same attention output at every real token")
+
+# %% [markdown]
+# Under impl="fused" on the CPU, `BertModel` packs a padded batch by itself: embeddings, every
+# layer and the attention see the N real tokens, and `last_hidden_state` comes back (B, T, H)
+# with 0 at the padded positions (transformers computes those from the pad token; no loss reads
+# them). Attention dropout numbers its bits by padded position, so a packed training step draws
+# the same attention mask as the padded one (tests/test_packing.py). The measured step, padded
+# and packed, is in benchmarks/RESULTS.md.
+
+# %% [markdown]
 # ## Discussion
 # The fused cross-entropy avoids writing the N x C log-probabilities, and its row loops run on
 # SIMD registers (csrc/cpu_vec.h: eight floats per AVX2 instruction, `exp` included); on the CPU
@@ -212,5 +247,6 @@ plt.show()
 # head) it takes 64 query rows at a time, computes their scores against the kept keys with one
 # BLAS matrix multiply, runs the softmax above on each row in SIMD registers, and multiplies by V
 # with a second one. The backward does the same with five products. The scratch block is 64 x T,
-# never T x T, and masked keys are left out before any arithmetic, so padding costs nothing.
+# never T x T, and masked keys are left out before any arithmetic, so padded keys cost nothing
+# (padded queries are another matter: the packing above).
 # The CUDA kernel takes the same steps with shared memory in place of the cache.
