@@ -246,9 +246,10 @@ def bench_step_cpu(repeats: int = 9, profile_steps: int = 3, shape: str | dict =
     transformers (sdpa, torch.optim.AdamW) against minift's impl="torch" and impl="fused" (its fused
     AdamW), and fused under bf16 autocast where ``--precision auto`` picks bf16 on this CPU, on
     ``batch`` real snippets at their bucketed lengths, padded to each of ``padded_lengths``, and
-    with no padding at each of ``full_lengths`` (each row's tokens repeated to fill it). Padded,
-    minift fused computes the real tokens only (BertModel packs the batch; the row's note says
-    so); the full rows show the step where there is no padding to leave out.
+    with no padding at each of ``full_lengths`` (each row's tokens repeated to fill it). Wherever
+    a batch has padding (the real lengths' too: rows shorter than the longest), minift fused
+    computes the real tokens only (BertModel packs the batch; the row's note says so); the full
+    rows show the step where there is no padding to leave out.
     ``shape``: a name in SHAPES (MiniLM's by default) or a dict of BertConfig sizes. The
     implementations take turns step by step (the median of each), so a machine that
     slows down during the run slows all three alike.
@@ -354,7 +355,7 @@ def bench_step_cpu(repeats: int = 9, profile_steps: int = 3, shape: str | dict =
             label = {"transformers": impl, "fused bf16": "minift fused, bf16 autocast (--precision auto)"}.get(
                 impl, f"minift {impl}")
             note = source if T is None and impl == "transformers" else ""
-            if kind == "padded" and impl.startswith("fused") and ours.config.pack_padding:
+            if impl.startswith("fused") and ours.config.pack_padding and not bool(m.bool().all()):
                 note = f"packed: {int(m.sum())} real tokens of {m.numel()}"
             rows.append(Row(name, label, statistics.median(times[impl]), note))
 

@@ -215,7 +215,7 @@ class BertAttention(nn.Module):
 
     def forward(self, x, key_padding_mask, xq=None, packing: Packing | None = None):
         xq = x if xq is None else xq
-        return self.output(self.self(x, key_padding_mask, xq, packing), xq)          # (B, Tq, H)
+        return self.output(self.self(x, key_padding_mask, xq, packing), xq)          # (B, Tq, H); packed (Nq, H)
 
 
 class BertIntermediate(nn.Module):
@@ -257,7 +257,7 @@ class BertLayer(nn.Module):
 
     def forward(self, x, key_padding_mask, xq=None, packing: Packing | None = None):
         """Every row of x attends to all of x; with xq, only xq's rows are computed (B, Tq, H)."""
-        x = self.attention(x, key_padding_mask, xq, packing)                         # (B, Tq, H)
+        x = self.attention(x, key_padding_mask, xq, packing)                         # (B, Tq, H); packed (Nq, H)
         return self.output(self.intermediate(x), x)                                  # (B, Tq, H)
 
 
@@ -267,7 +267,8 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
     def forward(self, x, key_padding_mask, first_row_only: bool = False, packing: Packing | None = None):
-        """first_row_only: the last layer computes row 0 ([CLS]) alone, and (B, 1, H) comes back.
+        """first_row_only: the last layer computes row 0 ([CLS]) alone, and (B, 1, H) comes back
+        ((B, H) packed: the rows' first tokens). Packed, x is (N, H) and so is every layer's output.
 
         A pooler reads only h[:, 0], and in the last layer nothing else depends on the other rows:
         their keys and values come from the layer's input, which every row still gives. So the last
@@ -357,7 +358,7 @@ class BertModel(BertPreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None,
-                pooled_only: bool = False) -> EncoderOutput:
+                pooled_only: bool = False, pack: bool = True) -> EncoderOutput:
         """pooled_only: compute what the pooler reads and no more (the last layer's [CLS] row; see
         BertEncoder.forward); last_hidden_state is then (B, 1, H), the [CLS] vectors only.
 
@@ -366,15 +367,18 @@ class BertModel(BertPreTrainedModel):
         under impl="fused" on the CPU a padded batch runs packed (pack_batch): the real tokens of
         all rows one after another, (N, H), with attention per row (minift.ops.packed_attention).
         The real tokens' outputs are the same function as padded; last_hidden_state has 0 at the
-        padded positions (transformers computes them from the pad token, and no loss reads them).
-        config.pack_padding = False computes every position."""
+        padded positions (transformers computes them from the pad token). The heads that read only
+        real positions (the pooler, token tags with -100 at the pad, masked tokens) let it pack;
+        pack=False computes every position, as BertForQuestionAnswering needs (its loss is a
+        softmax over all T positions, padded ones included, as in transformers), and so does
+        config.pack_padding = False for every call."""
         check_inputs(self.config, input_ids, attention_mask, token_type_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         key_padding_mask = key_padding_keep(attention_mask, "attention_mask")       # (B, T), True = keep
-        packing = _packing_for(self.config, attention_mask, self.embeddings.word_embeddings.weight)
+        packing = _packing_for(self.config, attention_mask, self.embeddings.word_embeddings.weight) if pack else None
         x = self.embeddings(input_ids, token_type_ids, packing)                      # (B, T, H); packed (N, H)
         h = self.encoder(x, key_padding_mask, first_row_only=pooled_only, packing=packing)  # (B, T, H) or (B, 1, H)
         if packing is not None:                       # back to the batch's shape, 0 at padded positions
@@ -589,7 +593,8 @@ class BertForQuestionAnswering(BertPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None,
                 start_positions=None, end_positions=None) -> HeadOutput:
         ops = get_ops(self.config.impl)
-        h = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state     # (B, T, H)
+        # every position, padded ones too: the start/end softmax below runs over all T of them
+        h = self.bert(input_ids, attention_mask, token_type_ids, pack=False).last_hidden_state  # (B, T, H)
         logits = dense(ops, self.qa_outputs, h)          # (B, T, 2)
         start_logits, end_logits = logits[..., 0], logits[..., 1]                     # (B, T) each
         loss = None

@@ -419,7 +419,7 @@ def packed_attention(q, k, v, cu_q, cu_k, Tq: int, Tk: int, dropout_p: float = 0
     of q and its keys rows cu_k[b] .. cu_k[b+1]-1 of k and v (cu_q, cu_k: int64 (B + 1,), from 0),
     and each query attends to its own sequence's keys only, all of them. Tq and Tk: the padded
     lengths the tokens came from. They number the dropout bits, so a right-padded batch packed
-    (``minift.masking.pack``) draws the same attention-dropout mask as the padded batch does in
+    (``minift.model.pack_batch``) draws the same attention-dropout mask as the padded batch does in
     ``fused_attention``. Rows of D must be contiguous (the projections' (N, H*D) output viewed as
     (N, H, D) is read in place). Returns (Nq, H, D) in q's layout.
 

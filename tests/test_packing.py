@@ -161,8 +161,56 @@ def test_packed_training_draws_the_padded_attention_dropout():
     assert other.item() != results[0][0].item(), "another seed draws other bits"
 
 
-@pytest.mark.parametrize("case", ["no padding", "first token masked", "pack_padding off", "impl torch"])
+def test_packed_model_with_holes_in_the_mask_equals_torch():
+    """A mask with holes packs too (each row's kept tokens, in order, at their own positions)."""
+    torch.manual_seed(1)
+    model = minift.BertModel(small_config()).double().eval()
+    ids, mask, types = batch()
+    mask = mask.clone()
+    mask[0, 3:6] = 0
+    mask[3, 1::2] = 0
+    ref = model.set_impl("torch")(ids, mask, types)
+    out = model.set_impl("fused")(ids, mask, types)
+    keep = mask.bool()
+    torch.testing.assert_close(out.last_hidden_state[keep], ref.last_hidden_state[keep], rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.pooler_output, ref.pooler_output, rtol=0, atol=1e-12)
+    assert (out.last_hidden_state[~keep] == 0).all(), "packed: 0 at the positions the mask leaves out"
+
+
+def test_packed_under_bf16_autocast_is_as_close_to_fp32_as_unpacked():
+    """bf16 autocast (as --precision auto trains on CPUs with AVX512-BF16): the packed model's
+    logits are as close to the fp32 ones as the unpacked model's (2x its error at most)."""
+    torch.manual_seed(2)
+    model = minift.BertForSequenceClassification(small_config(num_labels=2)).set_impl("fused").eval()
+    ids, mask, types = batch()
+    fp32 = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    errors = {}
+    for pack in (True, False):
+        model.config.pack_padding = pack
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        errors[pack] = (logits.float() - fp32).abs().max().item()
+    assert 0 < errors[True] <= 2 * errors[False] + 1e-3, errors
+
+
+def test_question_answering_does_not_pack(monkeypatch):
+    """The QA loss is a softmax over every position, padded ones included (as in transformers):
+    its encoder computes them, so fused gives torch's loss and logits at every position."""
+    calls = count_packed_calls(monkeypatch)
+    torch.manual_seed(3)
+    model = minift.BertForQuestionAnswering(small_config()).double().eval()
+    ids, mask, types = batch()
+    start, end = torch.tensor([2, 1, 0, 5, 0]), torch.tensor([4, 3, 2, 9, 0])
+    out = {impl: model.set_impl(impl)(ids, mask, types, start_positions=start, end_positions=end)
+           for impl in ("torch", "fused")}
+    assert not calls
+    torch.testing.assert_close(out["fused"].loss, out["torch"].loss, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out["fused"].start_logits, out["torch"].start_logits, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["no padding", "first token masked", "pack_padding off", "pack=False"])
 def test_when_it_does_not_pack(case, monkeypatch):
+    """No packed call, and where there is padding the padded positions are computed (not 0)."""
     calls = count_packed_calls(monkeypatch)
     model = minift.BertModel(small_config()).eval()
     ids, mask, types = batch()
@@ -171,9 +219,11 @@ def test_when_it_does_not_pack(case, monkeypatch):
     elif case == "first token masked":
         mask = mask.clone()
         mask[1, 0] = 0
-    model.set_impl("torch" if case == "impl torch" else "fused")
+    model.set_impl("fused")
     model.config.pack_padding = case != "pack_padding off"
-    h = model(ids, mask, types).last_hidden_state
+    h = model(ids, mask, types, pack=case != "pack=False").last_hidden_state
     assert not calls
+    pad = ~mask.bool()
+    assert case == "no padding" or (h[pad] != 0).any(1).all(), "every padded position computed"
     ref = model.set_impl("torch")(ids, mask, types).last_hidden_state
     torch.testing.assert_close(h[mask.bool()], ref[mask.bool()], rtol=0, atol=1e-5)

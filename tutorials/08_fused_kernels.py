@@ -230,10 +230,12 @@ print(f"{packing.index.numel()} packed rows instead of {3 * T}: the same attenti
 # %% [markdown]
 # Under impl="fused" on the CPU, `BertModel` packs a padded batch by itself: embeddings, every
 # layer and the attention see the N real tokens, and `last_hidden_state` comes back (B, T, H)
-# with 0 at the padded positions (transformers computes those from the pad token; no loss reads
-# them). Attention dropout numbers its bits by padded position, so a packed training step draws
-# the same attention mask as the padded one (tests/test_packing.py). The measured step, padded
-# and packed, is in benchmarks/RESULTS.md.
+# with 0 at the padded positions (transformers computes those from the pad token; the pooler,
+# token tags and masked-token losses never read them; question answering, whose softmax runs over
+# every position, does not pack). Attention dropout numbers its bits by padded position, so for a
+# right-padded batch a packed step draws the padded step's attention mask (tests/test_packing.py);
+# the other dropouts number the elements of the (N, H) activations, other bits of the same
+# distribution. The measured step, padded and packed, is in benchmarks/RESULTS.md.
 
 # %% [markdown]
 # ## Discussion
