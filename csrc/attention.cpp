@@ -328,7 +328,7 @@ static void check_packed(const at::Tensor& q, const at::Tensor& k, const at::Ten
               "attention_packed: expected q, k, v of one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());
   for (const auto* t : {&q, &k, &v})
-    TORCH_CHECK(t->size(2) == 1 || t->stride(2) == 1,
+    TORCH_CHECK(attention_layout_ok(*t, at::kCPU),
                 "attention_packed: expected rows of D contiguous (last stride 1), got strides ", t->strides());
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention_packed: expected 0 <= dropout_p < 1, got ", dropout_p);
   TORCH_CHECK(Tq >= 1 && Tk >= 1, "attention_packed: expected padded lengths Tq, Tk >= 1, got ", Tq, ", ", Tk);
@@ -351,6 +351,18 @@ static void check_packed(const at::Tensor& q, const at::Tensor& k, const at::Ten
   }
 }
 
+// What both packed ops hand the kernels: the row offsets, the sizes and the dropout stream.
+struct PackedCall {
+  Seqs seqs;
+  AttnDims dims;
+  DropoutSpec drop;
+  PackedCall(const at::Tensor& q, const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t Tq, int64_t Tk,
+             double dropout_p, int64_t seed, int64_t offset)
+      : seqs{cu_q.data_ptr<int64_t>(), cu_k.data_ptr<int64_t>(), q.size(0)},
+        dims{cu_q.numel() - 1, q.size(1), Tq, Tk, q.size(2)},
+        drop{dropout_p, (uint64_t)seed, (uint64_t)offset} {}
+};
+
 std::tuple<at::Tensor, at::Tensor> attention_packed_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, const at::Tensor& cu_q,
                                                             const at::Tensor& cu_k, int64_t Tq, int64_t Tk,
@@ -361,15 +373,12 @@ std::tuple<at::Tensor, at::Tensor> attention_packed_fwd_cpu(const at::Tensor& q,
   auto qw = widen(q), kw = widen(k), vw = widen(v);
   auto out = maybe_poison(at::empty_like(qw));
   auto lse = maybe_poison(at::empty({q.size(1), q.size(0)}, qw.options()));     // (H, Nq)
-  const int64_t* cq = cu_q.data_ptr<int64_t>();
-  const int64_t* ck = cu_k.data_ptr<int64_t>();
-  const Seqs seqs{cq, ck, q.size(0)};
-  const AttnDims dims{cu_q.numel() - 1, q.size(1), Tq, Tk, q.size(2)};
-  DropoutSpec drop{dropout_p, (uint64_t)seed, (uint64_t)offset};
+  const PackedCall c(q, cu_q, cu_k, Tq, Tk, dropout_p, seed, offset);
+  const int64_t *cq = c.seqs.cu_q, *ck = c.seqs.cu_k;
   AT_DISPATCH_FLOATING_TYPES(qw.scalar_type(), "attention_packed_fwd_cpu", [&] {
     attention_fwd_kernel<scalar_t>(packed_rows_of<scalar_t>(qw, cq), packed_rows_of<scalar_t>(kw, ck),
                                    packed_rows_of<scalar_t>(vw, ck), nullptr, packed_rows_of<scalar_t>(out, cq),
-                                   lse.data_ptr<scalar_t>(), dims, scale, drop, seqs);
+                                   lse.data_ptr<scalar_t>(), c.dims, scale, c.drop, c.seqs);
   });
   return {is_reduced(q) ? out.to(q.scalar_type()) : out, lse};
 }
@@ -381,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_packed_bwd_cpu(
   check_packed(q, k, v, cu_q, cu_k, Tq, Tk, dropout_p);
   for (const auto* t : {&dout, &out})
     TORCH_CHECK(t->sizes() == q.sizes() && t->scalar_type() == q.scalar_type() && t->device().is_cpu() &&
-                    (t->size(2) == 1 || t->stride(2) == 1),
+                    attention_layout_ok(*t, at::kCPU),
                 "attention_packed backward: expected dout and out like q (", q.sizes(), ", ", q.scalar_type(),
                 ", rows of D contiguous), got ", t->sizes(), ", ", t->scalar_type(), ", strides ", t->strides());
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -393,17 +402,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_packed_bwd_cpu(
   auto qw = widen(q), kw = widen(k), vw = widen(v), dow = widen(dout), ow = widen(out);
   auto dq = maybe_poison(at::empty_like(qw)), dk = maybe_poison(at::empty_like(kw)),
        dv = maybe_poison(at::empty_like(vw));
-  const int64_t* cq = cu_q.data_ptr<int64_t>();
-  const int64_t* ck = cu_k.data_ptr<int64_t>();
-  const Seqs seqs{cq, ck, q.size(0)};
-  const AttnDims dims{cu_q.numel() - 1, q.size(1), Tq, Tk, q.size(2)};
-  DropoutSpec drop{dropout_p, (uint64_t)seed, (uint64_t)offset};
+  const PackedCall c(q, cu_q, cu_k, Tq, Tk, dropout_p, seed, offset);
+  const int64_t *cq = c.seqs.cu_q, *ck = c.seqs.cu_k;
   AT_DISPATCH_FLOATING_TYPES(qw.scalar_type(), "attention_packed_bwd_cpu", [&] {
     attention_bwd_kernel<scalar_t>(packed_rows_of<scalar_t>(dow, cq), packed_rows_of<scalar_t>(qw, cq),
                                    packed_rows_of<scalar_t>(kw, ck), packed_rows_of<scalar_t>(vw, ck),
                                    packed_rows_of<scalar_t>(ow, cq), lse.data_ptr<scalar_t>(), nullptr,
                                    packed_rows_of<scalar_t>(dq, cq), packed_rows_of<scalar_t>(dk, ck),
-                                   packed_rows_of<scalar_t>(dv, ck), dims, scale, drop, seqs);
+                                   packed_rows_of<scalar_t>(dv, ck), c.dims, scale, c.drop, c.seqs);
   });
   if (is_reduced(q)) return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
   return {dq, dk, dv};

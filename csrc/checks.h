@@ -32,21 +32,27 @@ inline void check_floating(const at::Tensor& t, const char* name) {
               ": expected float32, float64, float16 or bfloat16, got ", st);
 }
 
-inline void check_same_layout(const at::Tensor& a, const at::Tensor& ref, const char* name, const char* ref_name) {
+// a has ref's device, dtype and shape
+inline void check_same_kind(const at::Tensor& a, const at::Tensor& ref, const char* name, const char* ref_name) {
   TORCH_CHECK(a.device() == ref.device(), name, ": expected a tensor on ", ref.device(), " like ", ref_name,
               ", got ", a.device());
   TORCH_CHECK(a.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), " like ",
               ref_name, ", got ", a.scalar_type());
   TORCH_CHECK(a.sizes() == ref.sizes(), name, ": expected shape ", ref.sizes(), " like ", ref_name, ", got ",
               a.sizes());
+}
+
+inline void check_same_layout(const at::Tensor& a, const at::Tensor& ref, const char* name, const char* ref_name) {
+  check_same_kind(a, ref, name, ref_name);
   TORCH_CHECK(a.is_contiguous(), name, ": expected a contiguous tensor (call .contiguous()), got strides ",
               a.strides());
 }
 
-// The CPU attention kernels read and write (B, H, T, D) tensors at any strides whose rows of D
-// numbers are contiguous (the projections' output viewed per head); the CUDA ones want them contiguous.
+// The CPU attention kernels read and write (B, H, T, D) tensors (packed: (N, H, D)) at any strides
+// whose rows of D numbers are contiguous (the projections' output viewed per head); the CUDA ones
+// want them contiguous.
 inline bool attention_layout_ok(const at::Tensor& t, at::DeviceType device) {
-  return device == at::kCPU ? (t.size(3) == 1 || t.stride(3) == 1) : t.is_contiguous();
+  return device == at::kCPU ? (t.size(-1) == 1 || t.stride(-1) == 1) : t.is_contiguous();
 }
 
 inline void check_attention_layout(const at::Tensor& t, const char* name, at::DeviceType device) {
@@ -59,12 +65,7 @@ inline void check_attention_layout(const at::Tensor& t, const char* name, at::De
 // v (like k), dout and out (like q): the shape, dtype and device of ref, in a layout the kernels read
 inline void check_like(const at::Tensor& a, const at::Tensor& ref, const char* name, const char* ref_name,
                        at::DeviceType device) {
-  TORCH_CHECK(a.device() == ref.device(), name, ": expected a tensor on ", ref.device(), " like ", ref_name,
-              ", got ", a.device());
-  TORCH_CHECK(a.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), " like ",
-              ref_name, ", got ", a.scalar_type());
-  TORCH_CHECK(a.sizes() == ref.sizes(), name, ": expected shape ", ref.sizes(), " like ", ref_name, ", got ",
-              a.sizes());
+  check_same_kind(a, ref, name, ref_name);
   check_attention_layout(a, name, device);
 }
 

@@ -311,7 +311,7 @@ def _register() -> None:
         if dout is None:
             return (None,) * 11
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dout = dout if dout.stride(-1) == 1 or dout.shape[-1] == 1 else dout.contiguous()
+        dout = _attention_layout(dout)
         dq, dk, dv = torch.ops.minift.attention_packed_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
         return (dq, dk, dv) + (None,) * 8
 

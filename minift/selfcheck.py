@@ -65,6 +65,17 @@ def _inputs(shape, seed, device, scale=1.0):
 # One check per kernel: returns (kernel error, PyTorch's error), both against float64
 # ------------------------------------------------------------------------------------------
 
+def _attention_errors(compiled, plain, qkv64, do64, dtype):
+    """Forward + backward of compiled and plain in dtype against plain in float64: (ours, PyTorch's)."""
+    def run(fn, dt):
+        q, k, v = (t.to(dt).detach().requires_grad_() for t in qkv64)
+        out = fn(q, k, v)
+        out.backward(do64.to(dt))
+        return [out, q.grad, k.grad, v.grad]
+    ref = run(plain, torch.float64)
+    return _worst(run(compiled, dtype), ref), _worst(run(plain, dtype), ref)
+
+
 def _attention(device, dtype):
     B, H, T, D = 3, 2, 13, 32
     q64, k64, v64, do64 = (_inputs((B, H, T, D), s, device) for s in range(4))
@@ -72,33 +83,21 @@ def _attention(device, dtype):
     keep[1, 9:] = False                      # padding
     keep[2, :] = False                       # a row with no key at all: 0, not NaN
     scale = D ** -0.5
-
-    def run(fn, dt):
-        q, k, v = (t.to(dt).detach().requires_grad_() for t in (q64, k64, v64))
-        out = fn(q, k, v)
-        out.backward(do64.to(dt))
-        return [out, q.grad, k.grad, v.grad]
     compiled = lambda q, k, v: torch.ops.minift.attention_fwd(q, k, v, keep, 0.0, scale, 0, 0)[0]
     plain = lambda q, k, v: naive_attention(q, k, v, keep, 0.0, scale)
-    ref = run(plain, torch.float64)
-    return _worst(run(compiled, dtype), ref), _worst(run(plain, dtype), ref)
+    return _attention_errors(compiled, plain, (q64, k64, v64), do64, dtype)
 
 
 def _packed_attention(device, dtype):
+    from .model import pack_batch
     B, H, T, D = 3, 2, 13, 32
     lengths = torch.tensor([13, 9, 1])
     keep = (torch.arange(T)[None] < lengths[:, None]).to(device)
-    index = keep.reshape(-1).nonzero().squeeze(1)
-    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(device)
+    packing = pack_batch(keep)
+    index, cu = packing.index, packing.cu
     q64, k64, v64 = (_inputs((B * T, H, D), s, device)[index] for s in range(3))    # (N, H, D) packed
     do64 = _inputs((B * T, H, D), 3, device)[index]
     scale = D ** -0.5
-
-    def run(fn, dt):
-        q, k, v = (t.to(dt).detach().requires_grad_() for t in (q64, k64, v64))
-        out = fn(q, k, v)
-        out.backward(do64.to(dt))
-        return [out, q.grad, k.grad, v.grad]
 
     def padded(t):                                         # (N, H, D) -> (B, H, T, D), 0 at the pad
         return t.new_zeros(B * T, H, D).index_copy(0, index, t).view(B, T, H, D).transpose(1, 2)
@@ -106,8 +105,7 @@ def _packed_attention(device, dtype):
     compiled = lambda q, k, v: torch.ops.minift.attention_packed_fwd(q, k, v, cu, cu, T, T, 0.0, scale, 0, 0)[0]
     plain = lambda q, k, v: naive_attention(padded(q), padded(k), padded(v), keep, 0.0, scale).transpose(
         1, 2).reshape(B * T, H, D)[index]
-    ref = run(plain, torch.float64)
-    return _worst(run(compiled, dtype), ref), _worst(run(plain, dtype), ref)
+    return _attention_errors(compiled, plain, (q64, k64, v64), do64, dtype)
 
 
 def _cross_entropy(device, dtype, weighted=False):
