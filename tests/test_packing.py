@@ -84,6 +84,57 @@ def test_packed_attention_bad_input(bad, msg):
                                               0.0, 1.0, 0, 0)
 
 
+@pytest.mark.parametrize("bad,msg", [
+    (dict(q=rnd(11, 16, dtype=torch.float32)), "expected q of shape \\(Nq, H, D\\)"),
+    (dict(q=torch.zeros(11, 2, 8, dtype=torch.long)), "expected float32, float64, float16 or bfloat16"),
+    (dict(v=rnd(11, 2, 4, dtype=torch.float32)), "expected v of k's shape"),
+    (dict(k=rnd(11, 2, 8, dtype=torch.float64)), "expected q, k, v of one dtype"),
+    (dict(p=1.0), "expected 0 <= dropout_p < 1, got 1"),
+    (dict(Tq=0), "expected padded lengths Tq, Tk >= 1, got 0, 6"),
+])
+def test_packed_attention_bad_arguments_leave_the_inputs_alone(bad, msg):
+    """Each refusal names what was expected and what came, and touches none of the inputs."""
+    args = dict(q=rnd(11, 2, 8, dtype=torch.float32), k=rnd(11, 2, 8, seed=1, dtype=torch.float32),
+                v=rnd(11, 2, 8, seed=2, dtype=torch.float32), cu=torch.tensor([0, 5, 11]), Tq=6, p=0.0)
+    args.update(bad)
+    before = {name: t.clone() for name, t in args.items() if isinstance(t, torch.Tensor)}
+    with pytest.raises(RuntimeError, match=msg):
+        torch.ops.minift.attention_packed_fwd(args["q"], args["k"], args["v"], args["cu"], args["cu"], args["Tq"], 6,
+                                              args["p"], 1.0, 0, 0)
+    assert all(torch.equal(args[name], t) for name, t in before.items())
+
+
+def test_packed_attention_backward_refuses_mismatched_saved_tensors():
+    packing = pack_batch(right_padded([5, 6], 6))
+    q, k, v = (rnd(11, 2, 8, seed=s, dtype=torch.float32) for s in range(3))
+    out, lse = torch.ops.minift.attention_packed_fwd(q, k, v, packing.cu, packing.cu, 6, 6, 0.0, 1.0, 0, 0)
+    kept = (out.clone(), lse.clone())
+    bwd = torch.ops.minift.attention_packed_bwd
+    with pytest.raises(RuntimeError, match="expected dout and out like q \\(\\[11, 2, 8\\], Float, rows of D "
+                                           "contiguous\\), got \\[11, 2, 4\\]"):
+        bwd(out[..., :4], q, k, v, out, lse, packing.cu, packing.cu, 6, 6, 0.0, 1.0, 0, 0)
+    with pytest.raises(RuntimeError, match="expected dout and out like q .*strides \\[1, 11, 22\\]"):
+        bwd(out.transpose(0, 2).contiguous().transpose(0, 2), q, k, v, out, lse, packing.cu, packing.cu, 6, 6,
+            0.0, 1.0, 0, 0)
+    with pytest.raises(RuntimeError, match="expected a contiguous Float lse of shape \\(2, 11\\), got Float \\[11, 2\\]"):
+        bwd(out, q, k, v, out, lse.t().contiguous(), packing.cu, packing.cu, 6, 6, 0.0, 1.0, 0, 0)
+    assert torch.equal(out, kept[0]) and torch.equal(lse, kept[1])
+
+
+def test_padded_attention_refuses_rows_that_are_not_contiguous():
+    """The CPU op reads any strides whose rows of D are contiguous; a transposed last dim is refused
+    by name, and the backward's dout and out are checked against q alike."""
+    q, k, v = (rnd(2, 2, 5, 8, seed=s, dtype=torch.float32) for s in range(3))
+    with pytest.raises(RuntimeError, match="attention q: expected rows of D contiguous \\(last stride 1; call "
+                                           "\\.contiguous\\(\\)\\), got strides \\[80, 40, 1, 5\\]"):
+        torch.ops.minift.attention_fwd(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, None, 0.0, 1.0, 0, 0)
+    out, lse = torch.ops.minift.attention_fwd(q, k, v, None, 0.0, 1.0, 0, 0)
+    with pytest.raises(RuntimeError, match="attention dout: expected shape \\[2, 2, 5, 8\\] like q, got \\[2, 2, 5, 4\\]"):
+        torch.ops.minift.attention_bwd(out[..., :4], q, k, v, out, lse, None, 0.0, 1.0, 0, 0)
+    with pytest.raises(RuntimeError, match="attention out: expected dtype Float like q, got Double"):
+        torch.ops.minift.attention_bwd(out, q, k, v, out.double(), lse, None, 0.0, 1.0, 0, 0)
+
+
 def small_config(**kw):
     return minift.BertConfig(vocab_size=100, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
                              intermediate_size=96, max_position_embeddings=40, **kw)
