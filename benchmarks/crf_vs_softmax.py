@@ -9,6 +9,7 @@ decodes the best path with Viterbi (with BIO constraints on the BIO task).
     python benchmarks/crf_vs_softmax.py                  # MiniLM fine-tuned, all of EWT, 3 epochs, seeds 0 1 2
     python benchmarks/crf_vs_softmax.py --probe --train-size 1000 --eval-size 500    # CPU-sized
     python benchmarks/crf_vs_softmax.py --train-size 600 --eval-size 300 --crf-lr 0 1e-2   # fine-tuned, CPU-sized
+    python benchmarks/crf_vs_softmax.py --impl auto --precision auto --crf-lr 1e-2   # all of EWT on a CPU with bf16
 
 ``--probe`` (for a CPU): the encoder stays frozen and runs once; each run trains only the linear
 emission layer (softmax) or the emission layer and the CRF (transitions with start/end, BIO
@@ -28,7 +29,8 @@ import minift
 from minift import data, metrics
 from minift.crf import BertCRFForTokenClassification, LinearChainCRF, first_subword_mask, is_bio
 from minift.ewt import ud_english_ewt
-from minift.trainer import TrainConfig, Trainer, encode_dataset, predict_labels
+from minift.selfcheck import resolve_impl
+from minift.trainer import TrainConfig, Trainer, choose_precision, encode_dataset, predict_labels
 
 
 def names_and_numbers(tags: list[str]) -> list[str]:
@@ -137,6 +139,12 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--impl", default="torch", choices=["auto", "torch", "reference", "fused"],
+                   help="the model's layers (torch by default; auto: the compiled kernels where built, as "
+                        "minift finetune)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="training precision (fp32 by default, so that the table does not depend on the CPU; "
+                        "auto: as minift finetune, bf16 where it pays)")
     p.add_argument("--probe", action="store_true", help="frozen encoder, train the emissions (and CRF) only")
     p.add_argument("--probe-epochs", type=int, default=10)
     p.add_argument("--probe-lr", type=float, default=1e-2)
@@ -147,13 +155,15 @@ def main() -> None:
         p.error("--crf-lr is for full fine-tuning; with --probe the CRF trains at --probe-lr")
     logging.getLogger("minift").setLevel(logging.WARNING)
     tok = minift.Tokenizer.from_pretrained(args.model)
+    impl = resolve_impl(args.impl, args.device)
     table = []
     feats = None
     for ds in tasks_of(args.train_size, args.eval_size, args.tasks):
         bio = is_bio(ds.labels)
         print(f"{ds.name}: {ds.sizes()} sentences, {len(ds.labels)} tags; {args.model}, "
               + (f"linear probe, {args.probe_epochs} epochs, lr {args.probe_lr}" if args.probe else
-                 f"{args.epochs} epochs, lr {args.lr}") + f", {args.device}, {torch.get_num_threads()} CPU threads",
+                 f"{args.epochs} epochs, lr {args.lr}, impl {impl}, "
+                 f"{choose_precision(args.precision, args.device)[1]}") + f", {args.device}, {torch.get_num_threads()} CPU threads",
               flush=True)
         if args.probe:
             if feats is None:       # the same sentences for every task: the encoder runs once
@@ -184,12 +194,12 @@ def main() -> None:
                           + f"  ({time.time() - t0:.0f} s)", flush=True)
                     continue
                 torch.manual_seed(seed)
-                kw = dict(impl="torch", id2label=dict(enumerate(ds.labels)))
+                kw = dict(impl=impl, id2label=dict(enumerate(ds.labels)))
                 model = (BertCRFForTokenClassification.from_pretrained(args.model, constraints="BIO" if bio else None,
                                                                        **kw) if crf else
                          minift.BertForTokenClassification.from_pretrained(args.model, **kw))
                 cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-                                  max_length=args.max_length, seed=seed, progress=False, precision="fp32",
+                                  max_length=args.max_length, seed=seed, progress=False, precision=args.precision,
                                   crf_lr=crf_lr)
                 with tempfile.TemporaryDirectory() as out:
                     m = Trainer(model, tok, ds, cfg, out, device=args.device, log=lambda *a: None,
