@@ -165,6 +165,17 @@ struct DropoutFunction : public torch::autograd::Function<DropoutFunction> {
   }
 };
 
+// The fused layers' inputs may come in different dtypes (autocast: bfloat16 activations, float32
+// parameters); their backward ops compute in float32/float64, and each gradient is rounded to its
+// input's dtype here.
+static void save_dtypes(AutogradContext* ctx, std::initializer_list<std::pair<const char*, const at::Tensor&>> ts) {
+  for (const auto& [name, t] : ts) ctx->saved_data[std::string("dtype_") + name] = (int64_t)t.scalar_type();
+}
+static at::Tensor in_dtype(AutogradContext* ctx, const char* name, const at::Tensor& grad) {
+  const auto st = (at::ScalarType)ctx->saved_data[std::string("dtype_") + name].toInt();
+  return grad.defined() && grad.scalar_type() != st ? grad.to(st) : grad;
+}
+
 // out = LayerNorm(dropout(y) + x). Saves z = dropout(y) + x, the row mean and rstd, the weight and the
 // keep mask; the backward gives dx = dz and dy = dz keep / (1 - p): the same tensor when p = 0.
 struct AddLayerNormFunction : public torch::autograd::Function<AddLayerNormFunction> {
@@ -176,6 +187,7 @@ struct AddLayerNormFunction : public torch::autograd::Function<AddLayerNormFunct
     auto [out, z, mean, rstd, keep] = fwd.call(y, x, weight, bias, eps, p, seed, offset);
     ctx->save_for_backward({z, weight, mean, rstd, keep});
     ctx->saved_data["p"] = p;
+    save_dtypes(ctx, {{"y", y}, {"x", x}, {"weight", weight}, {"bias", bias}});
     ctx->mark_non_differentiable({z, mean, rstd, keep});
     return {out, z, mean, rstd, keep};
   }
@@ -187,7 +199,9 @@ struct AddLayerNormFunction : public torch::autograd::Function<AddLayerNormFunct
     auto [dx, dy, dweight, dbias] =
         bwd.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], ctx->saved_data["p"].toDouble());
     const bool same = ctx->saved_data["p"].toDouble() == 0.0;    // no dropout: dy = dx, one tensor
-    return {same ? dx : dy, dx, dweight, dbias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    // computed in float32/float64; each rounded to its input's dtype (autocast: dy to y's bfloat16)
+    return {in_dtype(ctx, "y", same ? dx : dy), in_dtype(ctx, "x", dx), in_dtype(ctx, "weight", dweight),
+            in_dtype(ctx, "bias", dbias), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -199,6 +213,7 @@ struct BiasGeluFunction : public torch::autograd::Function<BiasGeluFunction> {
     ctx->set_materialize_grads(false);   // no zero tensors for the outputs nobody differentiates
     auto [out, pre] = fwd.call(h, bias);
     ctx->save_for_backward({pre});
+    save_dtypes(ctx, {{"bias", bias}});
     ctx->mark_non_differentiable({pre});
     return {out, pre};
   }
@@ -207,7 +222,7 @@ struct BiasGeluFunction : public torch::autograd::Function<BiasGeluFunction> {
     if (!grads[0].defined()) return variable_list(2);
     static auto bwd = op<BiasGeluBwdSig>("minift::bias_gelu_bwd");
     auto [dh, dbias] = bwd.call(grads[0].contiguous(), ctx->get_saved_variables()[0]);
-    return {dh, dbias};
+    return {dh, in_dtype(ctx, "bias", dbias)};                     // dh in out's dtype, which is h's
   }
 };
 

@@ -26,6 +26,18 @@ inline bool is_reduced(const at::Tensor& t) {
 }
 inline at::Tensor widen(const at::Tensor& t) { return is_reduced(t) ? t.to(at::kFloat) : t; }
 
+// The dtype a fused kernel computes in when its inputs' dtypes differ (autocast hands a bfloat16
+// matmul output and float32 parameters to the same op): float64 if any input is float64, else
+// float32. as_dtype converts a tensor to it (no copy when it is already there).
+inline at::ScalarType compute_dtype(std::initializer_list<const at::Tensor*> ts) {
+  for (auto* t : ts)
+    if (t->scalar_type() == at::kDouble) return at::kDouble;
+  return at::kFloat;
+}
+inline at::Tensor as_dtype(const at::Tensor& t, at::ScalarType st) {
+  return t.scalar_type() == st ? t : t.to(st);
+}
+
 inline void check_floating(const at::Tensor& t, const char* name) {
   auto st = t.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, name,

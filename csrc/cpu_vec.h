@@ -6,6 +6,8 @@
 #pragma once
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
@@ -186,6 +188,48 @@ inline double row_weighted_gap_sum(const T* x, const T* w, int64_t n, T m) {
       for (int j = 0; j < 4; ++j) lane[j] += (double)w[i + j] * ((double)m - (double)x[i + j]);
     for (int j = 0; i < n; ++i, ++j) lane[j] += (double)w[i] * ((double)m - (double)x[i]);
     return (lane[0] + lane[1]) + (lane[2] + lane[3]);
+  }
+}
+
+// A row of n values of type S as T: the row itself when S is T; otherwise each value converted into
+// buf (n values of T; float16 and bfloat16 rows become float32 exactly). The kernels that take
+// bfloat16 activations under autocast read them this way, a row at a time in cache, instead of
+// widening the whole tensor in a pass of its own.
+template <typename T, typename S>
+inline const T* row_as(const S* src, T* buf, int64_t n) {
+  if constexpr (std::is_same_v<S, T>) {
+    return src;
+  } else {
+    int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float> && (std::is_same_v<S, c10::BFloat16> || std::is_same_v<S, c10::Half>)) {
+      for (; i + Vec<S>::size() <= n; i += Vec<S>::size()) {
+        auto [lo, hi] = at::vec::convert_to_float<S>(Vec<S>::loadu(src + i));
+        lo.store(buf + i);
+        hi.store(buf + i + Vec<float>::size());
+      }
+    }
+#endif
+    for (; i < n; ++i) buf[i] = static_cast<T>(src[i]);
+    return buf;
+  }
+}
+
+// dst_i = src_i rounded to D (to nearest, ties to even, as Tensor.to does); a copy when D is T.
+template <typename D, typename T>
+inline void store_row(const T* src, D* dst, int64_t n) {
+  if constexpr (std::is_same_v<D, T>) {
+    if (src != dst) std::copy(src, src + n, dst);
+  } else {
+    int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float> && (std::is_same_v<D, c10::BFloat16> || std::is_same_v<D, c10::Half>)) {
+      for (; i + Vec<D>::size() <= n; i += Vec<D>::size())
+        at::vec::convert_from_float<D>(Vec<float>::loadu(src + i), Vec<float>::loadu(src + i + Vec<float>::size()))
+            .store(dst + i);
+    }
+#endif
+    for (; i < n; ++i) dst[i] = static_cast<D>(src[i]);
   }
 }
 

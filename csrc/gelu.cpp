@@ -9,8 +9,10 @@
 // In float, Phi and phi share one exponential (gelu_cdf_pdf): exp(-x^2 / 2) is inside erf too.
 // The column sum db is taken as in layer_norm.cpp: fixed blocks of rows, each into its own partial
 // row, added in block order (the same result on any thread count).
-// float32 and float64 compute in their own type; float16 and bfloat16 inputs are widened to
-// float32 first (pre is then kept in float32) and the results rounded back.
+// float32 and float64 compute in their own type; float16 and bfloat16 in float32 (pre is then kept in
+// float32), read and rounded back a row at a time. h and the bias may differ in dtype, as autocast
+// makes them (the matmul's bfloat16 output, a float32 bias): out takes h's dtype, each gradient its
+// input's.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,14 +28,19 @@ namespace minift {
 
 constexpr int64_t kGeluChunks = 32;   // row blocks of the column sum db
 
-template <typename T>
-static void bias_gelu_fwd_kernel(const T* h, const T* b, T* out, T* pre, int64_t N, int64_t I) {
+// TH: h's and out's type, T or (under autocast, T = float) bfloat16/float16, converted a row at a time.
+template <typename T, typename TH>
+static void bias_gelu_fwd_kernel(const TH* h, const T* b, TH* out, T* pre, int64_t N, int64_t I) {
+  constexpr bool same = std::is_same_v<T, TH>;
   const T inv_sqrt2 = (T)M_SQRT1_2;
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     const Vec<T> vhalf(T(0.5)), vone(T(1)), vis2(inv_sqrt2);
+    std::vector<T> hbuf(same ? 0 : I), obuf(same ? 0 : I);              // h's and out's row as T
     for (int64_t n = begin; n < end; ++n) {
-      const T* hr = h + n * I;
-      T *pr = pre + n * I, *orow = out + n * I;
+      const T* hr = row_as<T>(h + n * I, hbuf.data(), I);
+      T* pr = pre + n * I;
+      T* orow;
+      if constexpr (same) orow = out + n * I; else orow = obuf.data();
       int64_t j = 0;
       for (; j + Vec<T>::size() <= I; j += Vec<T>::size()) {
         const Vec<T> x = Vec<T>::loadu(hr + j) + Vec<T>::loadu(b + j);          // pre = h + b
@@ -45,6 +52,7 @@ static void bias_gelu_fwd_kernel(const T* h, const T* b, T* out, T* pre, int64_t
         pr[j] = x;
         orow[j] = x * T(0.5) * (T(1) + std::erf(x * inv_sqrt2));
       }
+      if constexpr (!same) store_row(orow, out + n * I, I);
     }
   });
 }
@@ -70,18 +78,22 @@ static inline void gelu_cdf_pdf(const Vec<float>& x, Vec<float>& cdf, Vec<float>
   pdf = e * inv_sqrt_2pi;
 }
 
-template <typename T>
-static void bias_gelu_bwd_kernel(const T* dout, const T* pre, T* dh, T* db, int64_t N, int64_t I) {
+// TD: dout's and dh's type, T or (under autocast, T = float) bfloat16/float16, converted a row at a time.
+template <typename T, typename TD>
+static void bias_gelu_bwd_kernel(const TD* dout, const T* pre, TD* dh, T* db, int64_t N, int64_t I) {
+  constexpr bool same = std::is_same_v<T, TD>;
   const T inv_sqrt2 = (T)M_SQRT1_2, inv_sqrt_2pi = (T)(0.5 * M_2_SQRTPI * M_SQRT1_2);
   const int64_t chunks = std::min(kGeluChunks, N), rows = (N + chunks - 1) / chunks;
   std::vector<T> partial(chunks * I, T(0));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     const Vec<T> vhalf(T(0.5)), vone(T(1)), vis2(inv_sqrt2), vmhalf(T(-0.5)), vpdf(inv_sqrt_2pi);
+    std::vector<T> dbuf(same ? 0 : I), hbuf(same ? 0 : I);              // dout's and dh's row as T
     for (int64_t c = c0; c < c1; ++c) {
       T* pb = partial.data() + c * I;
       for (int64_t n = c * rows; n < std::min(N, (c + 1) * rows); ++n) {
-        const T *dr = dout + n * I, *pr = pre + n * I;
-        T* dhr = dh + n * I;
+        const T *dr = row_as<T>(dout + n * I, dbuf.data(), I), *pr = pre + n * I;
+        T* dhr;
+        if constexpr (same) dhr = dh + n * I; else dhr = hbuf.data();
         int64_t j = 0;
         for (; j + Vec<T>::size() <= I; j += Vec<T>::size()) {
           const Vec<T> x = Vec<T>::loadu(pr + j);
@@ -102,6 +114,7 @@ static void bias_gelu_bwd_kernel(const T* dout, const T* pre, T* dh, T* db, int6
           dhr[j] = d;
           pb[j] += d;
         }
+        if constexpr (!same) store_row(dhr, dh + n * I, I);
       }
     }
   });
@@ -112,45 +125,74 @@ static void bias_gelu_bwd_kernel(const T* dout, const T* pre, T* dh, T* db, int6
   }
 }
 
-// Returns out (like h) and pre (like h; float32 for float16/bfloat16).
+// h and bias may differ in dtype (autocast: the matmul's bfloat16 output, a float32 bias). Computes
+// in float32 (float64 if either is float64), reading and writing a bfloat16/float16 h row by row.
+// Returns out (in h's dtype: the next matmul reads it, as it would GELU(linear(x, W, b)) under
+// autocast) and pre (in the compute dtype).
 std::tuple<at::Tensor, at::Tensor> bias_gelu_fwd_cpu(const at::Tensor& h, const at::Tensor& bias) {
   TORCH_CHECK(h.device().is_cpu(), "bias_gelu: expected h on the CPU, got ", h.device());
   check_floating(h, "bias_gelu h");
   TORCH_CHECK(h.dim() >= 1 && h.numel() > 0, "bias_gelu: expected a non-empty h (..., I), got ", h.sizes());
   TORCH_CHECK(h.is_contiguous(), "bias_gelu: expected a contiguous h (call .contiguous()), got strides ", h.strides());
   const int64_t I = h.size(-1), N = h.numel() / I;
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == I && bias.scalar_type() == h.scalar_type() && bias.is_contiguous() &&
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == I && at::isFloatingType(bias.scalar_type()) && bias.is_contiguous() &&
                   bias.device() == h.device(),
-              "bias_gelu: expected a contiguous bias of shape (", I, ",) in ", h.scalar_type(), ", got ",
+              "bias_gelu: expected a contiguous floating bias of shape (", I, ",) on ", h.device(), ", got ",
               bias.sizes(), " ", bias.scalar_type(), " on ", bias.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  auto hw = widen(h), bw = widen(bias);
-  auto out = maybe_poison(at::empty_like(hw)), pre = maybe_poison(at::empty_like(hw));
-  AT_DISPATCH_FLOATING_TYPES(hw.scalar_type(), "bias_gelu_fwd_cpu", [&] {
-    bias_gelu_fwd_kernel<scalar_t>(hw.data_ptr<scalar_t>(), bw.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+  const auto C = compute_dtype({&h, &bias});
+  auto bc = as_dtype(bias, C);
+  auto pre = maybe_poison(at::empty(h.sizes(), h.options().dtype(C)));
+  if (C == at::kFloat && is_reduced(h)) {                              // h and out a row at a time
+    auto out = maybe_poison(at::empty_like(h));
+    if (h.scalar_type() == at::kBFloat16)
+      bias_gelu_fwd_kernel<float>(h.data_ptr<c10::BFloat16>(), bc.data_ptr<float>(), out.data_ptr<c10::BFloat16>(),
+                                  pre.data_ptr<float>(), N, I);
+    else
+      bias_gelu_fwd_kernel<float>(h.data_ptr<c10::Half>(), bc.data_ptr<float>(), out.data_ptr<c10::Half>(),
+                                  pre.data_ptr<float>(), N, I);
+    return {out, pre};
+  }
+  auto hc = as_dtype(h, C);
+  auto out = maybe_poison(at::empty_like(pre));
+  AT_DISPATCH_FLOATING_TYPES(C, "bias_gelu_fwd_cpu", [&] {
+    bias_gelu_fwd_kernel<scalar_t>(hc.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                    pre.data_ptr<scalar_t>(), N, I);
   });
-  return {is_reduced(h) ? out.to(h.scalar_type()) : out, pre};
+  return {as_dtype(out, h.scalar_type()), pre};
 }
 
-// Returns dh and dbias in dout's dtype.
+// dout in any floating dtype (out's); pre as the forward saved it. Returns dh in dout's dtype and
+// dbias in pre's (the compute dtype): the autograd node rounds it to the bias' dtype.
 std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& dout, const at::Tensor& pre) {
   TORCH_CHECK(dout.device().is_cpu(), "bias_gelu backward: expected dout on the CPU, got ", dout.device());
   check_floating(dout, "bias_gelu backward dout");
   TORCH_CHECK(dout.sizes() == pre.sizes() && dout.is_contiguous() && pre.is_contiguous() &&
-                  pre.scalar_type() == (is_reduced(dout) ? at::kFloat : dout.scalar_type()),
-              "bias_gelu backward: expected contiguous dout and pre of one shape, pre in the compute dtype; got ",
-              dout.sizes(), " ", dout.scalar_type(), " and ", pre.sizes(), " ", pre.scalar_type());
+                  (pre.scalar_type() == at::kFloat || pre.scalar_type() == at::kDouble),
+              "bias_gelu backward: expected contiguous dout and pre of one shape, pre in float32 or float64 (the "
+              "compute dtype); got ", dout.sizes(), " ", dout.scalar_type(), " and ", pre.sizes(), " ",
+              pre.scalar_type());
   const int64_t I = pre.size(-1), N = pre.numel() / I;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  auto dw = widen(dout);
-  auto dh = maybe_poison(at::empty_like(pre)), db = maybe_poison(at::empty({I}, pre.options()));
-  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "bias_gelu_bwd_cpu", [&] {
-    bias_gelu_bwd_kernel<scalar_t>(dw.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(),
+  const auto C = pre.scalar_type();
+  auto db = maybe_poison(at::empty({I}, pre.options()));
+  if (C == at::kFloat && is_reduced(dout)) {                           // dout and dh a row at a time
+    auto dh = maybe_poison(at::empty_like(dout));
+    if (dout.scalar_type() == at::kBFloat16)
+      bias_gelu_bwd_kernel<float>(dout.data_ptr<c10::BFloat16>(), pre.data_ptr<float>(),
+                                  dh.data_ptr<c10::BFloat16>(), db.data_ptr<float>(), N, I);
+    else
+      bias_gelu_bwd_kernel<float>(dout.data_ptr<c10::Half>(), pre.data_ptr<float>(), dh.data_ptr<c10::Half>(),
+                                  db.data_ptr<float>(), N, I);
+    return {dh, db};
+  }
+  auto dc = as_dtype(dout, C);
+  auto dh = maybe_poison(at::empty_like(pre));
+  AT_DISPATCH_FLOATING_TYPES(C, "bias_gelu_bwd_cpu", [&] {
+    bias_gelu_bwd_kernel<scalar_t>(dc.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(),
                                    db.data_ptr<scalar_t>(), N, I);
   });
-  const auto st = dout.scalar_type();
-  return {dh.scalar_type() == st ? dh : dh.to(st), db.scalar_type() == st ? db : db.to(st)};
+  return {as_dtype(dh, dout.scalar_type()), db};
 }
 
 TORCH_LIBRARY_IMPL(minift, CPU, m) {

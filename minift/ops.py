@@ -275,6 +275,11 @@ def _require_extension(what: str) -> None:
 # Fake implementations (the autograd wiring is in csrc/autograd.cpp)
 # ------------------------------------------------------------------------------------------
 
+def _compute_dtype(*ts: torch.Tensor) -> torch.dtype:
+    """The fused layers' compute dtype for inputs of mixed dtypes: float64 if any is, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -348,24 +353,24 @@ def _register() -> None:
 
     @torch.library.register_fake("minift::add_layer_norm_fwd")
     def _(y, x, weight, bias, eps, dropout_p, seed, offset):
-        acc = _acc_dtype(y)
+        acc = _compute_dtype(y, x, weight, bias)
         keep_shape = y.shape if dropout_p > 0 else (0,)
-        return (torch.empty_like(y), y.new_empty(y.shape, dtype=acc), y.new_empty(y.shape[:-1], dtype=acc),
-                y.new_empty(y.shape[:-1], dtype=acc), y.new_empty(keep_shape, dtype=torch.bool))
+        return (y.new_empty(y.shape, dtype=torch.promote_types(y.dtype, x.dtype)), y.new_empty(y.shape, dtype=acc),
+                y.new_empty(y.shape[:-1], dtype=acc), y.new_empty(y.shape[:-1], dtype=acc),
+                y.new_empty(keep_shape, dtype=torch.bool))
 
     @torch.library.register_fake("minift::add_layer_norm_bwd")
     def _(dout, z, weight, mean, rstd, keep, dropout_p):
         dy_shape = z.shape if dropout_p > 0 else (0,)
-        return (z.new_empty(z.shape, dtype=weight.dtype), z.new_empty(dy_shape, dtype=weight.dtype),
-                torch.empty_like(weight), torch.empty_like(weight))
+        return (torch.empty_like(z), z.new_empty(dy_shape), z.new_empty(weight.shape), z.new_empty(weight.shape))
 
     @torch.library.register_fake("minift::bias_gelu_fwd")
     def _(h, bias):
-        return torch.empty_like(h), h.new_empty(h.shape, dtype=_acc_dtype(h))
+        return torch.empty_like(h), h.new_empty(h.shape, dtype=_compute_dtype(h, bias))
 
     @torch.library.register_fake("minift::bias_gelu_bwd")
     def _(dout, pre):
-        return torch.empty_like(dout), dout.new_empty(pre.shape[-1:])
+        return torch.empty_like(dout), pre.new_empty(pre.shape[-1:])
 
     @torch.library.register_fake("minift::dropout_mask")
     def _(like, B, H, Tq, Tk, p, seed, offset):
@@ -467,11 +472,12 @@ def add_layer_norm(y, x, weight, bias, eps: float = 1e-12, dropout_p: float = 0.
     """LayerNorm(dropout(y) + x) over the last dim in one pass (the post-LN residual of BertSelfOutput
     and BertOutput), and its backward in one pass: dy, dx and the weight and bias gradients. The dropout
     draws its mask from the Philox stream of ``fused_dropout`` (element n of y is kept by the same bits),
-    seeded from torch's generator. y, x (..., H) and weight, bias (H,) in one dtype. CPU only; elsewhere
-    the same in PyTorch ops."""
+    seeded from torch's generator. y, x (..., H) and weight, bias (H,); their dtypes may differ, as
+    autocast makes them (a bfloat16 y from the matmul, the float32 residual x and parameters): the
+    kernel computes in float32 and returns the promoted dtype of y and x, as the PyTorch ops do. CPU
+    only; elsewhere the same in PyTorch ops."""
     p = float(dropout_p) if training else 0.0
-    same = x.dtype == weight.dtype == bias.dtype == y.dtype
-    if not (same and use_compiled("add_layer_norm_fwd", y, "add_layer_norm")):
+    if not use_compiled("add_layer_norm_fwd", y, "add_layer_norm"):
         z = (F.dropout(y, p, training=True) if p > 0.0 else y) + x
         return F.layer_norm(z, (y.shape[-1],), weight, bias, eps)
     out, *_ = torch.ops.minift.add_layer_norm_fwd(y.contiguous(), x.contiguous(), weight.contiguous(),
@@ -482,9 +488,11 @@ def add_layer_norm(y, x, weight, bias, eps: float = 1e-12, dropout_p: float = 0.
 def bias_gelu(h, bias):
     """GELU(h + bias) (erf form) with h the matmul output without its bias (BertIntermediate): the
     forward saves the pre-activation, the backward gives dh and the bias gradient (its column sum) in
-    one pass. CPU only; elsewhere F.gelu(h + bias)."""
-    if not (h.dtype == bias.dtype and use_compiled("bias_gelu_fwd", h, "bias_gelu")):
-        return F.gelu(h + bias)
+    one pass. The result has h's dtype (under autocast h is the matmul's bfloat16 output, the bias
+    float32: the kernel computes in float32 and rounds once, and the next matmul reads bfloat16).
+    CPU only; elsewhere F.gelu(h + bias) in h's dtype."""
+    if not use_compiled("bias_gelu_fwd", h, "bias_gelu"):
+        return F.gelu(h + bias).to(h.dtype)
     out, _ = torch.ops.minift.bias_gelu_fwd(h.contiguous(), bias.contiguous())
     return out
 

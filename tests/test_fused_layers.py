@@ -89,9 +89,10 @@ def test_add_layer_norm_draws_the_dropout_stream():
     assert mean.shape == rstd.shape == (6, 10)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_add_layer_norm_low_precision_within_2x_torch(dtype):
-    """Output and gradients against float64: at most twice the error of PyTorch's own ops in dtype."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_add_layer_norm_within_2x_torch(dtype):
+    """Output and gradients against float64: at most twice the error of PyTorch's own ops in dtype
+    (float32 too: its forward computed in float32 carried up to 2.2x PyTorch's error)."""
     shape, p = (3, 11, 384), 0.1
     inputs, keep, dout = ln_inputs(shape, torch.float64), keep_mask(shape, p, seed=8), rnd(*shape, seed=9)
     want = out_and_grads(lambda *a: oracle_add_layer_norm(*a, keep, p), inputs, dout)
@@ -100,6 +101,27 @@ def test_add_layer_norm_low_precision_within_2x_torch(dtype):
     theirs = out_and_grads(lambda *a: oracle_add_layer_norm(*a, keep, p), low, dout.to(dtype))
     for name, a, t, e in zip(["out", "dy", "dx", "dweight", "dbias"], ours, theirs, want):
         assert a.dtype == dtype, name
+        err, base = (a.double() - e).abs().max().item(), (t.double() - e).abs().max().item()
+        assert err <= 2 * base, (name, err, base)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_add_layer_norm_autocast_dtypes_within_2x_torch(dtype, p):
+    """As autocast hands them over: y from a bf16/fp16 matmul, the float32 residual x and parameters.
+    The kernel reads y's row in float32; out is float32 (the promoted dtype, as PyTorch's ops give),
+    dy in y's dtype, the rest float32, each within twice the error of PyTorch's ops on the same mixed
+    inputs, against float64 from those same (already rounded) inputs."""
+    shape = (3, 11, 384)
+    y, x, w, b = ln_inputs(shape, torch.float64)
+    mixed = [y.to(dtype), x.float(), w.float(), b.float()]
+    keep, dout = keep_mask(shape, p, seed=8), rnd(*shape, seed=9, dtype=torch.float32)
+    want = out_and_grads(lambda *a: oracle_add_layer_norm(*a, keep, p), [t.double() for t in mixed], dout.double())
+    ours = out_and_grads(lambda *a: compiled_add_layer_norm(*a, p, 8), mixed, dout)
+    theirs = out_and_grads(lambda *a: oracle_add_layer_norm(*a, keep, p), mixed, dout)
+    for name, a, t, e, dt in zip(["out", "dy", "dx", "dweight", "dbias"], ours, theirs, want,
+                                 [torch.float32, dtype, torch.float32, torch.float32, torch.float32]):
+        assert a.dtype == t.dtype == dt, (name, a.dtype, t.dtype)
         err, base = (a.double() - e).abs().max().item(), (t.double() - e).abs().max().item()
         assert err <= 2 * base, (name, err, base)
 
@@ -155,6 +177,81 @@ def test_bias_gelu_within_2x_torch(dtype):
         assert a.dtype == dtype, name
         err, base = (a.double() - e).abs().max().item(), (t.double() - e).abs().max().item()
         assert err <= 2 * base, (name, err, base)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bias_gelu_autocast_dtypes_within_2x_torch(dtype):
+    """h from a bf16/fp16 matmul, a float32 bias (as autocast hands them over): out and dh in h's
+    dtype, dbias float32, each within twice the error of the PyTorch ops it replaces
+    (F.gelu(h + bias) in float32, rounded to h's dtype), against float64 from the same inputs."""
+    shape = (3, 11, 1536)
+    h, b = gelu_inputs(shape, torch.float64)
+    mixed, dout = [h.to(dtype), b.float()], rnd(*shape, seed=5, dtype=dtype)
+    want = out_and_grads(lambda h, b: F.gelu(h + b), [t.double() for t in mixed], dout.double())
+    ours = out_and_grads(compiled_bias_gelu, mixed, dout)
+    theirs = out_and_grads(lambda h, b: F.gelu(h + b).to(h.dtype), mixed, dout)
+    for name, a, t, e, dt in zip(["out", "dh", "dbias"], ours, theirs, want, [dtype, dtype, torch.float32]):
+        assert a.dtype == t.dtype == dt, (name, a.dtype, t.dtype)
+        err, base = (a.double() - e).abs().max().item(), (t.double() - e).abs().max().item()
+        assert err <= 2 * base, (name, err, base)
+
+
+def test_float64_with_float32_computes_in_float64():
+    """One float64 input makes the kernels compute in float64 (the fake says the same dtypes)."""
+    y, x, w, b = ln_inputs((2, 5, 24), torch.float64)
+    out, z, mean, _, _ = torch.ops.minift.add_layer_norm_fwd(y.float(), x, w.float(), b.float(), 1e-12, 0.0, 0, 0)
+    assert out.dtype == z.dtype == mean.dtype == torch.float64
+    torch.testing.assert_close(out, F.layer_norm(y.float().double() + x, (24,), w.float().double(),
+                                                 b.float().double(), 1e-12), rtol=1e-12, atol=1e-12)
+    h, bias = gelu_inputs((2, 5, 24), torch.float64)
+    out, pre = torch.ops.minift.bias_gelu_fwd(h.float(), bias)
+    assert out.dtype == torch.float32 and pre.dtype == torch.float64
+    torch.testing.assert_close(pre, h.float().double() + bias, rtol=0, atol=0)
+
+
+def test_model_under_bf16_autocast_runs_the_fused_layers():
+    """Under autocast the fused layers get a bf16 y/h and float32 parameters: they must run (not the
+    PyTorch fallback, as they did when they required one dtype), and the model's loss and gradients
+    stay as close to float64 as impl="torch"'s under the same autocast (2x its error at most)."""
+    import minift
+    from torch.profiler import ProfilerActivity, profile
+    cfg = minift.BertConfig(vocab_size=60, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=160, max_position_embeddings=24, num_labels=3,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(4)
+    model = minift.BertForSequenceClassification(cfg).train()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 60, (4, 13), generator=g)
+    mask = (torch.arange(13)[None] < torch.tensor([[13], [7], [10], [4]])).long()
+    labels = torch.tensor([0, 2, 1, 1])
+
+    def loss_and_grads(impl, autocast, dtype=torch.float32):
+        model.to(dtype).set_impl(impl)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        return [loss.detach().double()] + [p.grad.double() for p in model.parameters()]
+
+    truth = loss_and_grads("torch", False, torch.float64)
+    torch_bf16 = loss_and_grads("torch", True)
+    loss_and_grads("fused", True)                  # warm-up: the first call may run the kernels' self-check
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fused_bf16 = loss_and_grads("fused", True)
+    ran = {e.name for e in prof.events()}
+    assert {"minift::add_layer_norm_fwd", "minift::bias_gelu_fwd", "minift::add_layer_norm_bwd",
+            "minift::bias_gelu_bwd"} <= ran, sorted(n for n in ran if "minift" in n)
+    assert not {"aten::gelu", "aten::gelu_backward"} & ran, "the GELU ran in PyTorch ops"
+    layer_norms = [e for e in prof.events() if e.name == "aten::native_layer_norm"]
+    assert len(layer_norms) == 1, "PyTorch's layer norm ran for more than the embeddings' (no residual there)"
+
+    def rel(a, e):
+        return ((a - e).norm() / e.norm()).item()
+    errs = [(rel(f, t), rel(b, t)) for f, b, t in zip(fused_bf16, torch_bf16, truth)]
+    worst = max(range(len(errs)), key=lambda i: errs[i][0] / errs[i][1])
+    assert errs[0][0] <= 2 * errs[0][1] + 1e-3, ("loss", errs[0])
+    assert sum(f for f, _ in errs[1:]) <= 2 * sum(b for _, b in errs[1:]), errs
+    assert errs[worst][0] <= 3 * errs[worst][1] + 1e-3, (worst, errs[worst])
 
 
 # ------------------------------------------------------------------------------------------
