@@ -167,6 +167,44 @@ def test_philox_known_answer():
         assert torch.equal(ops.dropout_mask(1, 1, 1, 4, p, seed=0, offset=0).flatten(), expected)
 
 
+def numpy_philox_bits(seed: int, offset: int, n: "np.ndarray") -> "np.ndarray":
+    """Philox4x32-10 written again in NumPy, one block per element: the 32 random bits of elements n
+    of the stream (seed, offset) (element n is word n % 4 of the block with counter (n // 4, offset)
+    and key seed). The oracle for the kernels' vectorised generator."""
+    import numpy as np
+    seed, offset = seed % 2 ** 64, offset % 2 ** 64              # the kernels read both as uint64
+    n = np.asarray(n, dtype=np.uint64)
+    block, lane = n >> np.uint64(2), (n & np.uint64(3)).astype(np.int64)
+    m32 = np.uint64(0xFFFFFFFF)
+    c = [block & m32, block >> np.uint64(32), np.full_like(n, offset & 0xFFFFFFFF), np.full_like(n, offset >> 32)]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    for _ in range(10):
+        p0, p1 = np.uint64(0xD2511F53) * c[0], np.uint64(0xCD9E8D57) * c[2]        # exact: both < 2^32
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & m32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & m32]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m32, (k1 + np.uint64(0xBB67AE85)) & m32
+    return np.stack(c, 1)[np.arange(len(n)), lane]
+
+
+@pytest.mark.parametrize("seed,offset", [(0, 0), (1234567, 3), (-987654321, 2 ** 40 + 77)])   # int64: -x is 2^64 - x
+def test_philox_stream_against_numpy(seed, offset):
+    """Every bit the kernels draw, through dropout_mask at several thresholds (keep <=> bits >= p 2^32),
+    against the NumPy Philox: runs that start and end inside a block (the threads' chunks, Tk = 37),
+    short runs (a single block or two) and long ones (sixteen blocks a pass). The first element of
+    each run checked for a whole range of p pins its bits down to 2^-10."""
+    import numpy as np
+    for B, H, Tq, Tk in ((1, 1, 1, 3), (1, 1, 1, 7), (1, 2, 3, 37), (3, 2, 50, 129)):
+        bits = numpy_philox_bits(seed, offset, np.arange(B * H * Tq * Tk)).reshape(B, H, Tq, Tk)
+        for p in (0.1, 0.5, 0.9, 0.37):
+            mask = torch.ops.minift.dropout_mask(torch.empty(0), B, H, Tq, Tk, p, seed, offset).numpy()
+            assert np.array_equal(mask, bits >= int(p * 2 ** 32)), (B, H, Tq, Tk, p)
+    x = torch.ones(3, 37, 45)                     # add_layer_norm's rows of 45: every row starts off a block
+    bits = numpy_philox_bits(seed, offset, np.arange(x.numel())).reshape(x.shape)
+    for p in np.linspace(0.01, 0.99, 12):
+        keep = torch.ops.minift.add_layer_norm_fwd(x, x, torch.ones(45), torch.zeros(45), 1e-5, float(p), seed,
+                                                   offset)[4].numpy()
+        assert np.array_equal(keep, bits >= int(p * 2 ** 32)), p
+
+
 # On a GPU, T = 150 spans three 64-key tiles of the tensor-core forward with a partial last one.
 LOW_PRECISION_CASES = [("cpu", 19, 64)] + [(d, 150, D) for d in DEVICES if d != "cpu" for D in (32, 64, 128)]
 
