@@ -161,16 +161,27 @@ def _adamw(device, dtype):
     return _worst(run(compiled, dtype), ref), _worst(run(adamw_update_, dtype), ref)
 
 
-def _add_layer_norm(device, dtype):
+def _autocast_dtypes(dtype, n):
+    """The dtypes autocast hands the fused layers in a reduced dtype: the matmul's output (the first
+    argument) in it, the residual stream and the parameters in float32. None (no such row) for
+    float32 and float64."""
+    return None if torch.finfo(dtype).bits > 16 else [dtype] + [torch.float32] * (n - 1)
+
+
+def _add_layer_norm(device, dtype, autocast=False):
     N, H, p = 37, 48, 0.2
     y64, x64, do64 = (_inputs((N, H), s, device) for s in (1, 2, 3))
     w64, b64 = 1 + 0.3 * _inputs((H,), 4, device), _inputs((H,), 5, device)
     keep = torch.ops.minift.dropout_mask(y64, 1, 1, N, H, p, 99, 0).view(N, H)   # the bits add_layer_norm draws
+    mixed = _autocast_dtypes(dtype, 4) if autocast else None
+    if autocast and mixed is None:
+        return None
 
     def run(fn, dt):
-        args = [t.to(dt).detach().requires_grad_() for t in (y64, x64, w64, b64)]
+        dts = [dt] * 4 if mixed is None or dt == torch.float64 else mixed
+        args = [t.to(d).detach().requires_grad_() for t, d in zip((y64, x64, w64, b64), dts)]
         out = fn(*args)
-        out.backward(do64.to(dt))
+        out.backward(do64.to(out.dtype))
         return [out] + [a.grad for a in args]
     compiled = lambda y, x, w, b: torch.ops.minift.add_layer_norm_fwd(y, x, w, b, 1e-12, p, 99, 0)[0]
     plain = lambda y, x, w, b: F.layer_norm(torch.where(keep, y / (1 - p), 0.0) + x, (H,), w, b, 1e-12)
@@ -178,17 +189,21 @@ def _add_layer_norm(device, dtype):
     return _worst(run(compiled, dtype), ref), _worst(run(plain, dtype), ref)
 
 
-def _bias_gelu(device, dtype):
+def _bias_gelu(device, dtype, autocast=False):
     N, I = 29, 70
     h64, do64, b64 = _inputs((N, I), 1, device, scale=2.0), _inputs((N, I), 2, device), _inputs((I,), 3, device)
+    mixed = _autocast_dtypes(dtype, 2) if autocast else None
+    if autocast and mixed is None:
+        return None
 
     def run(fn, dt):
-        h, b = (t.to(dt).detach().requires_grad_() for t in (h64, b64))
+        dts = [dt] * 2 if mixed is None or dt == torch.float64 else mixed
+        h, b = (t.to(d).detach().requires_grad_() for t, d in zip((h64, b64), dts))
         out = fn(h, b)
-        out.backward(do64.to(dt))
+        out.backward(do64.to(out.dtype))
         return [out, h.grad, b.grad]
     compiled = lambda h, b: torch.ops.minift.bias_gelu_fwd(h, b)[0]
-    plain = lambda h, b: F.gelu(h + b)
+    plain = lambda h, b: F.gelu(h + b).to(h.dtype)         # out in h's dtype, as the kernel gives it
     ref = run(plain, torch.float64)
     return _worst(run(compiled, dtype), ref), _worst(run(plain, dtype), ref)
 
@@ -202,7 +217,10 @@ CHECKS = [("attention fwd+bwd", "attention_fwd", _attention, ()),
           ("dropout fwd+bwd", "dropout_fwd", _dropout, ()),
           ("AdamW step", "adamw_step_", _adamw, ()),
           ("residual add + dropout + layer norm fwd+bwd", "add_layer_norm_fwd", _add_layer_norm, ()),
-          ("bias + GELU fwd+bwd", "bias_gelu_fwd", _bias_gelu, ())]
+          ("residual add + dropout + layer norm, autocast dtypes", "add_layer_norm_fwd",
+           lambda device, dtype: _add_layer_norm(device, dtype, autocast=True), ()),
+          ("bias + GELU fwd+bwd", "bias_gelu_fwd", _bias_gelu, ()),
+          ("bias + GELU, autocast dtypes", "bias_gelu_fwd", lambda device, dtype: _bias_gelu(device, dtype, True), ())]
 
 
 def devices_present() -> list[torch.device]:
@@ -225,7 +243,10 @@ def run(devices=None) -> list[Row]:
             for dtype in sorted(ops.KERNEL_DTYPES[device.type][op], key=lambda d: (-torch.finfo(d).bits, str(d))):
                 name = str(dtype).replace("torch.", "")
                 try:
-                    ours, theirs = check(device, dtype)
+                    result = check(device, dtype)
+                    if result is None:                  # no such case in this dtype
+                        continue
+                    ours, theirs = result
                     rows.append(Row(kernel, op, str(device), name, ours, _limit(theirs, dtype)))
                 except Exception as e:  # a kernel that raises has failed its check
                     rows.append(Row(kernel, op, str(device), name, math.inf, 0.0,

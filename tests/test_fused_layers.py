@@ -268,6 +268,15 @@ def test_every_output_element_is_written(monkeypatch):
     h, b = (t.requires_grad_() for t in gelu_inputs((3, 5, 37), torch.float32))
     out = compiled_bias_gelu(h, b)
     assert all(torch.isfinite(t).all() for t in (out, *torch.autograd.grad(out, (h, b), torch.ones_like(out))))
+    # autocast's dtypes: the bf16 rows are converted and written back a row at a time
+    y, x, w, b = ln_inputs((3, 5, 37), torch.float32)
+    inputs = [t.requires_grad_() for t in (y.bfloat16(), x, w, b)]
+    out = compiled_add_layer_norm(*inputs, 0.2, 3)
+    assert all(torch.isfinite(t).all() for t in (out, *torch.autograd.grad(out, inputs, torch.ones_like(out))))
+    h, b = (t.requires_grad_() for t in (gelu_inputs((3, 5, 37), torch.bfloat16)[0], gelu_inputs((3, 5, 37),
+                                                                                                  torch.float32)[1]))
+    out = compiled_bias_gelu(h, b)
+    assert all(torch.isfinite(t).all() for t in (out, *torch.autograd.grad(out, (h, b), torch.ones_like(out))))
 
 
 def test_opcheck():
