@@ -11,8 +11,8 @@
 // row, added in block order (the same result on any thread count).
 // float32 and float64 compute in their own type; float16 and bfloat16 in float32 (pre is then kept in
 // float32), read and rounded back a row at a time. h and the bias may differ in dtype, as autocast
-// makes them (the matmul's bfloat16 output, a float32 bias): out takes h's dtype, each gradient its
-// input's.
+// makes them (the matmul's bfloat16 output, a float32 bias): out and dh take h's dtype; the backward
+// op returns dbias in the compute dtype, and the autograd node rounds it to the bias' dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

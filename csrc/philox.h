@@ -66,10 +66,12 @@ MINIFT_HD uint32_t dropout_threshold(float p) {
 // lowered to what the build targets (AVX-512: one register per vector; AVX2 or SSE2: two or four),
 // with the widening 32 x 32 -> 64-bit multiply (vpmuludq) on even and odd lanes for mulhilo32. The
 // numbers are philox_block's, bit for bit; one call costs about what two or three single blocks do.
+#if defined(__GNUC__) || defined(__clang__)
+#define MINIFT_PHILOX_VECTORS 1
 typedef uint32_t PhiloxU32x16 __attribute__((vector_size(64)));
 typedef uint64_t PhiloxU64x8 __attribute__((vector_size(64)));
 
-inline void mulhilo32x16(PhiloxU32x16 a, uint32_t m, PhiloxU32x16& lo, PhiloxU32x16& hi) {
+inline void mulhilo32x16(const PhiloxU32x16& a, uint32_t m, PhiloxU32x16& lo, PhiloxU32x16& hi) {
   const PhiloxU64x8 low32 = PhiloxU64x8{} + 0xFFFFFFFFull, a64 = (PhiloxU64x8)a;
   const PhiloxU64x8 even = (a64 & low32) * (uint64_t)m, odd = (a64 >> 32) * (uint64_t)m;   // lanes 2i, 2i + 1
   lo = (PhiloxU32x16)((even & low32) | (odd << 32));
@@ -115,6 +117,7 @@ inline void philox_16_blocks(uint64_t seed, uint64_t offset, uint64_t block0, ui
   std::memcpy(out, blocks, sizeof(blocks));
 }
 #undef MINIFT_SHUFFLE2
+#endif  // GCC or Clang: vector extensions
 
 // bits[j] = philox_bits(seed, offset, n0 + j) for 0 <= j < count: sixteen blocks a call, a single
 // block where at most two are left.
@@ -123,16 +126,23 @@ inline void philox_bits_run(uint64_t seed, uint64_t offset, uint64_t n0, int64_t
   int64_t lane = (int64_t)(n0 & 3), j = 0;
   while (j < count) {
     const int64_t want = count - j;
-    if (lane + want <= 8) {                                            // one or two blocks: one at a time
+#if defined(MINIFT_PHILOX_VECTORS)
+    const bool one_at_a_time = lane + want <= 8;                       // one or two blocks
+#else
+    const bool one_at_a_time = true;                                   // no vector extensions (MSVC)
+#endif
+    if (one_at_a_time) {
       const Philox4 r = philox_block(seed, offset, block);
       for (; lane < 4 && j < count; ++lane, ++j) bits[j] = r.x[lane];
     } else {
+#if defined(MINIFT_PHILOX_VECTORS)
       uint32_t buf[64];
       philox_16_blocks(seed, offset, block, buf);
       const int64_t take = std::min<int64_t>(64 - lane, want);
       std::memcpy(bits + j, buf + lane, (size_t)take * sizeof(uint32_t));
       j += take;
       block += 15;
+#endif
     }
     ++block;
     lane = 0;
