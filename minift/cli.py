@@ -244,6 +244,19 @@ def _resume_hint(args, argv) -> str:
             f"  minift {shlex.join(words)}")
 
 
+def _keep_freed_memory(device) -> None:
+    """Training on the CPU: glibc keeps freed memory for reuse (minift.memory says why); each process
+    does it, rank 0 says so."""
+    import torch
+
+    from . import memory
+    from .trainer import is_main
+    if torch.device(device).type == "cpu":
+        how = memory.keep_freed_memory()
+        if is_main():
+            print(f"memory: {how}")
+
+
 def cmd_finetune(args) -> int:
     from . import checkpoint
     from .trainer import autocast_dtype, is_main
@@ -253,6 +266,7 @@ def cmd_finetune(args) -> int:
     if args.device is not None:
         device = _device(args.device)
     autocast_dtype(cfg.precision, device)
+    _keep_freed_memory(device)
     if is_main():   # lock the folder now; an earlier run is cleared (--overwrite) only when training starts
         checkpoint.start_run(args.out, resume=bool(args.resume), overwrite=args.overwrite, clear=False)
     try:
@@ -419,6 +433,7 @@ def cmd_pretrain(args) -> int:
     if args.device is not None:
         device = _device(args.device)
     autocast_dtype(cfg.precision, device)
+    _keep_freed_memory(device)
     if is_main():
         checkpoint.start_run(args.out, resume=bool(args.resume), overwrite=args.overwrite, clear=False)
     try:
