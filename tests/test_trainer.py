@@ -348,6 +348,8 @@ def test_auto_precision_takes_rank_0s_choice_in_every_process(tmp_path):
     train in different precisions, and a rank whose CPU would not time must still take part."""
     script = tmp_path / "ranks.py"
     script.write_text(textwrap.dedent(f"""
+        import os
+
         import torch.distributed as dist
         import torch.multiprocessing as mp
 
@@ -359,7 +361,9 @@ def test_auto_precision_takes_rank_0s_choice_in_every_process(tmp_path):
             trainer.cpu_bf16_timing = lambda *a: (3.0, 1.0)
             for _ in range(2):      # the command line's check, then the trainer's
                 dtype, why = trainer.choose_precision("auto", "cpu")
-                print(f"{{rank}} {{dtype}} {{why}}", flush=True)   # one write: the two processes share the pipe
+                # one write(2) of the whole line: the two processes share the pipe, and a write of less
+                # than PIPE_BUF bytes is never interleaved (print's text and newline could be: they were)
+                os.write(1, f"{{rank}} {{dtype}} {{why}}\\n".encode())
             dist.destroy_process_group()
 
         if __name__ == "__main__":
