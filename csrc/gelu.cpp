@@ -145,12 +145,10 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_fwd_cpu(const at::Tensor& h, const 
   auto pre = maybe_poison(at::empty(h.sizes(), h.options().dtype(C)));
   if (C == at::kFloat && is_reduced(h)) {                              // h and out a row at a time
     auto out = maybe_poison(at::empty_like(h));
-    if (h.scalar_type() == at::kBFloat16)
-      bias_gelu_fwd_kernel<float>(h.data_ptr<c10::BFloat16>(), bc.data_ptr<float>(), out.data_ptr<c10::BFloat16>(),
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(h.scalar_type(), "bias_gelu_fwd_cpu", [&] {
+      bias_gelu_fwd_kernel<float>(h.data_ptr<scalar_t>(), bc.data_ptr<float>(), out.data_ptr<scalar_t>(),
                                   pre.data_ptr<float>(), N, I);
-    else
-      bias_gelu_fwd_kernel<float>(h.data_ptr<c10::Half>(), bc.data_ptr<float>(), out.data_ptr<c10::Half>(),
-                                  pre.data_ptr<float>(), N, I);
+    });
     return {out, pre};
   }
   auto hc = as_dtype(h, C);
@@ -178,12 +176,10 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& dout, con
   auto db = maybe_poison(at::empty({I}, pre.options()));
   if (C == at::kFloat && is_reduced(dout)) {                           // dout and dh a row at a time
     auto dh = maybe_poison(at::empty_like(dout));
-    if (dout.scalar_type() == at::kBFloat16)
-      bias_gelu_bwd_kernel<float>(dout.data_ptr<c10::BFloat16>(), pre.data_ptr<float>(),
-                                  dh.data_ptr<c10::BFloat16>(), db.data_ptr<float>(), N, I);
-    else
-      bias_gelu_bwd_kernel<float>(dout.data_ptr<c10::Half>(), pre.data_ptr<float>(), dh.data_ptr<c10::Half>(),
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(dout.scalar_type(), "bias_gelu_bwd_cpu", [&] {
+      bias_gelu_bwd_kernel<float>(dout.data_ptr<scalar_t>(), pre.data_ptr<float>(), dh.data_ptr<scalar_t>(),
                                   db.data_ptr<float>(), N, I);
+    });
     return {dh, db};
   }
   auto dc = as_dtype(dout, C);

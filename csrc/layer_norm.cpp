@@ -227,10 +227,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
                                  p > 0 ? keep.data_ptr<bool>() : nullptr, N, H, (T)eps, p, (uint64_t)seed,
                                  (uint64_t)offset);
   };
-  if (rows_of_y && y.scalar_type() == at::kBFloat16) {
-    run(yc.data_ptr<c10::BFloat16>(), (float*)nullptr);
-  } else if (rows_of_y) {
-    run(yc.data_ptr<c10::Half>(), (float*)nullptr);
+  if (rows_of_y) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(y.scalar_type(), "add_layer_norm_fwd_cpu",
+                                       [&] { run(yc.data_ptr<scalar_t>(), (float*)nullptr); });
   } else {
     AT_DISPATCH_FLOATING_TYPES(C, "add_layer_norm_fwd_cpu", [&] { run(yc.data_ptr<scalar_t>(), (scalar_t*)nullptr); });
   }
