@@ -334,3 +334,39 @@ def test_backward_makes_no_zero_gradients_for_the_saved_outputs():
               if e.name in ("aten::zero_", "aten::fill_") and made_by(e).startswith("torch::autograd::CppNode<minift::")]
     assert not filled, f"zero gradients built in the backward (node, shape): {filled}"
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def _refuses(op, args, *phrases):
+    """op(*args) raises a RuntimeError whose message holds every phrase, and leaves every tensor
+    argument as it was."""
+    before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    with pytest.raises(RuntimeError) as err:
+        op(*args)
+    for phrase in phrases:
+        assert phrase in str(err.value), (phrase, str(err.value))
+    for a, b in zip(args, before):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), "an input was changed by a refused call"
+
+
+def test_bad_input_is_refused_with_what_was_expected_and_what_came():
+    """The mixed-dtype checks of the fused layers: each refusal names the argument, what was expected
+    and what came."""
+    fwd, bwd = torch.ops.minift.add_layer_norm_fwd, torch.ops.minift.add_layer_norm_bwd
+    y, x, w, b = ln_inputs((2, 3, 8), torch.float32)
+    _refuses(fwd, (y, x[:, :2], w, b, 1e-12, 0.0, 0, 0), "expected a contiguous x of y's shape", "[2, 3, 8]",
+             "got [2, 2, 8]")
+    _refuses(fwd, (y, x.transpose(0, 1).contiguous().transpose(0, 1), w, b, 1e-12, 0.0, 0, 0), "(not contiguous)")
+    _refuses(fwd, (y, x.long(), w, b, 1e-12, 0.0, 0, 0), "add_layer_norm x: expected float32, float64", "Long")
+    _refuses(fwd, (y, x, w[:5], b, 1e-12, 0.0, 0, 0), "weight of shape (8,)", "got [5]")
+    _refuses(fwd, (y, x, w, b.double(), 1e-12, 0.0, 0, 0), "weight and bias in one dtype", "Double")
+    _refuses(fwd, (y, x, w, b, 1e-12, 1.0, 0, 0), "expected 0 <= dropout_p < 1, got 1")
+    _, z, mean, rstd, keep = fwd(y, x, w, b, 1e-12, 0.0, 0, 0)
+    _refuses(bwd, (y, z.bfloat16(), w, mean, rstd, keep, 0.0), "expected z in float32 or float64", "BFloat16")
+    _refuses(bwd, (y[:1], z, w, mean, rstd, keep, 0.0), "dout of shape [2, 3, 8]", "got [1, 3, 8]")
+    _refuses(bwd, (y, z, w[:4], mean, rstd, keep, 0.0), "weight of shape (8,)", "got [4]")
+    h, bias = gelu_inputs((2, 3, 8), torch.float32)
+    _refuses(torch.ops.minift.bias_gelu_fwd, (h, bias[:3]), "floating bias of shape (8,)", "got [3]")
+    _refuses(torch.ops.minift.bias_gelu_fwd, (h, bias.long()), "floating bias of shape (8,)", "Long")
+    _, pre = torch.ops.minift.bias_gelu_fwd(h, bias)
+    _refuses(torch.ops.minift.bias_gelu_bwd, (h, pre.bfloat16()), "pre in float32 or float64", "BFloat16")
