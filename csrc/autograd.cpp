@@ -1,6 +1,6 @@
 // Autograd for the minift ops: which backward op each forward op's gradient comes from.
 //
-// Each forward op (attention_fwd, xent_fwd, dropout_fwd, add_layer_norm_fwd, bias_gelu_fwd) gets a kernel for the Autograd dispatch
+// Each forward op (attention_fwd, xent_fwd, dropout_fwd, add_layer_norm_fwd, bias_gelu_fwd, linear_fwd) gets a kernel for the Autograd dispatch
 // key. When an input needs a gradient, the kernel records a node in the autograd graph and calls the
 // op again below autograd, where the CPU or CUDA kernel runs; the node's backward calls the matching
 // backward op (attention_bwd, xent_bwd, native_dropout_backward) on what the forward saved. The math
@@ -52,6 +52,8 @@ using AddLnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     double);
 using BiasGeluFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&);
 using BiasGeluBwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&);
+using LinearFwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&);
+using GemmSig = at::Tensor(const at::Tensor&, const at::Tensor&, bool, bool, const std::optional<at::Tensor>&);
 
 // O = softmax(Q K^T * scale + mask) V. Saves Q, K, V, O and the row log-sum-exp; the backward
 // recomputes the probabilities from them (and the dropout mask from seed and offset).
@@ -226,6 +228,37 @@ struct BiasGeluFunction : public torch::autograd::Function<BiasGeluFunction> {
   }
 };
 
+// y = x W^T + b (linear.cpp). Saves x and W; dx = dy W, dW = dy^T x, db = the column sums of dy,
+// each computed only where its input wants a gradient.
+struct LinearFunction : public torch::autograd::Function<LinearFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias) {
+    static auto fwd = op<LinearFwdSig>("minift::linear_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["bias"] = bias.has_value();
+    return fwd.call(x, weight, bias);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto gemm = op<GemmSig>("minift::gemm");
+    auto s = ctx->get_saved_variables();
+    const at::Tensor& x = s[0];
+    const at::Tensor& weight = s[1];
+    const at::Tensor dy = grads[0].reshape({-1, weight.size(0)}).contiguous();
+    at::Tensor dx, dweight, dbias;
+    if (ctx->needs_input_grad(0)) dx = gemm.call(dy, weight, false, false, std::nullopt).view(x.sizes());
+    if (ctx->needs_input_grad(1)) dweight = gemm.call(dy, x.reshape({-1, x.size(-1)}), true, false, std::nullopt);
+    if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) dbias = dy.sum(0);
+    return {dx, dweight, dbias};
+  }
+};
+
+static at::Tensor linear_fwd_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias) {
+  return LinearFunction::apply(x, weight, bias);
+}
+
 static std::tuple<at::Tensor, at::Tensor> attention_fwd_autograd(const at::Tensor& q, const at::Tensor& k,
                                                                  const at::Tensor& v,
                                                                  const std::optional<at::Tensor>& mask, double p,
@@ -276,6 +309,7 @@ TORCH_LIBRARY_IMPL(minift, Autograd, m) {
   m.impl("attention_fwd", &attention_fwd_autograd);
   m.impl("xent_fwd", &xent_fwd_autograd);
   m.impl("dropout_fwd", &dropout_fwd_autograd);
+  m.impl("linear_fwd", &linear_fwd_autograd);
 }
 
 }  // namespace minift

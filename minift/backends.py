@@ -15,8 +15,9 @@ Each backend is a namespace with the same functions and signatures:
     bce_with_logits(logits, target), mse_loss(pred, target)
 
 "torch" is PyTorch's own (the oracle); "reference" is minift.functional, every backward written by
-hand; "fused" is "torch" with attention, dropout, the loss, bias + GELU and the residual add + dropout
-+ layer norm replaced by the compiled kernels of minift.ops.
+hand; "fused" is "torch" with attention, dropout, the loss, bias + GELU, the residual add + dropout
++ layer norm and the linear layers' float32 CPU matrix multiplies (where minift.ops.gemm_backend
+chose minift's) replaced by the compiled kernels of minift.ops.
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def _fused_ops():
                               "packed_attention_runs": ops.packed_attention_runs,
                               "dropout": ops.fused_dropout,
                               "cross_entropy": ops.softmax_cross_entropy,
-                              "linear_gelu": lambda x, w, b: ops.bias_gelu(F.linear(x, w), b),
+                              "linear": ops.linear,
+                              "linear_gelu": lambda x, w, b: ops.bias_gelu(ops.linear(x, w), b),
                               "add_layer_norm": ops.add_layer_norm})
 
 

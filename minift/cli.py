@@ -53,6 +53,8 @@ def cmd_doctor(args) -> int:
         p = torch.cuda.get_device_properties(i)
         print(f"GPU {i}: {p.name}, {p.total_memory / 2 ** 30:.0f} GiB, compute capability {p.major}.{p.minor}")
     print(f"CPU threads used by torch: {torch.get_num_threads()}")
+    if status["mode"] is not None:
+        print(f"float32 CPU matmul of impl='fused' (MINIFT_GEMM): {ops.gemm_backend_why()}")
     from .trainer import choose_precision, cpu_bf16_speed
     speed = {"amx": "AMX-BF16 tiles", "avx512": "AVX512-BF16", "emulated": "emulated (no AMX-BF16, no AVX512-BF16)"}
     print(f"CPU vector width: {torch.backends.cpu.get_cpu_capability()}; bf16 matrix multiplies: "
@@ -257,6 +259,19 @@ def _keep_freed_memory(device) -> None:
             print(f"memory: {how}")
 
 
+def _say_matmul(impl: str, precision: str, device) -> None:
+    """A float32 run of impl "fused" on the CPU: which matrix multiply its linear layers use, and why
+    (minift.ops.gemm_backend times both once)."""
+    import torch
+
+    from . import ops
+    from .trainer import autocast_dtype, is_main
+    device = torch.device(device)
+    if (device.type == "cpu" and _resolve_impl(impl, device) == "fused" and autocast_dtype(precision, device) is None
+            and ops.extension_available() and is_main()):
+        print(f"matmul: {ops.gemm_backend_why()}")
+
+
 def cmd_finetune(args) -> int:
     from . import checkpoint
     from .trainer import autocast_dtype, is_main
@@ -267,6 +282,7 @@ def cmd_finetune(args) -> int:
         device = _device(args.device)
     autocast_dtype(cfg.precision, device)
     _keep_freed_memory(device)
+    _say_matmul(args.impl, cfg.precision, device)
     if is_main():   # lock the folder now; an earlier run is cleared (--overwrite) only when training starts
         checkpoint.start_run(args.out, resume=bool(args.resume), overwrite=args.overwrite, clear=False)
     try:
@@ -434,6 +450,7 @@ def cmd_pretrain(args) -> int:
         device = _device(args.device)
     autocast_dtype(cfg.precision, device)
     _keep_freed_memory(device)
+    _say_matmul(args.impl, cfg.precision, device)
     if is_main():
         checkpoint.start_run(args.out, resume=bool(args.resume), overwrite=args.overwrite, clear=False)
     try:

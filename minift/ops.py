@@ -60,7 +60,8 @@ KERNEL_DTYPES = {
     "cpu": {"attention_fwd": {_F32, _F64, _F16, _BF16}, "attention_packed_fwd": {_F32, _F64, _F16, _BF16},
             "xent_fwd": {_F32, _F64, _F16, _BF16},
             "dropout_fwd": {_F32, _F64, _F16, _BF16}, "adamw_step_": {_F32, _F64},
-            "add_layer_norm_fwd": {_F32, _F64, _F16, _BF16}, "bias_gelu_fwd": {_F32, _F64, _F16, _BF16}},
+            "add_layer_norm_fwd": {_F32, _F64, _F16, _BF16}, "bias_gelu_fwd": {_F32, _F64, _F16, _BF16},
+            "linear_fwd": {_F32}},
     "cuda": {"attention_fwd": {_F32, _F16, _BF16}, "xent_fwd": {_F32, _F16, _BF16},
              "dropout_fwd": {_F32, _F16, _BF16}, "adamw_step_": {_F32}},
 }
@@ -79,6 +80,8 @@ class LoadState:
     disabled: dict = field(default_factory=dict)   # (op, device type) -> why the self-check failed it
     warned: set = field(default_factory=set)       # (op, device type, arguments used) already warned about
     verdicts: dict = field(default_factory=dict)   # (op, device type, dtype, arguments used) -> None | reason
+    gemm: str | None = None          # "minift" | "torch": the float32 CPU matmul of linear (gemm_backend)
+    gemm_why: str = ""               # why that one
 
 
 _state = LoadState()
@@ -287,6 +290,16 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 def _register() -> None:
     _reduction_names()          # read once here, outside any tracing (the fake of xent_fwd uses it)
 
+    @torch.library.register_fake("minift::gemm")
+    def _(a, b, trans_a, trans_b, bias):
+        m = a.shape[1] if trans_a else a.shape[0]
+        n = b.shape[0] if trans_b else b.shape[1]
+        return a.new_empty((m, n))
+
+    @torch.library.register_fake("minift::linear_fwd")
+    def _(x, weight, bias):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
     @torch.library.register_fake("minift::attention_fwd")
     def _(q, k, v, key_padding_mask, dropout_p, scale, seed, offset):
         return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_acc_dtype(q))
@@ -437,6 +450,84 @@ def packed_attention(q, k, v, cu_q, cu_k, Tq: int, Tk: int, dropout_p: float = 0
     out, _ = torch.ops.minift.attention_packed_fwd(q, k, v, cu_q, cu_k, int(Tq), int(Tk), float(dropout_p), scale,
                                                    _seed(dropout_p, generator), 0)
     return out
+
+
+GEMM_PROBE = (512, 384, 1536)      # the product the choice times: (tokens, in, out) of a MiniLM FFN layer
+
+
+def gemm_backend(choice: str | None = None) -> str:
+    """The float32 CPU matrix multiply that ``linear`` (every linear layer under impl="fused") runs:
+    "minift", the kernel of csrc/cpu_sgemm.h, or "torch", PyTorch's (MKL on x86 builds).
+
+    ``choice`` (or the environment's MINIFT_GEMM): "minift", "torch" or "auto", the default. Auto times
+    both on one layer-sized product (GEMM_PROBE, a few milliseconds, once per process) and keeps
+    minift's where it is at least 1.1x faster. Both give a float32 result as accurate as the other
+    (tests/test_gemm.py); what differs between CPUs is speed: MKL runs its AVX2 code on some CPUs
+    that have AVX-512 (AMD's), at under half of what their FMA units do, and its best code on
+    Intel's. ``gemm_backend_why()`` says what was measured."""
+    wanted = (choice or os.environ.get("MINIFT_GEMM") or "auto").lower()
+    if wanted not in ("auto", "minift", "torch"):
+        raise ValueError(f"MINIFT_GEMM / gemm_backend: expected auto, minift or torch, got {wanted!r}")
+    if choice is None and _state.gemm is not None:
+        return _state.gemm
+    have = extension_available() and _registered("linear_fwd", "cpu")
+    info = torch.ops.minift.gemm_backend("") if have else ""
+    own = have and not info.endswith("own kernel: none")
+    if wanted == "torch" or not own:
+        backend = "torch"
+        why = ("MINIFT_GEMM=torch" if wanted == "torch" else
+               "minift's own matmul is not in this build (it needs AVX2+FMA or AVX-512 when compiled)" if have else
+               f"the compiled kernels are not available: {_state.reason}")
+        if wanted == "minift" and not own:
+            raise RuntimeError(f"MINIFT_GEMM=minift: {why}")
+    elif wanted == "minift":
+        backend, why = "minift", "MINIFT_GEMM=minift"
+    else:
+        backend, why = _time_gemm()
+    if have:
+        torch.ops.minift.gemm_backend(backend)
+    _state.gemm, _state.gemm_why = backend, why
+    return backend
+
+
+def gemm_backend_why() -> str:
+    """One line: which float32 CPU matmul the linear layers use, and why (what was timed)."""
+    backend = gemm_backend()
+    what = "minift's own kernel" if backend == "minift" else "PyTorch's (torch.mm)"
+    return f"{what}: {_state.gemm_why}"
+
+
+def _time_gemm() -> tuple[str, str]:
+    import statistics
+    import time
+    N, K, O = GEMM_PROBE
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(N, K, generator=g), torch.randn(O, K, generator=g), torch.randn(O, generator=g)
+    times = {"minift": [], "torch": []}
+    for rep in range(7):
+        for name in ("minift", "torch"):
+            torch.ops.minift.gemm_backend(name)
+            t0 = time.perf_counter()
+            torch.ops.minift.gemm(x, w, False, True, b)
+            if rep >= 2:                                          # two warm-up rounds
+                times[name].append(time.perf_counter() - t0)
+    own, theirs = (statistics.median(times[k]) for k in ("minift", "torch"))
+    backend = "minift" if theirs >= 1.1 * own else "torch"
+    flops = 2 * N * K * O
+    return backend, (f"auto: a {N}x{K} by {K}x{O} product took {own * 1e3:.2f} ms with minift's "
+                     f"({flops / own / 1e9:.0f} GFLOP/s), {theirs * 1e3:.2f} ms with torch's "
+                     f"({flops / theirs / 1e9:.0f} GFLOP/s) on {torch.get_num_threads()} threads")
+
+
+def linear(x, weight, bias=None):
+    """y = x W^T + b. On the CPU in float32 (no autocast) through minift's own matrix multiply where
+    ``gemm_backend()`` chose it, forward and backward (dx = dy W, dW = dy^T x, db = the column sums of
+    dy: csrc/linear.cpp); elsewhere F.linear."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or (bias is not None and bias.dtype != torch.float32) or torch.is_autocast_enabled("cpu")
+            or (_state.gemm or gemm_backend()) != "minift" or why_not_compiled("linear_fwd", x) is not None):
+        return F.linear(x, weight, bias)
+    return torch.ops.minift.linear_fwd(x, weight, bias)
 
 
 def packed_attention_runs(t: torch.Tensor) -> bool:

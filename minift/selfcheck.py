@@ -220,6 +220,30 @@ def _bias_gelu(device, dtype, autocast=False):
     return _worst(run(compiled, dtype), ref), _worst(run(plain, dtype), ref)
 
 
+def _linear(device, dtype):
+    """The linear layer through minift's own matmul where the build has one (whatever the backend
+    chosen for the run: the check sets it for its duration), forward and the three gradients."""
+    N, K, O = 70, 130, 90                      # big enough for the own kernel (csrc/linear.cpp), ragged
+    x64, do64 = _inputs((N, K), 1, device), _inputs((N, O), 2, device)
+    w64, b64 = 0.1 * _inputs((O, K), 3, device), _inputs((O,), 4, device)
+
+    def run(fn, dt):
+        args = [t.to(dt).detach().requires_grad_() for t in (x64, w64, b64)]
+        out = fn(*args)
+        out.backward(do64.to(dt))
+        return [out] + [a.grad for a in args]
+    before = ops.gemm_backend()
+    own = not torch.ops.minift.gemm_backend("").endswith("own kernel: none")
+    try:
+        if own:
+            ops.gemm_backend("minift")
+        ours = run(torch.ops.minift.linear_fwd, dtype)
+    finally:
+        ops.gemm_backend(before)
+    ref = run(F.linear, torch.float64)
+    return _worst(ours, ref), _worst(run(F.linear, dtype), ref)
+
+
 # (what is checked, the op the dispatch rule knows, the check, the optional arguments it uses: a
 # device whose kernel takes none of them (ops.KERNEL_LACKS) skips the row)
 CHECKS = [("attention fwd+bwd", "attention_fwd", _attention, ()),
@@ -232,7 +256,8 @@ CHECKS = [("attention fwd+bwd", "attention_fwd", _attention, ()),
           ("residual add + dropout + layer norm, autocast dtypes", "add_layer_norm_fwd",
            lambda device, dtype: _add_layer_norm(device, dtype, autocast=True), ()),
           ("bias + GELU fwd+bwd", "bias_gelu_fwd", _bias_gelu, ()),
-          ("bias + GELU, autocast dtypes", "bias_gelu_fwd", lambda device, dtype: _bias_gelu(device, dtype, True), ())]
+          ("bias + GELU, autocast dtypes", "bias_gelu_fwd", lambda device, dtype: _bias_gelu(device, dtype, True), ()),
+          ("linear fwd+bwd (own matmul)", "linear_fwd", _linear, ())]
 
 
 def devices_present() -> list[torch.device]:
