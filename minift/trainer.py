@@ -158,17 +158,23 @@ def cpu_bf16_timing(n: int = 512, k: int = 384, m: int = 1536, rounds: int = 5) 
     that gives depends on the CPU (on one AMD EPYC: the product 3.3-3.8x faster, a fine-tuning step
     2.1-2.3x), so ``--precision auto`` times it rather than guess. One thread and the fastest round,
     because other work on the machine only ever adds time: timed on two threads while another job
-    held both cores, bf16 came out slower than fp32 on that same CPU."""
+    held both cores, bf16 came out slower than fp32 on that same CPU.
+
+    The fp32 product is the one impl="fused" trains with: ``ops.linear``, minift's own matrix
+    multiply where ``ops.gemm_backend`` chose it (on that AMD EPYC twice torch.mm's speed), so
+    bf16 is weighed against the fp32 a run would otherwise get."""
+    from . import ops
+    ops.gemm_backend()                        # its own timing, on the threads the run will have
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         g = torch.Generator().manual_seed(0)
-        x, w = torch.randn(n, k, generator=g), torch.randn(k, m, generator=g)
+        x, w = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
 
         def once(bf16: bool) -> float:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 t = time.perf_counter()
-                x @ w
+                ops.linear(x, w)
                 return 1e3 * (time.perf_counter() - t)
 
         for bf16 in (False, True, False, True):

@@ -166,12 +166,12 @@ def test_bad_input_says_what_was_expected(call, message):
 def test_linear_runs_torch_outside_float32_cpu_without_autocast():
     """The dispatch rule of ops.linear: the compiled op only for float32 on the CPU, not under
     autocast (there torch's bfloat16 matmul is the fast one), and only where the backend is minift."""
-    x, w, b = rnd(4, 8, seed=1), rnd(3, 8, seed=2), rnd(3, seed=3)
+    x, w, b = rnd(4, 8, seed=1).requires_grad_(), rnd(3, 8, seed=2), rnd(3, seed=3)
     before = ops.gemm_backend()
     try:
         if own_kernel_built():
             ops.gemm_backend("minift")
-            assert ops.linear(x.requires_grad_(), w, b).grad_fn.name().endswith("LinearFunction>")
+            assert ops.linear(x, w, b).grad_fn.name().endswith("LinearFunction>")
             assert ops.linear(x.double(), w.double(), b.double()).grad_fn.name().endswith("LinearFunction>") is False
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 assert ops.linear(x, w, b).dtype == torch.bfloat16
