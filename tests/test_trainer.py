@@ -382,19 +382,20 @@ def test_auto_precision_takes_rank_0s_choice_in_every_process(tmp_path):
 def test_bf16_timing_runs_and_restores_the_thread_count(monkeypatch):
     """The real timing (the tests pin it elsewhere): two positive times, one thread while timing,
     torch's thread count as it was after."""
+    from minift import ops
     from minift import trainer as T
     monkeypatch.undo()                                    # conftest's pinned timing
     T.cpu_bf16_timing.cache_clear()
     threads = torch.get_num_threads()
     seen = []
-    real_mm = torch.Tensor.__matmul__
+    real_linear = ops.linear                              # the product timed: what impl="fused" runs
     try:
         torch.set_num_threads(2)
-        torch.Tensor.__matmul__ = lambda a, b: (seen.append(torch.get_num_threads()), real_mm(a, b))[1]
+        ops.linear = lambda x, w: (seen.append(torch.get_num_threads()), real_linear(x, w))[1]
         f32, b16 = T.cpu_bf16_timing(64, 48, 80, 2)
         after = torch.get_num_threads()
     finally:
-        torch.Tensor.__matmul__ = real_mm
+        ops.linear = real_linear
         torch.set_num_threads(threads)
         T.cpu_bf16_timing.cache_clear()
     assert f32 > 0 and b16 > 0
