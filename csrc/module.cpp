@@ -27,7 +27,9 @@ std::string cpu_kernel_info() {
 #else
   std::string simd = "none (plain loops)";
 #endif
-  return std::string("simd=") + simd + "; matmul=" + (have_blas() ? "BLAS" : "own loop");
+  // attention_matmul: what the attention kernels' small block products call (cpu_gemm.h); the linear
+  // layers' float32 products are chosen apart (linear.cpp, gemm_backend)
+  return std::string("simd=") + simd + "; attention_matmul=" + (have_blas() ? "BLAS" : "own loop");
 }
 
 }  // namespace minift

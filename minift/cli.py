@@ -267,8 +267,10 @@ def _say_matmul(impl: str, precision: str, device) -> None:
     from . import ops
     from .trainer import autocast_dtype, is_main
     device = torch.device(device)
-    if (device.type == "cpu" and _resolve_impl(impl, device) == "fused" and autocast_dtype(precision, device) is None
-            and ops.extension_available() and is_main()):
+    if device.type != "cpu":
+        return
+    fp32 = autocast_dtype(precision, device) is None      # every rank calls it: auto broadcasts rank 0's choice
+    if fp32 and is_main() and ops.extension_available() and _resolve_impl(impl, device) == "fused":
         print(f"matmul: {ops.gemm_backend_why()}")
 
 

@@ -644,7 +644,7 @@ torch.save([out.detach(), lse, *grads], r"{tmp_path}/" + ("loop" if forced else 
     for a, b in zip(blas, loop):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert blas[0].abs().sum() > 0 and (blas[0][2] == 0).all()
-    assert "matmul=" in torch.ops.minift.cpu_kernel_info()
+    assert "attention_matmul=" in torch.ops.minift.cpu_kernel_info()
 
 
 def test_reduction_codes_come_from_the_extension_and_match_torch():

@@ -164,6 +164,10 @@ def test_torchrun_two_processes_equal_one(tiny_model_dir, tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "(2 process(es))" in two.stdout
+    # fp32 with the fused kernels on the CPU: which float32 matmul runs, said once (rank 0)
+    for out in (one.stdout, two.stdout):
+        said = [line for line in out.splitlines() if line.startswith("matmul: ")]
+        assert len(said) == 1 and ("minift's own kernel" in said[0] or "PyTorch's (torch.mm)" in said[0]), out[-2000:]
     from safetensors.torch import load_file
     a, b = load_file(str(tmp_path / "one" / "last" / "model.safetensors")), \
         load_file(str(tmp_path / "two" / "last" / "model.safetensors"))
