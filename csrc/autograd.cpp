@@ -236,7 +236,7 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     static auto fwd = op<LinearFwdSig>("minift::linear_fwd");
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->save_for_backward({x, weight});
-    ctx->saved_data["bias"] = bias.has_value();
+    ctx->saved_data["bias"] = bias.has_value();   // an absent bias is no input edge: needs_input_grad(2) would be out of range
     return fwd.call(x, weight, bias);
   }
 

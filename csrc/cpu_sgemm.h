@@ -187,18 +187,16 @@ inline void pack_b(bool transB, const float* B, int64_t ldb, int64_t n, int64_t 
   }
 }
 
-// C (m x n, row stride ldc) = op(A) op(B) (+ bias[j]) (+ C when accumulate). op(A) is m x k (A
+// C (m x n, row stride ldc) = op(A) op(B) (+ bias[j]). op(A) is m x k (A
 // stored k x m when transA), op(B) is k x n (B stored n x k when transB). parallel_for(begin, end,
 // f) runs f(b, e) over [begin, end) split across `threads` threads (at::parallel_for in the extension).
 template <typename ParallelFor>
 void gemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B,
-          int64_t ldb, float* C, int64_t ldc, const float* bias, bool accumulate, int64_t threads,
-          ParallelFor&& parallel_for) {
+          int64_t ldb, float* C, int64_t ldc, const float* bias, int64_t threads, ParallelFor&& parallel_for) {
   if (m == 0 || n == 0) return;
-  if (k == 0) {                       // an empty sum: C = bias (or is left as it is)
-    if (accumulate && bias == nullptr) return;
+  if (k == 0) {                       // an empty sum: C = bias, or 0
     for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) C[i * ldc + j] = (accumulate ? C[i * ldc + j] : 0.f) + (bias ? bias[j] : 0.f);
+      for (int64_t j = 0; j < n; ++j) C[i * ldc + j] = bias ? bias[j] : 0.f;
     return;
   }
   const int64_t kblocks = (k + KC_MAX - 1) / KC_MAX;
@@ -213,7 +211,7 @@ void gemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, const float
   for (int64_t p0 = 0; p0 < k; p0 += kc_max) {
     const int64_t kc = std::min(kc_max, k - p0);
     parallel_for(0, panels, [&](int64_t b0, int64_t b1) { pack_b(transB, B, ldb, n, p0, kc, b0, b1, bpack.get()); });
-    const bool add = accumulate || p0 > 0;
+    const bool add = p0 > 0;                 // later blocks of k add to what the first wrote
     const float* bias_here = p0 == 0 ? bias : nullptr;
     parallel_for(0, mblocks, [&](int64_t blk0, int64_t blk1) {
       std::vector<float> apack(mc_max * kc);

@@ -26,23 +26,24 @@ namespace minift {
 // 1: float32 products through cpu_sgemm.h; 0: through at::mm. Set by gemm_backend.
 static std::atomic<int> g_own_gemm{0};
 
-static bool own_gemm_available() { return MINIFT_OWN_SGEMM != 0; }
+// What the build's own kernel is ("none" where it was compiled without AVX2+FMA or AVX-512).
+std::string gemm_own_kernel() {
+#if MINIFT_OWN_SGEMM
+  return sgemm::kIsa;
+#else
+  return "none";
+#endif
+}
 
-// gemm_backend("minift" | "torch") sets the backend, "" leaves it; returns the backend now, and
-// what the own kernel is ("none" where the build has no AVX2/AVX-512).
+// gemm_backend("minift" | "torch") sets the backend, "" leaves it; returns the backend now.
 std::string gemm_backend(const std::string& which) {
   TORCH_CHECK(which.empty() || which == "minift" || which == "torch",
               "gemm_backend: expected \"minift\", \"torch\" or \"\" (leave it), got \"", which, "\"");
-  TORCH_CHECK(which != "minift" || own_gemm_available(),
+  TORCH_CHECK(which != "minift" || MINIFT_OWN_SGEMM,
               "gemm_backend: this build has no own matrix multiply (it needs AVX2+FMA or AVX-512 at build time; "
               "MINIFT_PORTABLE=1 builds leave it out)");
   if (!which.empty()) g_own_gemm = which == "minift" ? 1 : 0;
-#if MINIFT_OWN_SGEMM
-  const std::string isa = sgemm::kIsa;
-#else
-  const std::string isa = "none";
-#endif
-  return std::string(g_own_gemm ? "minift" : "torch") + "; own kernel: " + isa;
+  return g_own_gemm ? "minift" : "torch";
 }
 
 static at::Tensor gemm_cpu(const at::Tensor& a, const at::Tensor& b, bool trans_a, bool trans_b,
@@ -77,8 +78,7 @@ static at::Tensor gemm_cpu(const at::Tensor& a, const at::Tensor& b, bool trans_
     at::Tensor biasc = bias.has_value() ? bias->contiguous() : at::Tensor();
     at::Tensor out = maybe_poison(at::empty({m, n}, a.options()));
     sgemm::gemm(trans_a, trans_b, m, n, k, ac.data_ptr<float>(), ac.stride(0), bc.data_ptr<float>(), bc.stride(0),
-                out.data_ptr<float>(), n, biasc.defined() ? biasc.data_ptr<float>() : nullptr, false,
-                at::get_num_threads(), [](int64_t begin, int64_t end, const auto& f) {
+                out.data_ptr<float>(), n, biasc.defined() ? biasc.data_ptr<float>() : nullptr, at::get_num_threads(), [](int64_t begin, int64_t end, const auto& f) {
                   at::parallel_for(begin, end, 1, [&](int64_t b0, int64_t b1) { f(b0, b1); });
                 });
     return out;
@@ -101,8 +101,9 @@ static at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, 
 
 TORCH_LIBRARY_FRAGMENT(minift, m) {
   // gemm_backend("minift" | "torch" | ""): sets (or reads) which float32 CPU matrix multiply gemm and
-  // linear_fwd use; returns "<backend>; own kernel: <what the build has>".
+  // linear_fwd use; returns it. gemm_own_kernel(): what the build's own kernel is, or "none".
   m.def("gemm_backend(str which) -> str", &gemm_backend);
+  m.def("gemm_own_kernel() -> str", &gemm_own_kernel);
   // C = op(a) op(b) (+ bias): op(a) = a.T when trans_a, op(b) = b.T when trans_b.
   m.def("gemm(Tensor a, Tensor b, bool trans_a, bool trans_b, Tensor? bias) -> Tensor");
   // y = x weight^T + bias over x's last dim; the backward (autograd.cpp) is two gemm calls and a sum.

@@ -27,6 +27,7 @@ cross-entropy kernels themselves on a small batch.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import json
@@ -470,24 +471,47 @@ def gemm_backend(choice: str | None = None) -> str:
         raise ValueError(f"MINIFT_GEMM / gemm_backend: expected auto, minift or torch, got {wanted!r}")
     if choice is None and _state.gemm is not None:
         return _state.gemm
-    have = extension_available() and _registered("linear_fwd", "cpu")
-    info = torch.ops.minift.gemm_backend("") if have else ""
-    own = have and not info.endswith("own kernel: none")
+    asked = f"gemm_backend({wanted!r})" if choice else f"MINIFT_GEMM={wanted}"
+    have = _has_gemm_op()
+    own = own_gemm_built()
     if wanted == "torch" or not own:
         backend = "torch"
-        why = ("MINIFT_GEMM=torch" if wanted == "torch" else
+        why = (asked if wanted == "torch" else
                "minift's own matmul is not in this build (it needs AVX2+FMA or AVX-512 when compiled)" if have else
                f"the compiled kernels are not available: {_state.reason}")
-        if wanted == "minift" and not own:
-            raise RuntimeError(f"MINIFT_GEMM=minift: {why}")
+        if wanted == "minift":
+            raise RuntimeError(f"{asked}: {why}")
     elif wanted == "minift":
-        backend, why = "minift", "MINIFT_GEMM=minift"
+        backend, why = "minift", asked
     else:
         backend, why = _time_gemm()
     if have:
         torch.ops.minift.gemm_backend(backend)
     _state.gemm, _state.gemm_why = backend, why
     return backend
+
+
+def _has_gemm_op() -> bool:
+    return extension_available() and _registered("linear_fwd", "cpu")
+
+
+def own_gemm_built() -> bool:
+    """Whether the compiled extension carries minift's own matmul (built with AVX2+FMA or AVX-512)."""
+    return _has_gemm_op() and torch.ops.minift.gemm_own_kernel() != "none"
+
+
+@contextlib.contextmanager
+def using_gemm(which: str):
+    """``gemm_backend(which)`` inside a with block; after it, the choice and its reason as before
+    (the self-check and the tests run the own kernel whatever the run chose)."""
+    saved = gemm_backend(), _state.gemm_why
+    gemm_backend(which)
+    try:
+        yield
+    finally:
+        _state.gemm, _state.gemm_why = saved
+        if _has_gemm_op():
+            torch.ops.minift.gemm_backend(saved[0])
 
 
 def gemm_backend_why() -> str:

@@ -222,7 +222,8 @@ def _bias_gelu(device, dtype, autocast=False):
 
 def _linear(device, dtype):
     """The linear layer through minift's own matmul where the build has one (whatever the backend
-    chosen for the run: the check sets it for its duration), forward and the three gradients."""
+    chosen for the run: the check sets it for its duration, ops.using_gemm), forward and the three
+    gradients."""
     N, K, O = 70, 130, 90                      # big enough for the own kernel (csrc/linear.cpp), ragged
     x64, do64 = _inputs((N, K), 1, device), _inputs((N, O), 2, device)
     w64, b64 = 0.1 * _inputs((O, K), 3, device), _inputs((O,), 4, device)
@@ -232,14 +233,8 @@ def _linear(device, dtype):
         out = fn(*args)
         out.backward(do64.to(dt))
         return [out] + [a.grad for a in args]
-    before = ops.gemm_backend()
-    own = not torch.ops.minift.gemm_backend("").endswith("own kernel: none")
-    try:
-        if own:
-            ops.gemm_backend("minift")
+    with ops.using_gemm("minift" if ops.own_gemm_built() else "torch"):
         ours = run(torch.ops.minift.linear_fwd, dtype)
-    finally:
-        ops.gemm_backend(before)
     ref = run(F.linear, torch.float64)
     return _worst(ours, ref), _worst(run(F.linear, dtype), ref)
 

@@ -15,8 +15,7 @@ from minift import ops
 pytestmark = pytest.mark.skipif(not ops.extension_available(), reason="minift._C is not built")
 
 
-def own_kernel_built() -> bool:
-    return not torch.ops.minift.gemm_backend("").endswith("own kernel: none")
+own_kernel_built = ops.own_gemm_built
 
 
 @pytest.fixture
@@ -25,10 +24,8 @@ def backend(request):
     which = request.param
     if which == "minift" and not own_kernel_built():
         pytest.skip("this build has no own matmul (MINIFT_PORTABLE=1 or no AVX2)")
-    before = ops.gemm_backend()
-    ops.gemm_backend(which)
-    yield which
-    ops.gemm_backend(before)
+    with ops.using_gemm(which):
+        yield which
 
 
 def rnd(*shape, seed, scale=1.0):
@@ -167,18 +164,35 @@ def test_linear_runs_torch_outside_float32_cpu_without_autocast():
     """The dispatch rule of ops.linear: the compiled op only for float32 on the CPU, not under
     autocast (there torch's bfloat16 matmul is the fast one), and only where the backend is minift."""
     x, w, b = rnd(4, 8, seed=1).requires_grad_(), rnd(3, 8, seed=2), rnd(3, seed=3)
-    before = ops.gemm_backend()
-    try:
-        if own_kernel_built():
-            ops.gemm_backend("minift")
+    if own_kernel_built():
+        with ops.using_gemm("minift"):
             assert ops.linear(x, w, b).grad_fn.name().endswith("LinearFunction>")
             assert ops.linear(x.double(), w.double(), b.double()).grad_fn.name().endswith("LinearFunction>") is False
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 assert ops.linear(x, w, b).dtype == torch.bfloat16
-        ops.gemm_backend("torch")
+    with ops.using_gemm("torch"):
         assert ops.linear(x, w, b).grad_fn.name().endswith("LinearFunction>") is False
-    finally:
-        ops.gemm_backend(before)
+
+
+def test_a_build_without_the_own_kernel_refuses_it_and_keeps_the_choice(monkeypatch):
+    """Asking for minift's matmul where the build has none (MINIFT_PORTABLE=1, no AVX2) says why,
+    and the matmul chosen before, with its reason, stays."""
+    before, why = ops.gemm_backend(), ops.gemm_backend_why()
+    monkeypatch.setattr(ops, "own_gemm_built", lambda: False)
+    with pytest.raises(RuntimeError) as info:
+        ops.gemm_backend("minift")
+    assert "gemm_backend('minift'): minift's own matmul is not in this build" in str(info.value)
+    assert ops.gemm_backend() == before and ops.gemm_backend_why() == why
+
+
+def test_the_self_check_leaves_the_choice_and_its_reason():
+    """The self-check runs the own kernel whatever the run chose (ops.using_gemm); after it,
+    gemm_backend_why() still says what auto timed, not what the check set."""
+    from minift import selfcheck
+    before, why = ops.gemm_backend(), ops.gemm_backend_why()
+    rows = [r for r in selfcheck.run([torch.device("cpu")]) if r.op == "linear_fwd"]
+    assert rows and all(r.passed for r in rows)
+    assert ops.gemm_backend() == before and ops.gemm_backend_why() == why
 
 
 def test_auto_choice_times_both_and_says_so():
