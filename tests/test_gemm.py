@@ -233,3 +233,13 @@ def test_model_with_own_matmul_matches_impl_torch(backend):
     assert len(results["torch"]) == len(results["fused"])
     for a, b in zip(results["fused"], results["torch"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not ops.extension_available() or ops.own_gemm_built(),
+                    reason="the build has the own kernel (this is the MINIFT_PORTABLE=1 build's case)")
+def test_the_op_itself_refuses_minift_without_the_kernel():
+    before = torch.ops.minift.gemm_backend("")
+    with pytest.raises(RuntimeError) as info:
+        torch.ops.minift.gemm_backend("minift")
+    assert "this build has no own matrix multiply" in str(info.value)
+    assert torch.ops.minift.gemm_backend("") == before
